@@ -1,0 +1,2956 @@
+#!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.11"
+# dependencies = [
+#     "litellm[proxy]>=1.108.7,!=1.82.7,!=1.82.8",
+#     "pyyaml>=6.0",
+#     "tiktoken>=0.7",
+# ]
+# ///
+"""ccproxy: route Claude Code's requests through LiteLLM's proxy by rules.
+
+One file that is at once a command, a LiteLLM callback and a library::
+
+    python ccproxy.py start              # run LiteLLM's proxy with ccproxy's rules
+    uv run ccproxy.py start              # the same, dependencies from the header above
+    ccproxy.handler                      # LiteLLM `callbacks:` entry, file beside config.yaml
+    source <(python ccproxy.py shell zsh)
+
+A config (``~/.ccproxy/ccproxy.yaml``) names rules; the first that matches a request picks the
+``model_list`` entry of the same name, and no match keeps the model Claude Code asked for::
+
+    ccproxy:
+      rules:
+        - {name: background, rule: MatchModelRule, params: {model_name: haiku}}
+        - {name: think, rule: ThinkingRule}
+    model_list: [{model_name: think, litellm_params: {model: anthropic/claude-opus-5-5}}]
+"""
+
+from __future__ import annotations
+
+__version__ = "2.0.0.dev0"
+__all__ = [
+    "CCProxyError", "ConfigError", "RuleError", "OAuthError", "ProcessError",
+    "Config", "load_config", "count_tokens", "count_request_tokens",
+    "Rule", "Verdict", "ClassificationRule", "DefaultRule", "MatchModelRule", "ThinkingRule",
+    "TokenCountRule", "MatchToolRule", "WebSearchRule",
+    "RequestContext", "RoutingDecision", "run_pipeline", "route_request",
+    "rule_evaluator", "model_router", "forward_oauth", "forward_apikey", "extract_session_id",
+    "capture_headers", "CCProxyHandler", "handler", "main",
+]
+
+# ---- Imports -------------------------------------------------------------------------------
+# Standard library only. litellm, tiktoken and yaml load inside the functions that need them, so
+# `python ccproxy.py --help` and `shell zsh` stay fast.
+
+import argparse
+import bisect
+import collections
+import dataclasses
+import difflib
+import fcntl
+import hashlib
+import importlib
+import inspect
+import json
+import logging
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import types
+
+
+class _ModuleAlias(types.ModuleType):
+    """A module name that reads from this module's globals (see _register_module_names)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _GLOBALS:
+            return _GLOBALS[name]
+        return _GLOBALS["__getattr__"](name)
+
+
+def _register_module_names() -> None:
+    """Make `import ccproxy` and ccproxy 1.x's `ccproxy.rules`, `ccproxy.hooks`,
+    `ccproxy.handler` resolve to this very module, however it was loaded.
+
+    Run as a script it is `__main__`; LiteLLM loads a `ccproxy.py` beside its config with
+    `spec_from_file_location` without registering it. Either way custom rules that
+    `from ccproxy import Rule` must get these classes, not a second copy of the file.
+    """
+    if __name__ not in ("__main__", "ccproxy"):
+        return
+    this = sys.modules.get(__name__)
+    if this is None or (__name__ == "__main__" and this.__dict__ is not _GLOBALS):
+        this = _ModuleAlias("ccproxy")
+    sys.modules.setdefault("ccproxy", this)
+    for sub in ("rules", "hooks", "handler", "config"):
+        sys.modules.setdefault(f"ccproxy.{sub}", _ModuleAlias(f"ccproxy.{sub}"))
+
+
+_GLOBALS = globals()
+_register_module_names()
+
+# ---- Constants and defaults ----------------------------------------------------------------
+# Names, limits and the default configuration that `install` writes and that applies when no
+# config file exists. Nothing here computes anything.
+
+log = logging.getLogger("ccproxy")
+
+CONFIG_FILE = "ccproxy.yaml"
+LITELLM_CONFIG_FILE = "config.yaml"
+ENV_CONFIG_DIR = "CCPROXY_CONFIG_DIR"
+DEFAULT_CONFIG_DIR = "~/.ccproxy"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 4000
+METADATA_KEY = "ccproxy"                    # our key inside LiteLLM's litellm_metadata
+SECRET_HEADERS = frozenset({"authorization", "x-api-key", "cookie", "set-cookie",
+                            "proxy-authorization", "x-goog-api-key", "api-key"})
+# Claude Code's thinking budget default (MAX_THINKING_TOKENS); a request above it asked for more.
+CLAUDE_CODE_DEFAULT_BUDGET = 31999
+# Claude Code's baseline context (system prompt + tool definitions) is about this many tokens.
+CLAUDE_CODE_BASELINE_TOKENS = 19000
+WEB_SEARCH_TOOL_PREFIX = "web_search"
+
+DEFAULT_HOOKS = ("rule_evaluator", "model_router", "forward_apikey", "extract_session_id")
+
+DEFAULT_CONFIG_YAML = """\
+# ccproxy configuration: one file holds ccproxy's rules and LiteLLM's own sections.
+# Reference: README.md, "Configuration". Check it with: python ccproxy.py validate
+# See why a request went where it did with: python ccproxy.py explain request.json
+
+# How `python ccproxy.py start` runs LiteLLM's proxy.
+litellm:
+  host: 127.0.0.1          # loopback only; another address needs a proxy key (README, "Security")
+  port: 4000
+  num_workers: 1
+
+ccproxy:
+  debug: false
+  # No rule matched: keep the model Claude Code asked for (false: use the `default` entry).
+  default_model_passthrough: true
+  hooks:
+    - rule_evaluator         # label the request with the first rule that matches
+    - model_router           # send it to the model_list entry named like the label
+    - forward_apikey         # forward the client's own credentials to Anthropic deployments
+    - extract_session_id     # session id for logs and callbacks
+    # - forward_oauth        # inject a token from oat_sources (README, "OAuth")
+  # oat_sources:
+  #   anthropic: "jq -r '.claudeAiOauth.accessToken' ~/.claude/.credentials.json"
+  # Rules run top to bottom; the first match names the model_list entry to use.
+  rules:
+    - name: background       # Claude Code's haiku traffic (any haiku release)
+      rule: MatchModelRule
+      params: {model_name: haiku}
+    - name: web_search       # the web-search sub-request (server tool web_search_*)
+      rule: WebSearchRule
+    - name: long_context     # whole request above the threshold, counted with tiktoken
+      rule: TokenCountRule
+      params: {threshold: 120000}
+    - name: think            # a raised thinking budget or effort level (not every turn)
+      rule: ThinkingRule
+      params: {min_budget_tokens: 32000, effort: [xhigh, max]}
+
+# LiteLLM's sections (https://docs.litellm.ai/docs/proxy/configs). Deployments without an
+# api_key use the credentials Claude Code sends (forward_apikey above).
+model_list:
+  - model_name: background
+    litellm_params:
+      model: anthropic/claude-haiku-5-5
+  - model_name: web_search
+    litellm_params:
+      model: anthropic/claude-sonnet-5-5
+  - model_name: long_context
+    litellm_params:
+      model: anthropic/claude-sonnet-5-5
+      # Or a long-context model elsewhere, e.g. Gemini (key from the environment):
+      # model: gemini/gemini-2.5-pro
+      # api_key: os.environ/GEMINI_API_KEY
+  - model_name: think
+    litellm_params:
+      model: anthropic/claude-opus-5-5
+  # Every other Claude model passes through unchanged.
+  - model_name: "claude-*"
+    litellm_params:
+      model: "anthropic/claude-*"
+  # An OpenAI-compatible server (chat completions) works as a plain entry:
+  # - model_name: cheap
+  #   litellm_params:
+  #     model: openai/deepseek-chat
+  #     api_base: https://api.deepseek.com/v1
+  #     api_key: os.environ/DEEPSEEK_API_KEY
+
+litellm_settings:
+  callbacks: [ccproxy.handler]
+  drop_params: true
+
+general_settings: {}
+"""
+
+# ---- Errors --------------------------------------------------------------------------------
+# Each error carries what the user should do next; the CLI maps them to exit codes.
+
+
+class CCProxyError(Exception):
+    """Base of ccproxy's errors: a message plus what to do about it."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.hint = hint
+
+    def __str__(self) -> str:
+        base = super().__str__()
+        return f"{base}\n  -> {self.hint}" if self.hint else base
+
+
+class ConfigError(CCProxyError):
+    """The configuration cannot be read or is invalid."""
+
+
+class RuleError(CCProxyError):
+    """A rule or hook cannot be loaded or built from its config entry."""
+
+
+class OAuthError(CCProxyError):
+    """An OAuth token source failed."""
+
+
+class ProcessError(CCProxyError):
+    """Starting, stopping or finding the proxy process failed."""
+
+
+class UsageError(CCProxyError):
+    """The command line is wrong."""
+
+    exit_code = 2
+
+
+# ---- Config --------------------------------------------------------------------------------
+# Finding, reading and merging the config files (ccproxy's section and LiteLLM's sections),
+# with YAML line numbers kept for error messages. Uses only the standard library and yaml.
+
+LITELLM_SECTIONS = ("model_list", "litellm_settings", "router_settings", "general_settings",
+                    "environment_variables", "callback_settings", "credential_list",
+                    "mcp_servers", "guardrails", "include", "files_settings", "search_tools",
+                    "vector_store_registry", "prompts", "pass_through_endpoints")
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class RuleSpec:
+    """One `rules:` entry: the label it gives, the rule class path and its parameters."""
+
+    name: str
+    rule: str
+    params: Mapping[str, Any]
+    args: tuple = ()
+    where: str = ""
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class HookSpec:
+    """One `hooks:` entry: an import path (or built-in name) and its parameters."""
+
+    path: str
+    params: Mapping[str, Any]
+    where: str = ""
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class Settings:
+    """The `ccproxy:` section, typed, with defaults."""
+
+    debug: bool = False
+    default_model_passthrough: bool = True
+    hooks: tuple[HookSpec, ...] = tuple(HookSpec(h, {}) for h in DEFAULT_HOOKS)
+    rules: tuple[RuleSpec, ...] = ()
+    oat_sources: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    oauth_required: bool = False
+    oauth_refresh_interval: float = 300.0
+    oauth_timeout: float = 10.0
+    metadata_ttl: float = 300.0
+    metadata_max_entries: int = 10000
+    token_cache_max_chars: int = 64_000_000
+    model_reload_cooldown: float = 30.0
+    openai_chat_completions: bool = True
+    preserve_thinking: bool = True
+
+
+SETTINGS_KEYS = {f.name for f in dataclasses.fields(Settings)} | {"handler", "metrics_enabled"}
+SERVER_KEYS = {"host", "port", "num_workers", "debug", "detailed_debug", "telemetry"}
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class Config:
+    """Everything ccproxy read: its settings, the server address and LiteLLM's sections."""
+
+    settings: Settings
+    litellm: Mapping[str, Any]            # model_list, litellm_settings, ... as LiteLLM reads them
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    num_workers: int = 1
+    server: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    directory: Path | None = None
+    ccproxy_file: Path | None = None       # where the `ccproxy:` section came from
+    litellm_file: Path | None = None       # the file LiteLLM is started with
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def model_list(self) -> list[dict]:
+        """The deployments of LiteLLM's `model_list` (empty list if none)."""
+        models = self.litellm.get("model_list")
+        return [m for m in models if isinstance(m, dict)] if isinstance(models, list) else []
+
+    @property
+    def url(self) -> str:
+        """The base URL clients use to reach the proxy."""
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def files(self) -> list[Path]:
+        """The config files in use, without repeats."""
+        out = []
+        for f in (self.ccproxy_file, self.litellm_file):
+            if f is not None and f not in out:
+                out.append(f)
+        return out
+
+
+def _yaml():
+    import yaml  # ~15 ms; only commands that read a config pay for it
+
+    return yaml
+
+
+def read_yaml(path: Path) -> tuple[Any, Any]:
+    """Read one YAML file: (data, node) where node keeps line numbers for messages."""
+    yaml = _yaml()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}",
+                          "check the file's permissions or pass another --config-dir") from exc
+    loader_cls = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    loader = loader_cls(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: invalid YAML: {problem}",
+                          "fix the syntax at that line (indentation, quotes, colons)") from exc
+    finally:
+        loader.dispose()
+    return data, node
+
+
+def node_line(node: Any, *path: Any) -> int | None:
+    """The 1-based line of the key (or list item) at `path` inside a composed YAML node."""
+    yaml = _yaml()
+    mark = None
+    for key in path:
+        if isinstance(node, yaml.MappingNode):
+            pair = next(((k, v) for k, v in node.value if getattr(k, "value", None) == key), None)
+            if pair is None:
+                return None
+            mark, node = pair[0].start_mark, pair[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) \
+                and 0 <= key < len(node.value):
+            node = node.value[key]
+            mark = node.start_mark
+        else:
+            return None
+    return mark.line + 1 if mark is not None else None
+
+
+def find_config_dir(explicit: str | os.PathLike | None = None) -> tuple[Path, str]:
+    """Where the config lives, and why: explicit/env > LiteLLM's config dir > ~/.ccproxy."""
+    if explicit:
+        return Path(explicit).expanduser(), "--config-dir"
+    env = os.environ.get(ENV_CONFIG_DIR)
+    if env:
+        return Path(env).expanduser(), ENV_CONFIG_DIR
+    started = litellm_started_config()
+    if started is not None:
+        return started.parent, "LiteLLM --config"
+    return Path(DEFAULT_CONFIG_DIR).expanduser(), "default"
+
+
+def litellm_started_config() -> Path | None:
+    """The config file the running LiteLLM proxy was started with, when inside one."""
+    proxy_server = sys.modules.get("litellm.proxy.proxy_server")
+    path = getattr(proxy_server, "user_config_file_path", None) if proxy_server else None
+    path = path or os.environ.get("CONFIG_FILE_PATH")
+    if not path:
+        argv = sys.argv
+        for i, arg in enumerate(argv):
+            if arg == "--config" and i + 1 < len(argv):
+                path = argv[i + 1]
+            elif arg.startswith("--config="):
+                path = arg.split("=", 1)[1]
+    return Path(path).expanduser().resolve() if path else None
+
+
+def load_config(config_dir: str | os.PathLike | None = None) -> Config:
+    """Load the config from a directory (see find_config_dir); built-in defaults if no file.
+
+    Layouts: `ccproxy.yaml` with LiteLLM's sections inside (one file), or `ccproxy.yaml` beside
+    LiteLLM's `config.yaml` (ccproxy 1.x), or only a LiteLLM `config.yaml` (ccproxy.py dropped
+    beside it). Raises ConfigError for unreadable files and invalid values.
+    """
+    directory, _why = find_config_dir(config_dir)
+    ccproxy_path = directory / CONFIG_FILE
+    litellm_path = directory / LITELLM_CONFIG_FILE
+    raw: dict = {}
+    node = None
+    ccproxy_file = litellm_file = None
+    if ccproxy_path.is_file():
+        data, node = read_yaml(ccproxy_path)
+        raw = _expect_mapping(data, ccproxy_path)
+        ccproxy_file = ccproxy_path
+    litellm_raw: dict = {}
+    has_litellm_sections = any(k in raw for k in LITELLM_SECTIONS)
+    if has_litellm_sections:
+        litellm_raw = {k: v for k, v in raw.items() if k not in ("ccproxy", "litellm")}
+        litellm_file = ccproxy_path
+    elif litellm_path.is_file():
+        data, lnode = read_yaml(litellm_path)
+        litellm_raw = _expect_mapping(data, litellm_path)
+        litellm_file = litellm_path
+        if ccproxy_file is None and isinstance(litellm_raw.get("ccproxy"), dict):
+            raw, node, ccproxy_file = litellm_raw, lnode, litellm_path
+            litellm_raw = {k: v for k, v in raw.items() if k not in ("ccproxy", "litellm")}
+    if ccproxy_file is None and litellm_file is None:
+        return default_config(directory)
+    return build_config(raw, litellm_raw, directory=directory, ccproxy_file=ccproxy_file,
+                        litellm_file=litellm_file, node=node)
+
+
+def default_config(directory: Path | None = None) -> Config:
+    """The built-in configuration (the same text `install` writes)."""
+    data = _yaml().safe_load(DEFAULT_CONFIG_YAML)
+    litellm_raw = {k: v for k, v in data.items() if k not in ("ccproxy", "litellm")}
+    return build_config(data, litellm_raw, directory=directory)
+
+
+def _expect_mapping(data: Any, path: Path) -> dict:
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}:1: expected a mapping at the top level, got "
+                          f"{type(data).__name__}", "the file must hold `key: value` sections")
+    return data
+
+
+def build_config(raw: Mapping[str, Any], litellm_raw: Mapping[str, Any], *,
+                 directory: Path | None = None, ccproxy_file: Path | None = None,
+                 litellm_file: Path | None = None, node: Any = None) -> Config:
+    """Turn parsed YAML into a Config; raises ConfigError naming file:line for bad values."""
+    problems = ConfigProblems(ccproxy_file, node)
+    section = raw.get("ccproxy") or {}
+    if not isinstance(section, dict):
+        problems.error(("ccproxy",), "the `ccproxy:` section must be a mapping")
+        section = {}
+    settings = parse_settings(section, problems)
+    server = raw.get("litellm") or {}
+    if not isinstance(server, dict):
+        problems.error(("litellm",), "the `litellm:` section must be a mapping (host, port, ...)")
+        server = {}
+    host = server.get("host", DEFAULT_HOST)
+    port = server.get("port", DEFAULT_PORT)
+    workers = server.get("num_workers", 1)
+    if not isinstance(host, str) or not host:
+        problems.error(("litellm", "host"), f"host must be a string, got {host!r}")
+        host = DEFAULT_HOST
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        problems.error(("litellm", "port"), f"port must be a number 1-65535, got {port!r}")
+        port = DEFAULT_PORT
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        problems.error(("litellm", "num_workers"), f"num_workers must be >= 1, got {workers!r}")
+        workers = 1
+    for key in server:
+        if key not in SERVER_KEYS:
+            problems.warn(("litellm", key), f"unknown key `litellm.{key}`{_did_you_mean(key, SERVER_KEYS)}")
+    if problems.errors:
+        raise ConfigError("; ".join(problems.errors),
+                          "fix the config (python ccproxy.py validate lists every problem)")
+    return Config(settings=settings, litellm=dict(litellm_raw), host=host, port=port,
+                  num_workers=workers, server=dict(server), directory=directory,
+                  ccproxy_file=ccproxy_file, litellm_file=litellm_file,
+                  warnings=tuple(problems.warnings))
+
+
+class ConfigProblems:
+    """Collects errors and warnings with `file:line` prefixes from YAML node marks."""
+
+    def __init__(self, path: Path | None, node: Any) -> None:
+        self.path, self.node = path, node
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+
+    def where(self, keys: tuple) -> str:
+        """`file:line` for a key path in the ccproxy file (as precise as the marks allow)."""
+        if self.path is None:
+            return "<built-in config>"
+        keys = tuple(keys)
+        while keys:
+            line = node_line(self.node, *keys)
+            if line is not None:
+                return f"{self.path}:{line}"
+            keys = keys[:-1]
+        return str(self.path)
+
+    def error(self, keys: tuple, message: str) -> None:
+        self.errors.append(f"{self.where(keys)}: {message}")
+
+    def warn(self, keys: tuple, message: str) -> None:
+        self.warnings.append(f"{self.where(keys)}: {message}")
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, sorted(choices), n=1)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+def parse_params(params: Any) -> tuple[dict, tuple]:
+    """Rule/hook params in either form: a mapping, or 1.x's list of one-key mappings/values."""
+    if params is None:
+        return {}, ()
+    if isinstance(params, dict):
+        return dict(params), ()
+    if isinstance(params, list):
+        if all(isinstance(p, dict) for p in params):
+            merged: dict = {}
+            for p in params:
+                merged.update(p)
+            return merged, ()
+        return {}, tuple(params)
+    return {}, (params,)
+
+
+def parse_settings(section: Mapping[str, Any], problems: ConfigProblems) -> Settings:
+    """The `ccproxy:` section as Settings; bad types are errors, unknown keys warnings."""
+    base = Settings()
+    values: dict[str, Any] = {}
+    for key, value in section.items():
+        if key not in SETTINGS_KEYS:
+            problems.warn(("ccproxy", key),
+                          f"unknown key `ccproxy.{key}`{_did_you_mean(key, SETTINGS_KEYS)}")
+            continue
+        if key in ("handler", "metrics_enabled", "hooks", "rules"):
+            continue
+        default = getattr(base, key)
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                problems.error(("ccproxy", key), f"`{key}` must be true or false, got {value!r}")
+                continue
+        elif isinstance(default, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                problems.error(("ccproxy", key),
+                               f"`{key}` must be a non-negative number, got {value!r}")
+                continue
+            value = type(default)(value)
+        elif key == "oat_sources":
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                problems.error(("ccproxy", key), "`oat_sources` must map a provider to a command")
+                continue
+        values[key] = value
+    if "hooks" in section:
+        values["hooks"] = parse_hooks(section.get("hooks"), problems)
+    if "rules" in section:
+        values["rules"] = parse_rules(section.get("rules"), problems)
+    return dataclasses.replace(base, **values)
+
+
+def parse_hooks(hooks: Any, problems: ConfigProblems) -> tuple[HookSpec, ...]:
+    """`hooks:` as a list of names/paths or `{hook: path, params: {...}}` mappings."""
+    if hooks is None:
+        return ()
+    if not isinstance(hooks, list):
+        problems.error(("ccproxy", "hooks"), "`hooks` must be a list")
+        return ()
+    out = []
+    for i, item in enumerate(hooks):
+        where = problems.where(("ccproxy", "hooks", i))
+        if isinstance(item, str):
+            out.append(HookSpec(item, {}, where))
+        elif isinstance(item, dict) and isinstance(item.get("hook"), str):
+            params, _args = parse_params(item.get("params"))
+            out.append(HookSpec(item["hook"], params, where))
+        else:
+            problems.error(("ccproxy", "hooks", i),
+                           "a hook is a name/path or a mapping with `hook:` and `params:`")
+    return tuple(out)
+
+
+def parse_rules(rules: Any, problems: ConfigProblems) -> tuple[RuleSpec, ...]:
+    """`rules:` entries with `name` (1.x also `label`), `rule` and optional `params`."""
+    if rules is None:
+        return ()
+    if not isinstance(rules, list):
+        problems.error(("ccproxy", "rules"), "`rules` must be a list")
+        return ()
+    out = []
+    for i, item in enumerate(rules):
+        keys = ("ccproxy", "rules", i)
+        if not isinstance(item, dict):
+            problems.error(keys, "a rule is a mapping with `name`, `rule` and optional `params`")
+            continue
+        name = item.get("name", item.get("label"))
+        path = item.get("rule")
+        if not isinstance(name, str) or not name:
+            problems.error(keys, "rule without a `name` (the model_list entry it routes to)")
+            continue
+        if not isinstance(path, str) or not path:
+            problems.error(keys, f"rule `{name}` has no `rule:` class (e.g. TokenCountRule)")
+            continue
+        for key in item:
+            if key not in ("name", "label", "rule", "params"):
+                problems.warn(keys + (key,), f"rule `{name}`: unknown key `{key}`"
+                              f"{_did_you_mean(key, ('name', 'rule', 'params'))}")
+        params, args = parse_params(item.get("params"))
+        out.append(RuleSpec(name, path, params, args, problems.where(keys)))
+    return tuple(out)
+
+
+# ---- Tokens --------------------------------------------------------------------------------
+# The one tokenizer (tiktoken cl100k_base, loaded from the copy LiteLLM ships, no network) and
+# the caches that make counting Claude Code's resent history cheap.
+
+CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+IMAGE_TOKENS = 1600      # an image or binary document block, whatever its size (an estimate)
+
+
+def bundled_tiktoken_dir() -> Path | None:
+    """LiteLLM's bundled tiktoken cache directory, found without importing litellm."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("litellm")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    folder = Path(spec.origin).parent / "litellm_core_utils" / "tokenizers"
+    cache_key = hashlib.sha1(CL100K_URL.encode()).hexdigest()
+    return folder if (folder / cache_key).is_file() else None
+
+
+class TokenCounter:
+    """Counts tokens of requests with cl100k_base; caches counts by content.
+
+    Two caches, both checked by equality (never by a hash that could collide):
+    - a bounded LRU of string -> count, keyed cheaply by length and ends;
+    - recent conversations (system, tools, messages with running totals), so a request that
+      resends the same history with one new message only counts the new message.
+    """
+
+    def __init__(self, max_chars: int = 64_000_000, max_conversations: int = 64) -> None:
+        self.max_chars = max_chars
+        self.max_conversations = max_conversations
+        self._lock = threading.Lock()
+        self._encoding: Any = None
+        self._load_failed: str | None = None
+        self._strings: collections.OrderedDict = collections.OrderedDict()
+        self._chars = 0
+        self._conversations: collections.OrderedDict = collections.OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    # -- tokenizer ------------------------------------------------------------------------
+    @property
+    def exact(self) -> bool:
+        """False when the tokenizer could not load and counts are estimates."""
+        self._ensure_encoding()
+        return self._encoding is not None
+
+    @property
+    def load_error(self) -> str | None:
+        """Why the tokenizer could not load (None when it did)."""
+        self._ensure_encoding()
+        return self._load_failed
+
+    def _ensure_encoding(self) -> None:
+        if self._encoding is not None or self._load_failed is not None:
+            return
+        with self._lock:
+            if self._encoding is not None or self._load_failed is not None:
+                return
+            try:
+                self._encoding = load_cl100k()
+            except (ImportError, OSError, ValueError, KeyError) as exc:
+                self._load_failed = f"{type(exc).__name__}: {exc}"
+                log.error("ccproxy: tokenizer cl100k_base failed to load (%s); token counts are "
+                          "ESTIMATES (chars/4) until this is fixed: install tiktoken and "
+                          "litellm (which ships the file), or set TIKTOKEN_CACHE_DIR to a "
+                          "directory holding it", self._load_failed)
+
+    def encode_len(self, text: str) -> int:
+        """Token count of one string, uncached."""
+        self._ensure_encoding()
+        if self._encoding is None:
+            return (len(text) + 3) // 4
+        return len(self._encoding.encode_ordinary(text))
+
+    # -- string cache ---------------------------------------------------------------------
+    def count_text(self, text: str) -> int:
+        """Token count of one string, from the cache when the same text was seen before."""
+        if not text:
+            return 0
+        key = text if len(text) <= 256 else (len(text), text[:64], text[-64:])
+        strings = self._strings
+        with self._lock:
+            entry = strings.get(key)
+            if entry is not None and (entry[0] is text or entry[0] == text):
+                strings.move_to_end(key)
+                self.hits += 1
+                return entry[1]
+        count = self.encode_len(text)
+        with self._lock:
+            self.misses += 1
+            old = strings.pop(key, None)
+            if old is not None:
+                self._chars -= len(old[0])
+            strings[key] = (text, count)
+            self._chars += len(text)
+            while self._chars > self.max_chars and strings:
+                _k, (old_text, _c) = strings.popitem(last=False)
+                self._chars -= len(old_text)
+        return count
+
+    def clear(self) -> None:
+        """Forget every cached count (the tokenizer stays loaded)."""
+        with self._lock:
+            self._strings.clear()
+            self._conversations.clear()
+            self._chars = 0
+
+    # -- request parts --------------------------------------------------------------------
+    def count_value(self, value: Any) -> int:
+        """Tokens of a system prompt, a message content or a single content block."""
+        if isinstance(value, str):
+            return self.count_text(value)
+        if isinstance(value, list):
+            return sum(self.count_value(v) for v in value)
+        if isinstance(value, dict):
+            return self.count_block(value)
+        return 0
+
+    def count_block(self, block: Mapping[str, Any]) -> int:
+        """Tokens of one content block (text, tool_use, tool_result, thinking, image...)."""
+        kind = block.get("type")
+        if kind == "text" or (kind is None and "text" in block):
+            return self.count_text(_as_text(block.get("text")))
+        if kind == "thinking":
+            return self.count_text(_as_text(block.get("thinking")))
+        if kind == "redacted_thinking":
+            return 0   # opaque encrypted data; its size says nothing about tokens
+        if kind in ("tool_use", "server_tool_use", "mcp_tool_use"):
+            return self.count_text(_as_text(block.get("name"))) + \
+                self.count_text(_json_text(block.get("input")))
+        if kind in ("tool_result", "mcp_tool_result", "web_search_tool_result",
+                    "web_fetch_tool_result", "code_execution_tool_result"):
+            return self.count_value(block.get("content"))
+        if kind == "tool_reference":
+            return self.count_text(_as_text(block.get("tool_name")))
+        if kind in ("image", "image_url", "input_image"):
+            return IMAGE_TOKENS
+        if kind == "document":
+            source = block.get("source")
+            if isinstance(source, dict) and source.get("type") == "text":
+                return self.count_text(_as_text(source.get("data")))
+            if isinstance(source, dict) and source.get("type") == "content":
+                return self.count_value(source.get("content"))
+            return IMAGE_TOKENS
+        if kind == "search_result":
+            return self.count_text(_as_text(block.get("title"))) + \
+                self.count_value(block.get("content"))
+        # Unknown block types: count their JSON without cache markers.
+        rest = {k: v for k, v in block.items() if k not in ("cache_control", "citations")}
+        return self.count_text(_json_text(rest))
+
+    def count_message(self, message: Any) -> int:
+        """Tokens of one message, Anthropic or OpenAI shaped."""
+        if not isinstance(message, dict):
+            return self.count_value(message)
+        total = self.count_value(message.get("content"))
+        calls = message.get("tool_calls")
+        if isinstance(calls, list):
+            for call in calls:
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict):
+                    total += self.count_text(_as_text(fn.get("name")))
+                    total += self.count_text(_as_text(fn.get("arguments")))
+        return total
+
+    def count_tools(self, tools: Any) -> int:
+        """Tokens of tool definitions: name, description and input schema JSON."""
+        if not isinstance(tools, list):
+            return 0
+        total = 0
+        for tool in tools:
+            if not isinstance(tool, dict):
+                continue
+            fn = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+            total += self.count_text(_as_text(fn.get("name")))
+            total += self.count_text(_as_text(fn.get("description")))
+            rest = {k: v for k, v in fn.items()
+                    if k not in ("name", "description", "cache_control", "defer_loading")}
+            if rest:
+                total += self.count_text(_json_text(rest))
+        return total
+
+    # -- whole request --------------------------------------------------------------------
+    def count_request(self, request: Mapping[str, Any], limit: int | None = None
+                      ) -> tuple[int, bool]:
+        """Tokens of a whole request (system, tools, messages): (count, complete).
+
+        With `limit`, counting stops as soon as the count exceeds it; `complete` is then False
+        and the count is a lower bound above the limit.
+        """
+        system = request.get("system")
+        tools = request.get("tools")
+        messages = request.get("messages")
+        if not isinstance(messages, list):
+            messages = []
+        key = (_cheap_key(system), _cheap_key(messages[0] if messages else None))
+        with self._lock:
+            snap = self._conversations.get(key)
+            if snap is not None:
+                self._conversations.move_to_end(key)
+        system_same = snap is not None and snap.system == system
+        tools_same = snap is not None and snap.tools == tools
+        system_count = snap.system_count if system_same else self.count_value(system)
+        tools_count = snap.tools_count if tools_same else self.count_tools(tools)
+        head = system_count + tools_count
+        if limit is not None and head > limit:
+            return head, False
+        # The longest prefix of messages equal to those counted before is already summed.
+        same = 0
+        if snap is not None:
+            for old, new in zip(snap.messages, messages):
+                if old != new:
+                    break
+                same += 1
+        cumulative = snap.cumulative[:same] if snap is not None else []
+        if limit is not None and cumulative and head + cumulative[-1] > limit:
+            i = bisect.bisect_right(cumulative, limit - head)
+            return head + cumulative[i], False
+        kept = snap.messages[:same] if snap is not None else []
+        total = head + (cumulative[-1] if cumulative else 0)
+        for message in messages[same:]:
+            total += self.count_message(message)
+            kept.append(_freeze(message))
+            cumulative.append(total - head)
+            if limit is not None and total > limit:
+                break
+        complete = len(kept) == len(messages)
+        new_snap = _Conversation(
+            system=snap.system if system_same else _freeze(system), system_count=system_count,
+            tools=snap.tools if tools_same else _freeze(tools), tools_count=tools_count,
+            messages=kept, cumulative=cumulative)
+        with self._lock:
+            self._conversations[key] = new_snap
+            self._conversations.move_to_end(key)
+            while len(self._conversations) > self.max_conversations:
+                self._conversations.popitem(last=False)
+        return total, complete
+
+
+@dataclasses.dataclass(slots=True)
+class _Conversation:
+    """A counted request: frozen copies of its parts and running message totals."""
+
+    system: Any
+    system_count: int
+    tools: Any
+    tools_count: int
+    messages: list
+    cumulative: list
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else ("" if value is None else str(value))
+
+
+def _json_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _cheap_key(value: Any) -> Any:
+    """A small, cheap-to-hash summary of a value (equality is checked separately)."""
+    if isinstance(value, str):
+        return ("s", len(value), value[:48])
+    if isinstance(value, dict):
+        content = value.get("content", value.get("text"))
+        return ("d", value.get("role"), value.get("type"), _cheap_key(content))
+    if isinstance(value, list):
+        return ("l", len(value) and 1, _cheap_key(value[0]) if value else None)
+    return (type(value).__name__,)
+
+
+def _freeze(value: Any) -> Any:
+    """A private copy of JSON-like data (strings are shared: they cannot change)."""
+    if isinstance(value, dict):
+        return {k: _freeze(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_freeze(v) for v in value]
+    return value
+
+
+def load_cl100k() -> Any:
+    """tiktoken's cl100k_base from LiteLLM's bundled copy; never downloads when it is there."""
+    import tiktoken
+
+    folder = bundled_tiktoken_dir()
+    if folder is None:
+        return tiktoken.get_encoding("cl100k_base")   # the user's own tiktoken cache
+    with _ENV_LOCK:
+        old = os.environ.get("TIKTOKEN_CACHE_DIR")
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(folder)
+        try:
+            return tiktoken.get_encoding("cl100k_base")
+        finally:
+            if old is None:
+                os.environ.pop("TIKTOKEN_CACHE_DIR", None)
+            else:
+                os.environ["TIKTOKEN_CACHE_DIR"] = old
+
+
+_ENV_LOCK = threading.Lock()
+TOKENS = TokenCounter()
+
+
+def count_tokens(text: str) -> int:
+    """Token count of a string with the shared tokenizer."""
+    return TOKENS.count_text(text)
+
+
+def count_request_tokens(request: Mapping[str, Any], limit: int | None = None) -> int:
+    """Token count of a whole request with the shared tokenizer and caches."""
+    return TOKENS.count_request(request, limit)[0]
+
+
+# ---- Rules ---------------------------------------------------------------------------------
+# A rule looks at one request and says whether it matches, with the fact it used (for logs and
+# `explain`). Built-ins are designed for what Claude Code sends today (see README, "Rules").
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class Verdict:
+    """A rule's answer for one request: matched or not, and the fact that decided it."""
+
+    matched: bool
+    fact: str = ""
+
+
+class Rule:
+    """Base class of routing rules; subclass it and implement `evaluate` (or `check`).
+
+    `evaluate(request, ctx) -> bool` is the ccproxy 1.x interface; `check` returns a Verdict
+    with the fact that decided, which `explain` and debug logs show.
+    """
+
+    name: str = ""          # the label (model_list entry) this rule routes to; set on load
+
+    def evaluate(self, request: dict, ctx: Any) -> bool:
+        """True when the request matches."""
+        return self.check(request, ctx).matched
+
+    def check(self, request: dict, ctx: Any) -> Verdict:
+        """The verdict with the fact behind it. Subclasses override this or evaluate."""
+        if type(self).evaluate is Rule.evaluate:
+            raise NotImplementedError(f"{type(self).__name__} implements neither evaluate "
+                                      "nor check")
+        return Verdict(bool(self.evaluate(request, ctx)))
+
+    def describe(self) -> str:
+        """One line naming the rule and its parameters."""
+        return type(self).__name__
+
+
+ClassificationRule = Rule   # ccproxy 1.x name
+
+
+class DefaultRule(Rule):
+    """Matches every request: a catch-all, e.g. last in the list to route the rest to X.
+
+    With `passthrough: true` the matched request keeps the model the client asked for.
+    """
+
+    def __init__(self, passthrough: bool = False) -> None:
+        self.passthrough = bool(passthrough)
+
+    def check(self, request: dict, ctx: Any) -> Verdict:
+        return Verdict(True, "catch-all")
+
+    def describe(self) -> str:
+        return f"DefaultRule(passthrough={self.passthrough})" if self.passthrough else "DefaultRule"
+
+
+class MatchModelRule(Rule):
+    """Matches when the requested model name contains `model_name` (case-insensitive).
+
+    Match families, not releases: `haiku` matches claude-haiku-4-5-20251001 and
+    claude-haiku-5-5. A list matches any of its names.
+    """
+
+    def __init__(self, model_name: str | list[str]) -> None:
+        names = [model_name] if isinstance(model_name, str) else list(model_name or [])
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise RuleError(f"MatchModelRule: model_name must be a name or list of names, "
+                            f"got {model_name!r}", "e.g. params: {model_name: haiku}")
+        self.names = [n.lower() for n in names]
+
+    def check(self, request: dict, ctx: Any) -> Verdict:
+        model = request.get("model")
+        if not isinstance(model, str):
+            return Verdict(False, "no model in request")
+        low = model.lower()
+        for n in self.names:
+            if n in low:
+                return Verdict(True, f"model {model} contains '{n}'")
+        return Verdict(False, f"model {model}")
+
+    def describe(self) -> str:
+        return f"MatchModelRule({', '.join(self.names)})"
+
+
+EFFORT_LEVELS = ("low", "medium", "high", "xhigh", "max")
+
+
+class ThinkingRule(Rule):
+    """Matches requests that ask for deeper reasoning than Claude Code's defaults.
+
+    Claude Code sends `thinking` on every request, so its presence means nothing. This rule
+    matches when thinking is not disabled and one of these holds:
+    - `thinking.type: enabled` with `budget_tokens >= min_budget_tokens` (default 32000,
+      above Claude Code's own 31999 default, i.e. the user raised MAX_THINKING_TOKENS);
+    - `output_config.effort` is one of `effort` (default xhigh, max: Claude Code's own
+      defaults are high in 2.1.197 and medium in 2.1.332);
+    - `thinking.type` is one of `types` (default none; `adaptive` would match every turn).
+    """
+
+    def __init__(self, min_budget_tokens: int | None = 32000,
+                 effort: str | list[str] | None = ("xhigh", "max"),
+                 types: str | list[str] | None = None) -> None:
+        if min_budget_tokens is not None and (isinstance(min_budget_tokens, bool)
+                                              or not isinstance(min_budget_tokens, int)):
+            raise RuleError(f"ThinkingRule: min_budget_tokens must be a whole number, got "
+                            f"{min_budget_tokens!r}", "e.g. min_budget_tokens: 32000")
+        self.min_budget_tokens = min_budget_tokens
+        self.effort = tuple(_str_list(effort, "ThinkingRule: effort"))
+        for e in self.effort:
+            if e not in EFFORT_LEVELS:
+                raise RuleError(f"ThinkingRule: unknown effort level {e!r}",
+                                f"use some of: {', '.join(EFFORT_LEVELS)}")
+        self.types = tuple(_str_list(types, "ThinkingRule: types"))
+        if "disabled" in self.types:
+            raise RuleError("ThinkingRule: `disabled` thinking never matches",
+                            "remove `disabled` from types")
+
+    def check(self, request: dict, ctx: Any) -> Verdict:
+        thinking = request.get("thinking")
+        if not isinstance(thinking, dict):
+            return Verdict(False, "no thinking")
+        kind = thinking.get("type")
+        if kind == "disabled" or not isinstance(kind, str):
+            return Verdict(False, f"thinking {kind or 'without type'}")
+        if kind in self.types:
+            return Verdict(True, f"thinking type {kind}")
+        budget = thinking.get("budget_tokens")
+        if kind == "enabled" and self.min_budget_tokens is not None \
+                and isinstance(budget, (int, float)) and not isinstance(budget, bool) \
+                and budget >= self.min_budget_tokens:
+            return Verdict(True, f"budget_tokens {budget:,} >= {self.min_budget_tokens:,}")
+        config = request.get("output_config")
+        effort = config.get("effort") if isinstance(config, dict) else None
+        if effort in self.effort:
+            return Verdict(True, f"effort {effort}")
+        parts = [f"thinking {kind}"]
+        if budget is not None:
+            parts.append(f"budget_tokens {budget}")
+        if effort is not None:
+            parts.append(f"effort {effort}")
+        return Verdict(False, ", ".join(parts))
+
+    def describe(self) -> str:
+        bits = []
+        if self.min_budget_tokens is not None:
+            bits.append(f"budget>={self.min_budget_tokens}")
+        if self.effort:
+            bits.append("effort in " + "/".join(self.effort))
+        if self.types:
+            bits.append("type in " + "/".join(self.types))
+        return f"ThinkingRule({', '.join(bits)})"
+
+
+class TokenCountRule(Rule):
+    """Matches when the whole request (system, tools, messages) exceeds `threshold` tokens.
+
+    Counted with the shared cl100k_base tokenizer; counting stops once the threshold is
+    crossed, and resent history is counted from cache.
+    """
+
+    def __init__(self, threshold: int) -> None:
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+            raise RuleError(f"TokenCountRule: threshold must be a whole number of tokens, got "
+                            f"{threshold!r}", "e.g. threshold: 60000 (not '60k')")
+        self.threshold = threshold
+
+    def check(self, request: dict, ctx: Any) -> Verdict:
+        complete_count = bool(getattr(ctx, "dry_run", False))
+        count, complete = TOKENS.count_request(
+            request, None if complete_count else self.threshold)
+        approx = "" if TOKENS.exact else " (estimated: tokenizer unavailable)"
+        if count > self.threshold:
+            amount = f"{count:,}" if complete else f"over {count - 1:,}"
+            return Verdict(True, f"{amount} tokens > {self.threshold:,}{approx}")
+        return Verdict(False, f"{count:,} tokens <= {self.threshold:,}{approx}")
+
+    def describe(self) -> str:
+        return f"TokenCountRule({self.threshold})"
+
+
+class MatchToolRule(Rule):
+    """Matches when a tool's name contains `tool_name` (case-insensitive).
+
+    Looks at Anthropic `tools[].name` and OpenAI `tools[].function.name`. Claude Code lists
+    its client tools (WebSearch included) on every main turn, so this matches every turn for
+    those names; use WebSearchRule for web search.
+    """
+
+    def __init__(self, tool_name: str) -> None:
+        if not isinstance(tool_name, str) or not tool_name:
+            raise RuleError(f"MatchToolRule: tool_name must be a name, got {tool_name!r}",
+                            "e.g. params: {tool_name: mcp__github}")
+        self.tool_name = tool_name.lower()
+
+    def check(self, request: dict, ctx: Any) -> Verdict:
+        for name in _tool_names(request.get("tools")):
+            if self.tool_name in name.lower():
+                return Verdict(True, f"tool {name}")
+        return Verdict(False, f"no tool named like '{self.tool_name}'")
+
+    def describe(self) -> str:
+        return f"MatchToolRule({self.tool_name})"
+
+
+class WebSearchRule(Rule):
+    """Matches the web-search sub-request: a server tool of type `web_search_*`.
+
+    Claude Code runs a web search as a separate request whose tool is the server tool
+    `{"type": "web_search_20250305", ...}`; its client tool `WebSearch`, listed on every main
+    turn, does not count.
+    """
+
+    def check(self, request: dict, ctx: Any) -> Verdict:
+        tools = request.get("tools")
+        if isinstance(tools, list):
+            for tool in tools:
+                kind = tool.get("type") if isinstance(tool, dict) else None
+                if isinstance(kind, str) and kind.startswith(WEB_SEARCH_TOOL_PREFIX):
+                    return Verdict(True, f"server tool {kind}")
+        return Verdict(False, "no web_search server tool")
+
+
+def _tool_names(tools: Any) -> Iterable[str]:
+    if not isinstance(tools, list):
+        return
+    for tool in tools:
+        if isinstance(tool, str):
+            yield tool
+        elif isinstance(tool, dict):
+            if isinstance(tool.get("name"), str):
+                yield tool["name"]
+            fn = tool.get("function")
+            if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+                yield fn["name"]
+
+
+def _str_list(value: Any, what: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise RuleError(f"{what} must be a name or list of names, got {value!r}")
+
+
+BUILTIN_RULES: dict[str, type[Rule]] = {
+    c.__name__: c for c in (DefaultRule, MatchModelRule, ThinkingRule, TokenCountRule,
+                            MatchToolRule, WebSearchRule)
+}
+BUILTIN_RULES["ClassificationRule"] = Rule
+
+
+def resolve_object(path: str, kind: str, builtins: Mapping[str, Any],
+                   search_dir: Path | None = None) -> Any:
+    """A rule class or hook function from a config path.
+
+    Built-in names resolve bare (`TokenCountRule`) or with 1.x prefixes (`ccproxy.rules.X`,
+    `ccproxy.hooks.X`, `ccproxy.X`); other dotted paths are imported, with the config
+    directory searched first.
+    """
+    short = path
+    for prefix in ("ccproxy.rules.", "ccproxy.hooks.", "ccproxy."):
+        if path.startswith(prefix):
+            short = path[len(prefix):]
+            break
+    if short in builtins:
+        return builtins[short]
+    if path.startswith("ccproxy.") or "." not in path:
+        raise RuleError(f"unknown {kind} `{path}`",
+                        f"built-in {kind}s: {', '.join(sorted(builtins))}"
+                        f"{_did_you_mean(short, builtins)}")
+    module_name, _, attr = path.rpartition(".")
+    added = False
+    if search_dir is not None and str(search_dir) not in sys.path:
+        sys.path.insert(0, str(search_dir))
+        added = True
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RuleError(f"cannot import {kind} `{path}`: {exc}",
+                        f"put {module_name.replace('.', '/')}.py next to the config or on "
+                        "PYTHONPATH") from exc
+    finally:
+        if added:
+            sys.path.remove(str(search_dir))
+    try:
+        return getattr(module, attr)
+    except AttributeError as exc:
+        raise RuleError(f"{kind} `{path}`: module {module_name} has no `{attr}`",
+                        "check the spelling of the class/function name") from exc
+
+
+def build_rule(spec: RuleSpec, search_dir: Path | None = None) -> Rule:
+    """Instantiate one configured rule; RuleError names the bad or missing parameter."""
+    cls = resolve_object(spec.rule, "rule", BUILTIN_RULES, search_dir)
+    if not (isinstance(cls, type) and issubclass(cls, Rule)) and not callable(cls):
+        raise RuleError(f"rule `{spec.name}`: {spec.rule} is not a rule class",
+                        "subclass ccproxy.Rule and implement evaluate()")
+    try:
+        sig = inspect.signature(cls)
+        sig.bind(*spec.args, **spec.params)
+    except TypeError as exc:
+        raise RuleError(f"rule `{spec.name}` ({spec.rule}): bad params: {exc}",
+                        f"parameters of {getattr(cls, '__name__', cls)}: {_signature_text(cls)}") \
+            from exc
+    except ValueError:
+        pass   # no introspectable signature; let the call decide
+    try:
+        rule = cls(*spec.args, **spec.params)
+    except RuleError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise RuleError(f"rule `{spec.name}` ({spec.rule}): {exc}",
+                        f"parameters: {_signature_text(cls)}") from exc
+    if not hasattr(rule, "evaluate") and not hasattr(rule, "check"):
+        raise RuleError(f"rule `{spec.name}`: {spec.rule} has no evaluate()",
+                        "subclass ccproxy.Rule")
+    try:
+        rule.name = spec.name
+    except AttributeError:
+        pass
+    return rule
+
+
+def _signature_text(obj: Any) -> str:
+    try:
+        params = [p for p in inspect.signature(obj).parameters.values()
+                  if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    except (TypeError, ValueError):
+        return "unknown"
+    return ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}"
+                     for p in params) or "none"
+
+
+def rule_verdict(rule: Any, request: dict, ctx: Any) -> Verdict:
+    """Ask a rule (built-in, Rule subclass or 1.x-style object with evaluate) for a verdict."""
+    check = getattr(rule, "check", None)
+    if check is not None:
+        return check(request, ctx)
+    return Verdict(bool(rule.evaluate(request, ctx)))
+
+
+# ---- Hooks ---------------------------------------------------------------------------------
+# Plain functions `hook(data, ctx, **params) -> data`, the request context they share, the
+# model table they route into, and the pipeline that runs them in the configured order.
+
+
+def redact(name: str, value: Any) -> str:
+    """A header value safe to log: secrets are replaced, everything else shortened."""
+    if name.lower() in SECRET_HEADERS or "token" in name.lower() or "secret" in name.lower():
+        return "<redacted>"
+    text = str(value)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+@dataclasses.dataclass(slots=True)
+class RoutingDecision:
+    """Where one request went and why."""
+
+    label: str                  # rule name that matched, or "default"
+    requested_model: str        # what the client asked for
+    model: str                  # the model_list name handed to LiteLLM's router
+    upstream: str               # litellm_params.model of that entry (the real model)
+    passthrough: bool           # True when the requested model was kept
+    reason: str = ""            # the matching rule's fact
+    provider: str | None = None
+
+    def as_dict(self) -> dict:
+        """JSON-safe form for metadata, logs and `explain --json`."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(slots=True)
+class RequestContext:
+    """What the hooks of one request share: config, headers, ids, verdicts, the decision."""
+
+    pipeline: "Pipeline"
+    headers: dict[str, str]               # lower-case names, raw values: never log these
+    call_type: str = "anthropic_messages"
+    path: str = "/v1/messages"
+    session_id: str | None = None
+    agent_id: str | None = None
+    dry_run: bool = False                 # `explain`: decide, but change nothing upstream
+    label: str | None = None
+    verdicts: list[tuple[str, str, Verdict]] = dataclasses.field(default_factory=list)
+    decision: RoutingDecision | None = None
+    auth: list[str] = dataclasses.field(default_factory=list)   # what auth forwarding did
+    user_api_key_dict: Any = None
+    hook_errors: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def config(self) -> Config:
+        """The configuration in use."""
+        return self.pipeline.config
+
+
+def parse_session(metadata: Any, headers: Mapping[str, str]) -> str | None:
+    """Claude Code's session id: metadata.user_id (JSON or 1.x string form), else the header."""
+    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
+    if isinstance(user_id, str) and user_id:
+        if user_id.startswith("{"):
+            try:
+                parsed = json.loads(user_id)
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, dict) and isinstance(parsed.get("session_id"), str) \
+                    and parsed["session_id"]:
+                return parsed["session_id"]
+        elif "_session_" in user_id:
+            session = user_id.rsplit("_session_", 1)[1]
+            if session:
+                return session
+    session = headers.get("x-claude-code-session-id")
+    return session or None
+
+
+def request_headers(data: Mapping[str, Any]) -> dict[str, str]:
+    """The client's headers (lower-case names), secrets included, from LiteLLM's data."""
+    out: dict[str, str] = {}
+    psr = data.get("proxy_server_request")
+    if isinstance(psr, dict) and isinstance(psr.get("headers"), dict):
+        out.update({str(k).lower(): str(v) for k, v in psr["headers"].items()})
+    secret = data.get("secret_fields")
+    raw = secret.get("raw_headers") if hasattr(secret, "get") else \
+        getattr(secret, "raw_headers", None)
+    if raw:
+        out.update({str(k).lower(): str(v) for k, v in raw.items()})
+    return out
+
+
+class ModelTable:
+    """LiteLLM's model_list by name: exact entries first, then wildcard ones (`claude-*`)."""
+
+    def __init__(self, deployments: Iterable[Mapping[str, Any]]) -> None:
+        self.exact: dict[str, list[Mapping[str, Any]]] = {}
+        self.wildcards: list[tuple[str, Mapping[str, Any]]] = []
+        for dep in deployments:
+            name = dep.get("model_name") if isinstance(dep, Mapping) else None
+            if not isinstance(name, str):
+                continue
+            if "*" in name:
+                self.wildcards.append((name, dep))
+            else:
+                self.exact.setdefault(name, []).append(dep)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.exact
+
+    def names(self) -> list[str]:
+        """Every model_name, exact ones first."""
+        return list(self.exact) + [n for n, _ in self.wildcards]
+
+    def resolve(self, name: str) -> tuple[Mapping[str, Any], str] | None:
+        """(deployment, upstream model) for a model name, wildcards included."""
+        deps = self.exact.get(name)
+        if deps:
+            dep = deps[0]
+            return dep, str(_litellm_params(dep).get("model", name))
+        import fnmatch
+
+        for pattern, dep in self.wildcards:
+            if fnmatch.fnmatchcase(name, pattern):
+                target = str(_litellm_params(dep).get("model", name))
+                if "*" in target:
+                    prefix = pattern.split("*", 1)[0]
+                    target = target.replace("*", name[len(prefix):] if name.startswith(prefix)
+                                            else name, 1)
+                return dep, target
+        return None
+
+    def group(self, name: str) -> list[Mapping[str, Any]]:
+        """All deployments LiteLLM may pick for this model name."""
+        if name in self.exact:
+            return list(self.exact[name])
+        found = self.resolve(name)
+        return [found[0]] if found else []
+
+
+def _litellm_params(dep: Mapping[str, Any]) -> Mapping[str, Any]:
+    params = dep.get("litellm_params")
+    return params if isinstance(params, Mapping) else {}
+
+
+_PROVIDER_CACHE: dict[tuple, str | None] = {}
+
+
+def provider_of(params: Mapping[str, Any]) -> str | None:
+    """The LLM provider LiteLLM will call for a deployment's litellm_params."""
+    model = params.get("model")
+    custom = params.get("custom_llm_provider")
+    api_base = params.get("api_base")
+    key = (model, custom, api_base)
+    if key in _PROVIDER_CACHE:
+        return _PROVIDER_CACHE[key]
+    provider: str | None = custom if isinstance(custom, str) else None
+    if provider is None and isinstance(model, str):
+        try:
+            get_llm_provider = import_litellm().get_llm_provider
+        except ImportError:
+            get_llm_provider = None
+        if get_llm_provider is not None:
+            try:
+                provider = get_llm_provider(model=model, custom_llm_provider=custom,
+                                            api_base=api_base)[1]
+            except (ValueError, TypeError, AttributeError, _litellm_error()):
+                provider = None
+        if provider is None:
+            head = model.split("/", 1)[0] if "/" in model else ""
+            provider = head or ("anthropic" if model.startswith("claude") else None)
+    _PROVIDER_CACHE[key] = provider
+    return provider
+
+
+def import_litellm() -> Any:
+    """Import litellm (seconds) without letting it fetch its cost map from the internet."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    return litellm
+
+
+def _litellm_error() -> type[BaseException]:
+    """LiteLLM's BadRequestError class (what get_llm_provider raises), or a stand-in."""
+    module = sys.modules.get("litellm")
+    err = getattr(module, "BadRequestError", None) if module else None
+    return err if isinstance(err, type) and issubclass(err, BaseException) else LookupError
+
+
+def _metadata(data: dict) -> dict:
+    """LiteLLM's own metadata dict for this request (created if missing).
+
+    On /v1/messages `metadata` is the client's Anthropic metadata (user_id) and must reach
+    the upstream untouched; LiteLLM keeps its own in `litellm_metadata`. On
+    /chat/completions LiteLLM's is `metadata`.
+    """
+    key = "litellm_metadata" if "litellm_metadata" in data or \
+        isinstance(data.get("metadata"), dict) and "user_id" in data["metadata"] \
+        else "metadata"
+    meta = data.get(key)
+    if not isinstance(meta, dict):
+        meta = {}
+        data[key] = meta
+    return meta
+
+
+def rule_evaluator(data: dict, ctx: RequestContext, **params: Any) -> dict:
+    """Label the request with the first rule that matches (none: `default`)."""
+    ctx.label = None
+    ctx.verdicts = []
+    for rule in ctx.pipeline.rules:
+        name = getattr(rule, "name", "") or type(rule).__name__
+        verdict = rule_verdict(rule, data, ctx)
+        ctx.verdicts.append((name, _describe(rule), verdict))
+        if verdict.matched:
+            ctx.label = name
+            break
+    return data
+
+
+def _describe(rule: Any) -> str:
+    describe = getattr(rule, "describe", None)
+    return describe() if callable(describe) else type(rule).__name__
+
+
+def model_router(data: dict, ctx: RequestContext, **params: Any) -> dict:
+    """Send the request to the model_list entry named like its label; record the decision."""
+    pipeline = ctx.pipeline
+    requested = data.get("model") if isinstance(data.get("model"), str) else ""
+    label = ctx.label or "default"
+    reason = next((v.fact for n, _d, v in ctx.verdicts if n == label and v.matched), "")
+    matched_rule = next((r for r in pipeline.rules if getattr(r, "name", None) == label
+                         and ctx.label is not None), None)
+    passthrough = (ctx.label is None and pipeline.config.settings.default_model_passthrough) \
+        or bool(getattr(matched_rule, "passthrough", False))
+    table = pipeline.models()
+    target = requested
+    if not passthrough:
+        if label not in table:
+            table = pipeline.models(missing=label)
+        if label in table:
+            target = label
+        else:
+            if label != "default":
+                pipeline.warn_once(f"no-entry:{label}",
+                                   f"rule `{label}` matched but model_list has no entry named "
+                                   f"`{label}`; using the default route")
+            if "default" in table and not pipeline.config.settings.default_model_passthrough:
+                label, target = "default", "default"
+            else:
+                label, passthrough = "default", True
+    resolved = table.resolve(target)
+    upstream = resolved[1] if resolved else target
+    provider = provider_of(_litellm_params(resolved[0])) if resolved else None
+    if resolved is None:
+        pipeline.warn_once(f"unrouted:{target}",
+                           f"no model_list entry matches `{target}`: LiteLLM will reject it; "
+                           "add an entry (e.g. model_name: \"claude-*\")")
+    decision = RoutingDecision(label=label, requested_model=requested, model=target,
+                               upstream=upstream, passthrough=passthrough, reason=reason,
+                               provider=provider)
+    ctx.decision = decision
+    if not ctx.dry_run:
+        data["model"] = target
+        meta = _metadata(data)
+        meta[METADATA_KEY] = decision.as_dict()
+        call_id = data.get("litellm_call_id")
+        if isinstance(call_id, str):
+            pipeline.store.put(call_id, decision)
+    return data
+
+
+def _deployments_have_key(ctx: RequestContext) -> bool:
+    """True when every deployment of the routed model group carries its own api_key."""
+    decision = ctx.decision
+    if decision is None:
+        return False
+    group = ctx.pipeline.models().group(decision.model)
+    return bool(group) and all(_litellm_params(d).get("api_key") for d in group)
+
+
+def _add_provider_headers(data: dict, provider: str, headers: Mapping[str, str]) -> None:
+    """Add headers that LiteLLM sends only when the call goes to `provider`.
+
+    LiteLLM scopes `provider_specific_header` entries by its own provider detection at call
+    time, so a header meant for Anthropic never reaches another provider (e.g. a fallback).
+    """
+    entry = {"custom_llm_provider": provider, "extra_headers": dict(headers)}
+    current = data.get("provider_specific_header")
+    if current is None:
+        data["provider_specific_header"] = entry
+    elif isinstance(current, dict):
+        data["provider_specific_header"] = [current, entry]
+    else:
+        data["provider_specific_header"] = list(current) + [entry]
+
+
+def forward_apikey(data: dict, ctx: RequestContext, **params: Any) -> dict:
+    """Forward the client's own credentials (x-api-key or Authorization) to Anthropic.
+
+    Only for requests routed to an Anthropic deployment without its own api_key; the header
+    is scoped to the anthropic provider, so no other provider ever sees it.
+    """
+    if ctx.decision is None or ctx.decision.provider != "anthropic":
+        return data
+    if _deployments_have_key(ctx):
+        ctx.auth.append("deployment api_key (client credentials not forwarded)")
+        return data
+    api_key = ctx.headers.get("x-api-key")
+    bearer = ctx.headers.get("authorization")
+    if api_key:
+        ctx.auth.append("client x-api-key forwarded")
+        if not ctx.dry_run:
+            _add_provider_headers(data, "anthropic", {"x-api-key": api_key})
+    elif bearer:
+        ctx.auth.append("client Authorization forwarded")
+        if not ctx.dry_run:
+            _add_provider_headers(data, "anthropic", {"authorization": bearer})
+    return data
+
+
+def forward_oauth(data: dict, ctx: RequestContext, **params: Any) -> dict:
+    """Send a cached OAuth token (from `oat_sources`) to the provider it belongs to.
+
+    The client's own Authorization header wins; the token goes only to requests routed to
+    that provider, as `Authorization: Bearer ...` (plus the source's user_agent, if set).
+    """
+    decision = ctx.decision
+    provider = decision.provider if decision else None
+    if not provider:
+        return data
+    source = ctx.pipeline.oauth.get(provider)
+    if source is None:
+        return data
+    if ctx.headers.get("authorization"):
+        ctx.auth.append(f"client Authorization kept (oauth token for {provider} not used)")
+        if not ctx.dry_run and provider == "anthropic" and not _deployments_have_key(ctx):
+            _add_provider_headers(data, provider,
+                                  {"authorization": ctx.headers["authorization"]})
+        return data
+    token = source.token
+    if not token:
+        ctx.auth.append(f"no oauth token for {provider} (source failed); client auth kept")
+        return data
+    ctx.auth.append(f"oauth token for {provider} from oat_sources")
+    if not ctx.dry_run:
+        headers = {"authorization": f"Bearer {token}"}
+        if provider == "anthropic":
+            headers["x-api-key"] = ""
+        if source.user_agent:
+            headers["user-agent"] = source.user_agent
+        _add_provider_headers(data, provider, headers)
+        meta = _metadata(data)
+        meta.setdefault(METADATA_KEY, {})["oauth_provider"] = provider
+    return data
+
+
+def extract_session_id(data: dict, ctx: RequestContext, **params: Any) -> dict:
+    """Put Claude Code's session id (and subagent id) in LiteLLM's metadata for callbacks."""
+    if ctx.session_id and not ctx.dry_run:
+        meta = _metadata(data)
+        meta["session_id"] = ctx.session_id
+        trace = meta.setdefault("trace_metadata", {})
+        if isinstance(trace, dict):
+            trace["claude_session_id"] = ctx.session_id
+            if ctx.agent_id:
+                trace["claude_agent_id"] = ctx.agent_id
+    return data
+
+
+def capture_headers(data: dict, ctx: RequestContext, headers: list[str] | None = None,
+                    **params: Any) -> dict:
+    """Copy request headers, secrets redacted, into LiteLLM's trace metadata."""
+    if ctx.dry_run:
+        return data
+    wanted = {h.lower() for h in headers} if headers else None
+    meta = _metadata(data)
+    trace = meta.setdefault("trace_metadata", {})
+    if not isinstance(trace, dict):
+        return data
+    for name, value in ctx.headers.items():
+        if value and (wanted is None or name in wanted):
+            trace[f"header_{name}"] = redact(name, value)
+    trace["http_path"] = ctx.path
+    return data
+
+
+BUILTIN_HOOKS: dict[str, Callable[..., dict]] = {
+    f.__name__: f for f in (rule_evaluator, model_router, forward_oauth, forward_apikey,
+                            extract_session_id, capture_headers)
+}
+# ccproxy 1.x hooks whose work ccproxy 2 does elsewhere or that it leaves to LiteLLM.
+RETIRED_HOOKS = {
+    "add_beta_headers": "Claude Code sends its own anthropic-beta header, which is forwarded",
+    "inject_claude_code_identity": "not needed: Claude Code's own system prompt is forwarded",
+    "inject_mcp_notifications": "not supported in ccproxy 2",
+}
+
+
+class MetadataStore:
+    """Per-request routing decisions for callbacks, bounded in size and swept by TTL."""
+
+    def __init__(self, ttl: float = 300.0, max_entries: int = 10000) -> None:
+        self.ttl, self.max_entries = ttl, max_entries
+        self._lock = threading.Lock()
+        self._items: collections.OrderedDict[str, tuple[float, Any]] = collections.OrderedDict()
+
+    def put(self, key: str, value: Any) -> None:
+        """Store a value; the oldest entries go when the store is full."""
+        with self._lock:
+            self._items[key] = (time.monotonic() + self.ttl, value)
+            self._items.move_to_end(key)
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
+
+    def get(self, key: str | None, default: Any = None) -> Any:
+        """The value for a key unless missing or expired."""
+        if key is None:
+            return default
+        with self._lock:
+            item = self._items.get(key)
+        if item is None or item[0] < time.monotonic():
+            return default
+        return item[1]
+
+    def pop(self, key: str | None, default: Any = None) -> Any:
+        """Remove and return a value."""
+        if key is None:
+            return default
+        with self._lock:
+            item = self._items.pop(key, None)
+        return default if item is None else item[1]
+
+    def sweep(self) -> int:
+        """Drop expired entries; returns how many went."""
+        now = time.monotonic()
+        with self._lock:
+            expired = [k for k, (deadline, _v) in self._items.items() if deadline < now]
+            for k in expired:
+                del self._items[k]
+        return len(expired)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclasses.dataclass(slots=True)
+class OAuthSource:
+    """One `oat_sources` entry and the token it last produced."""
+
+    provider: str
+    command: str
+    user_agent: str | None = None
+    token: str | None = None
+    error: str | None = None
+    failures: int = 0
+    loaded_at: float = 0.0
+
+    def load(self, timeout: float) -> bool:
+        """Run the command; keep the last good token on failure. True on success."""
+        try:
+            done = subprocess.run(self.command, shell=True, capture_output=True, text=True,
+                                  timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:
+            return self._failed(f"timed out after {timeout:g}s")
+        except OSError as exc:
+            return self._failed(f"could not run: {exc.strerror}")
+        token = done.stdout.strip()
+        if done.returncode != 0:
+            first = next((ln for ln in done.stderr.splitlines() if ln.strip()), "")
+            return self._failed(f"exit code {done.returncode}" + (f": {first.strip()}"
+                                                                  if first else ""))
+        if not token:
+            return self._failed("printed nothing")
+        self.token, self.error, self.failures = token, None, 0
+        self.loaded_at = time.time()
+        return True
+
+    def _failed(self, why: str) -> bool:
+        self.error = why
+        self.failures += 1
+        return False
+
+
+class Pipeline:
+    """Rules, hooks and the model table built from one Config; runs hooks for a request."""
+
+    def __init__(self, config: Config,
+                 model_source: Callable[[], list | None] | None = None) -> None:
+        self.config = config
+        self.rules: list[Any] = []
+        self.hooks: list[tuple[str, Callable[..., dict], dict]] = []
+        self.problems: list[str] = []
+        search_dir = config.directory
+        for spec in config.settings.rules:
+            try:
+                self.rules.append(build_rule(spec, search_dir))
+            except RuleError as exc:
+                self.problems.append(f"{spec.where}: {exc}")
+        for hook in config.settings.hooks:
+            short = hook.path.rsplit(".", 1)[-1]
+            if hook.path.startswith("ccproxy.") and short in RETIRED_HOOKS:
+                self.problems.append(f"{hook.where}: hook {hook.path} skipped: "
+                                     f"{RETIRED_HOOKS[short]}")
+                continue
+            try:
+                fn = resolve_object(hook.path, "hook", BUILTIN_HOOKS, search_dir)
+            except RuleError as exc:
+                self.problems.append(f"{hook.where}: {exc}")
+                continue
+            self.hooks.append((getattr(fn, "__name__", hook.path), fn, dict(hook.params)))
+        self.oauth: dict[str, OAuthSource] = {}
+        for provider, source in (config.settings.oat_sources or {}).items():
+            if isinstance(source, str):
+                self.oauth[provider] = OAuthSource(provider, source)
+            elif isinstance(source, dict) and isinstance(source.get("command"), str):
+                self.oauth[provider] = OAuthSource(provider, source["command"],
+                                                   source.get("user_agent"))
+            else:
+                self.problems.append(f"oat_sources.{provider}: expected a command string or "
+                                     "{command, user_agent}")
+        self.store = MetadataStore(config.settings.metadata_ttl,
+                                   config.settings.metadata_max_entries)
+        self._model_source = model_source
+        self._models: ModelTable | None = None
+        self._models_loaded = False
+        self._last_reload = 0.0
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
+
+    def models(self, missing: str | None = None) -> ModelTable:
+        """The model table; reloaded from the live router when not loaded yet, or (at most
+        once per cooldown) when a model name is missing."""
+        with self._lock:
+            now = time.monotonic()
+            stale = not self._models_loaded or (
+                missing is not None
+                and now - self._last_reload >= self.config.settings.model_reload_cooldown)
+            if self._models is None or (stale and self._model_source is not None):
+                self._load_models(now)
+            return self._models
+
+    def _load_models(self, now: float) -> None:
+        self._last_reload = now
+        deployments = None
+        if self._model_source is not None:
+            deployments = self._model_source()
+        if deployments is None:
+            # The live router is not ready (or there is none): use the config's list, and
+            # do not mark it loaded so the live list is picked up once it exists.
+            self._models = ModelTable(self.config.model_list)
+            self._models_loaded = self._model_source is None
+            return
+        self._models = ModelTable(deployments)
+        self._models_loaded = True
+
+    def warn_once(self, key: str, message: str) -> None:
+        """Log a warning the first time it happens in this process."""
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("ccproxy: %s", message)
+
+    def context(self, data: dict, *, call_type: str = "anthropic_messages",
+                dry_run: bool = False, headers: Mapping[str, str] | None = None,
+                user_api_key_dict: Any = None) -> RequestContext:
+        """The context for one request."""
+        hdrs = dict(headers) if headers is not None else request_headers(data)
+        path = "/v1/messages"
+        psr = data.get("proxy_server_request")
+        if isinstance(psr, dict) and isinstance(psr.get("url"), str):
+            path = psr["url"].split("://", 1)[-1].split("/", 1)[-1]
+            path = "/" + path.split("?", 1)[0]
+        return RequestContext(pipeline=self, headers=hdrs, call_type=call_type, path=path,
+                              session_id=parse_session(data.get("metadata"), hdrs),
+                              agent_id=hdrs.get("x-claude-code-agent-id") or None,
+                              dry_run=dry_run, user_api_key_dict=user_api_key_dict)
+
+    def run(self, data: dict, ctx: RequestContext) -> dict:
+        """Run the hooks in order; a failing hook is logged and skipped."""
+        for name, fn, params in self.hooks:
+            try:
+                result = fn(data, ctx, **params)
+            except Exception as exc:  # a broken hook must not break the request
+                message = f"hook {name} failed: {type(exc).__name__}: {exc}"
+                ctx.hook_errors.append(message)
+                log.error("ccproxy: %s (skipped; the request goes on)", message)
+                continue
+            if isinstance(result, dict):
+                data = result
+        return data
+
+
+def run_pipeline(pipeline: Pipeline, data: dict, **context: Any) -> tuple[dict, RequestContext]:
+    """Build the context for a request and run the pipeline: (data, context)."""
+    ctx = pipeline.context(data, **context)
+    return pipeline.run(data, ctx), ctx
+
+
+def route_request(request: dict, config: Config | None = None,
+                  headers: Mapping[str, str] | None = None) -> RequestContext:
+    """Decide where a request would go without changing it (what `explain` shows)."""
+    pipeline = Pipeline(config or load_config())
+    _data, ctx = run_pipeline(pipeline, request, dry_run=True, headers=headers or {})
+    return ctx
+
+
+# ---- Handler -------------------------------------------------------------------------------
+# CCProxyHandler, the LiteLLM CustomLogger that LiteLLM loads as `ccproxy.handler`: it builds
+# the context, runs the pipeline and records outcomes. No routing logic of its own.
+
+ROUTED_CALL_TYPES = frozenset({"anthropic_messages", "completion", "acompletion"})
+HEALTH_CHECK_KEY = "litellm-internal-health-check"
+THINKING_PASSTHROUGH = {"supports_adaptive_thinking": True, "supports_legacy_thinking": True,
+                        "thinking_always_on": False, "litellm_provider": "anthropic"}
+
+
+def setup_logging(debug: bool = False) -> None:
+    """Send ccproxy's log lines to stderr (the proxy log), once per process."""
+    if not any(getattr(h, "_ccproxy", False) for h in log.handlers):
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(logging.Formatter("%(asctime)s ccproxy %(levelname)s %(message)s",
+                                              "%H:%M:%S"))
+        stream._ccproxy = True   # type: ignore[attr-defined]
+        log.addHandler(stream)
+        log.propagate = False
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def _live_model_list() -> list | None:
+    """The running LiteLLM router's model_list, or None before the router exists."""
+    proxy_server = sys.modules.get("litellm.proxy.proxy_server")
+    router = getattr(proxy_server, "llm_router", None) if proxy_server else None
+    models = getattr(router, "model_list", None) if router is not None else None
+    return list(models) if isinstance(models, list) and models else None
+
+
+class Stats:
+    """Counters the handler keeps: requests per route label, failures, hook errors."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.started = time.time()
+        self.routes: collections.Counter = collections.Counter()
+        self.failures: collections.Counter = collections.Counter()
+        self.hook_errors = 0
+        self.hook_ms_total = 0.0
+
+    def snapshot(self) -> dict:
+        """JSON-safe figures."""
+        with self.lock:
+            return {"uptime_s": round(time.time() - self.started, 1),
+                    "requests": sum(self.routes.values()), "routes": dict(self.routes),
+                    "failures": dict(self.failures), "hook_errors": self.hook_errors,
+                    "hook_ms_avg": round(self.hook_ms_total / max(1, sum(self.routes.values())),
+                                         3),
+                    "tokenizer": "cl100k_base" if TOKENS.exact else "estimate",
+                    "token_cache": {"hits": TOKENS.hits, "misses": TOKENS.misses}}
+
+
+def _make_handler_class() -> type:
+    """Build CCProxyHandler on LiteLLM's CustomLogger (imported here: it costs seconds)."""
+    import_litellm()
+    from litellm.integrations.custom_logger import CustomLogger
+
+    class CCProxyHandler(CustomLogger):
+        """LiteLLM callback: routes each request with ccproxy's pipeline.
+
+        LiteLLM calls `async_pre_call_hook` only when it is defined on the instance's own
+        class, so subclasses must not rely on inheriting it without redefining it.
+        """
+
+        def __init__(self, config_dir: str | os.PathLike | None = None,
+                     config: Config | None = None) -> None:
+            super().__init__()
+            self.config_error: str | None = None
+            if config is None:
+                try:
+                    config = load_config(config_dir)
+                except ConfigError as exc:
+                    self.config_error = str(exc)
+                    config = Config(settings=Settings(), litellm={})
+            setup_logging(config.settings.debug)
+            if self.config_error:
+                log.error("config error, routing disabled (every request passes through): %s",
+                          self.config_error.replace("\n", " "))
+            self.config = config
+            self.pipeline = Pipeline(config, model_source=_live_model_list)
+            for problem in self.pipeline.problems:
+                log.error("%s", problem)
+            for warning in config.warnings:
+                log.warning("%s", warning)
+            self.stats = Stats()
+            self._thinking_registered: set[str] = set()
+            self._apply_litellm_settings()
+            files = ", ".join(str(f) for f in config.files) or "built-in defaults"
+            log.info("ccproxy %s loaded: %d rules (%s), hooks: %s; config: %s", __version__,
+                     len(self.pipeline.rules),
+                     ", ".join(getattr(r, "name", "?") for r in self.pipeline.rules) or "none",
+                     ", ".join(n for n, _f, _p in self.pipeline.hooks) or "none", files)
+            load_oauth_sources(self.pipeline, required=False)
+            BACKGROUND.start(self.pipeline)
+
+        def _apply_litellm_settings(self) -> None:
+            litellm = import_litellm()
+
+            if self.config.settings.openai_chat_completions:
+                # An `openai/` deployment reached from /v1/messages is otherwise called on the
+                # Responses API, which OpenAI-compatible servers rarely serve (LiteLLM 1.108,
+                # llms/anthropic/pass_through/messages/handler.py _should_route_to_responses_api).
+                litellm.use_chat_completions_url_for_anthropic_messages = True
+            for dep in self.config.model_list:
+                params = _litellm_params(dep)
+                model = params.get("model")
+                if isinstance(model, str) and "*" not in model:
+                    self.keep_thinking(model, params)
+
+        def keep_thinking(self, upstream: str, params: Mapping[str, Any] | None = None) -> None:
+            """Make LiteLLM pass `thinking` and `output_config` to an Anthropic model as sent.
+
+            LiteLLM rewrites or drops them from the model's capabilities in its cost map,
+            after every hook (llms/anthropic/pass_through/messages/transformation.py); a model
+            it does not know loses adaptive thinking and effort. Registered once per name.
+            """
+            if not self.config.settings.preserve_thinking or upstream in self._thinking_registered:
+                return
+            self._thinking_registered.add(upstream)
+            if provider_of(params or {"model": upstream}) != "anthropic":
+                return
+            litellm = import_litellm()
+
+            name = upstream.split("/", 1)[1] if upstream.startswith("anthropic/") else upstream
+            current = litellm.model_cost.get(name) or {}
+            if all(current.get(k) == v for k, v in THINKING_PASSTHROUGH.items()):
+                return
+            litellm.register_model({name: dict(THINKING_PASSTHROUGH)})
+            log.debug("thinking and effort pass through unchanged for %s", name)
+
+        async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any, data: dict,
+                                      call_type: str) -> dict:
+            """Route one request (LiteLLM calls this before choosing a deployment)."""
+            if call_type not in ROUTED_CALL_TYPES or not isinstance(data, dict):
+                return data
+            started = time.perf_counter()
+            data, ctx = run_pipeline(self.pipeline, data, call_type=call_type,
+                                     user_api_key_dict=user_api_key_dict)
+            decision = ctx.decision
+            if decision is not None and decision.provider == "anthropic":
+                self.keep_thinking(decision.upstream)
+            elapsed = (time.perf_counter() - started) * 1000
+            with self.stats.lock:
+                self.stats.routes[decision.label if decision else "unrouted"] += 1
+                self.stats.hook_errors += len(ctx.hook_errors)
+                self.stats.hook_ms_total += elapsed
+            if decision is not None:
+                log.info("route %s: %s -> %s%s%s", decision.label, decision.requested_model,
+                         decision.model if decision.model == decision.upstream
+                         else f"{decision.model} ({decision.upstream})",
+                         " [passthrough]" if decision.passthrough else "",
+                         f" session={ctx.session_id[:8]}" if ctx.session_id else "")
+                if log.isEnabledFor(logging.DEBUG):
+                    for name, desc, verdict in ctx.verdicts:
+                        log.debug("  %s %s: %s%s", name, desc,
+                                  "match" if verdict.matched else "no match",
+                                  f" ({verdict.fact})" if verdict.fact else "")
+                    log.debug("  hooks %.2f ms; auth: %s", elapsed, "; ".join(ctx.auth) or "-")
+            return data
+
+        async def async_post_call_response_headers_hook(self, data: dict, user_api_key_dict: Any,
+                                                        response: Any,
+                                                        request_headers: Any = None,
+                                                        litellm_call_info: Any = None) -> dict:
+            """Tell the client where its request went (x-ccproxy-* response headers)."""
+            meta = data.get("litellm_metadata") or data.get("metadata") or {}
+            decision = meta.get(METADATA_KEY) if isinstance(meta, dict) else None
+            if not isinstance(decision, dict) or "label" not in decision:
+                return {}
+            return {"x-ccproxy-rule": str(decision["label"]),
+                    "x-ccproxy-model": str(decision.get("upstream") or decision.get("model"))}
+
+        def _outcome(self, kwargs: dict, failed: bool) -> None:
+            params = kwargs.get("litellm_params") or {}
+            meta = params.get("metadata") or {}
+            if meta.get("user_api_key_alias") == HEALTH_CHECK_KEY \
+                    or HEALTH_CHECK_KEY in (meta.get("tags") or []):
+                return
+            decision = self.pipeline.store.pop(kwargs.get("litellm_call_id"))
+            if failed:
+                label = decision.label if decision is not None else "unrouted"
+                with self.stats.lock:
+                    self.stats.failures[label] += 1
+
+        async def async_log_success_event(self, kwargs: dict, response_obj: Any,
+                                          start_time: Any, end_time: Any) -> None:
+            """Forget the finished request's stored decision."""
+            self._outcome(kwargs, failed=False)
+
+        async def async_log_failure_event(self, kwargs: dict, response_obj: Any,
+                                          start_time: Any, end_time: Any) -> None:
+            """Count the failure against the route that was taken."""
+            self._outcome(kwargs, failed=True)
+
+    return CCProxyHandler
+
+
+def load_oauth_sources(pipeline: Pipeline, required: bool) -> list[str]:
+    """Run every `oat_sources` command once; one warning per failing provider.
+
+    Returns the failure messages; with `required`, raises OAuthError if there are any.
+    """
+    failures = []
+    for provider, source in pipeline.oauth.items():
+        if source.load(pipeline.config.settings.oauth_timeout):
+            log.info("oauth token for %s loaded", provider)
+        else:
+            message = (f"oauth source for {provider} failed ({source.error}); requests to "
+                       f"{provider} keep the client's own auth")
+            failures.append(message)
+            log.warning("%s", message)
+    if failures and required:
+        raise OAuthError("; ".join(failures),
+                         "fix the oat_sources command(s) or set oauth_required: false")
+    return failures
+
+
+# ---- Background ----------------------------------------------------------------------------
+# The daemon thread that sweeps expired request metadata and refreshes OAuth tokens; started
+# once per process, stopped by its event (and with the process, being a daemon).
+
+
+class Background:
+    """One daemon thread running periodic upkeep for a pipeline."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._pipeline: Pipeline | None = None
+        self.sweeps = 0
+        self.swept = 0
+
+    def start(self, pipeline: Pipeline) -> None:
+        """Start (or retarget) the upkeep thread for this pipeline."""
+        self._pipeline = pipeline
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="ccproxy-upkeep", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop the thread and wait for it."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._thread = None
+
+    @property
+    def running(self) -> bool:
+        """True while the thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def _interval(self) -> float:
+        pipeline = self._pipeline
+        if pipeline is None:
+            return 60.0
+        return max(0.05, min(60.0, pipeline.config.settings.metadata_ttl / 2))
+
+    def _loop(self) -> None:
+        next_refresh: dict[str, float] = {}
+        while not self._stop.wait(self._interval()):
+            pipeline = self._pipeline
+            if pipeline is None:
+                continue
+            self.swept += pipeline.store.sweep()
+            self.sweeps += 1
+            self._refresh_oauth(pipeline, next_refresh)
+
+    def _refresh_oauth(self, pipeline: Pipeline, next_refresh: dict[str, float]) -> None:
+        interval = pipeline.config.settings.oauth_refresh_interval
+        if interval <= 0:
+            return
+        now = time.monotonic()
+        for provider, source in pipeline.oauth.items():
+            due = next_refresh.setdefault(provider, now + interval)
+            if now < due:
+                continue
+            ok = source.load(pipeline.config.settings.oauth_timeout)
+            # Failing sources retry sooner, backing off 5 s, 10 s, 20 s... up to the interval.
+            next_refresh[provider] = now + (interval if ok else
+                                            min(interval, 5.0 * 2 ** min(source.failures - 1, 8)))
+            if not ok:
+                log.warning("oauth refresh for %s failed (%s); keeping the last good token",
+                            provider, source.error)
+
+
+BACKGROUND = Background()
+
+
+def __getattr__(name: str) -> Any:
+    """Build `handler` and `CCProxyHandler` on first use, so importing ccproxy stays cheap."""
+    if name == "CCProxyHandler":
+        cls = _make_handler_class()
+        globals()["CCProxyHandler"] = cls
+        return cls
+    if name == "handler":
+        instance = __getattr__("CCProxyHandler")()
+        globals()["handler"] = instance
+        return instance
+    raise AttributeError(f"module 'ccproxy' has no attribute {name!r}")
+
+
+# ---- Process -------------------------------------------------------------------------------
+# The proxy process: its PID file, the start lock, ports, and start/stop mechanics. stdlib only.
+
+PID_FILE = "ccproxy.pid"
+LOG_FILE = "ccproxy.log"
+LOCK_FILE = "ccproxy.lock"
+GENERATED_CONFIG = ".ccproxy-litellm.yaml"
+PROXY_MODULE = "litellm.proxy.proxy_cli"
+LIVENESS_PATH = "/health/liveliness"
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class ProxyState:
+    """What the PID file says about a running proxy, checked against the live process."""
+
+    pid: int
+    url: str
+    started: float
+    config_dir: str
+    command: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict:
+        """JSON form stored in the PID file."""
+        return {"pid": self.pid, "url": self.url, "started": self.started,
+                "config_dir": self.config_dir, "command": list(self.command)}
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process with this PID exists (zombies count as gone)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def process_cmdline(pid: int) -> list[str] | None:
+    """The command line of a process, or None if it cannot be read."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return shlex.split(out.stdout.strip()) if out.returncode == 0 and out.stdout.strip() \
+        else None
+
+
+def is_our_proxy(pid: int, state: ProxyState | None = None) -> bool:
+    """True if `pid` is a LiteLLM proxy that ccproxy started (guards against PID reuse)."""
+    if not pid_alive(pid):
+        return False
+    cmd = process_cmdline(pid)
+    if not cmd:
+        return False
+    if not any(PROXY_MODULE in part for part in cmd):
+        return False
+    return state is None or not state.command or cmd == list(state.command)
+
+
+class PidFile:
+    """The PID file of the proxy in one config dir: read, validate, write, clean up."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / PID_FILE
+
+    def read(self) -> tuple[ProxyState | None, str | None]:
+        """(state, problem): state when the file names a live ccproxy proxy; otherwise a
+        problem description when the file exists but is corrupt or stale."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return None, None
+        except OSError as exc:
+            return None, f"PID file {self.path} unreadable ({exc.strerror})"
+        try:
+            data = json.loads(text) if text.strip().startswith("{") else {"pid": int(text)}
+            state = ProxyState(pid=int(data["pid"]), url=str(data.get("url", "")),
+                               started=float(data.get("started", 0)),
+                               config_dir=str(data.get("config_dir", "")),
+                               command=tuple(data.get("command") or ()))
+        except (ValueError, KeyError, TypeError):
+            snippet = text.strip()[:40]
+            return None, f"PID file {self.path} is corrupt ({snippet!r})" if snippet \
+                else f"PID file {self.path} is empty"
+        if not pid_alive(state.pid):
+            return None, f"stale PID file {self.path} (process {state.pid} is gone)"
+        if not is_our_proxy(state.pid, state):
+            return None, (f"PID file {self.path} names process {state.pid}, which is not a "
+                          "ccproxy proxy (PID reused)")
+        return state, None
+
+    def write(self, state: ProxyState) -> None:
+        """Write atomically (0600)."""
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(state.as_dict(), f)
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        """Delete the file if present."""
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def clean(self) -> str | None:
+        """Remove a corrupt or stale PID file; returns the message explaining why."""
+        state, problem = self.read()
+        if state is None and problem is not None:
+            self.remove()
+            return f"{problem}; removed it"
+        return None
+
+
+class StartLock:
+    """An exclusive, non-blocking lock so two `start`s never race (fcntl.flock)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / LOCK_FILE
+        self._fd: int | None = None
+
+    def __enter__(self) -> "StartLock":
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(self._fd)
+            self._fd = None
+            raise ProcessError("another `ccproxy start` is running for this config dir",
+                               "wait for it, then check `python ccproxy.py status`") from exc
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def port_owner(port: int) -> str | None:
+    """Who listens on a TCP port (from /proc on Linux), e.g. 'pid 123 (python3 -m http...)'."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) > 9 and parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(parts[9])
+    if not inodes:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            for fd in (proc / "fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    cmd = " ".join(process_cmdline(int(proc.name)) or [])[:80]
+                    return f"pid {proc.name} ({cmd})"
+        except OSError:
+            continue
+    return None
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise ProcessError naming the owner when host:port cannot be bound."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            owner = port_owner(port)
+            raise ProcessError(f"port {port} on {host} is in use"
+                               + (f" by {owner}" if owner else "")
+                               + f" ({exc.strerror})",
+                               "stop that process or set another `litellm.port` in the "
+                               "config") from exc
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """A small GET with the standard library: (status, body); status 0 if unreachable."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except (urllib.error.URLError, OSError, ValueError):
+        return 0, b""
+
+
+def litellm_config_for_start(config: Config) -> Path:
+    """The file LiteLLM starts with: the user's, or a generated one beside it when the
+    user's lacks ccproxy's callback (or there is no file: built-in defaults)."""
+    settings = config.litellm.get("litellm_settings") or {}
+    callbacks = settings.get("callbacks") if isinstance(settings, dict) else None
+    listed = [callbacks] if isinstance(callbacks, str) else list(callbacks or [])
+    if config.litellm_file is not None and "ccproxy.handler" in listed:
+        return config.litellm_file
+    directory = config.directory or Path(DEFAULT_CONFIG_DIR).expanduser()
+    directory.mkdir(parents=True, exist_ok=True)
+    data = {k: v for k, v in config.litellm.items() if k not in ("ccproxy", "litellm")}
+    litellm_settings = dict(settings) if isinstance(settings, dict) else {}
+    litellm_settings["callbacks"] = listed + ["ccproxy.handler"]
+    data["litellm_settings"] = litellm_settings
+    path = directory / GENERATED_CONFIG
+    text = ("# Generated by `ccproxy start` from "
+            + (str(config.litellm_file) if config.litellm_file else "the built-in defaults")
+            + "; edit that instead.\n" + _yaml().safe_dump(data, sort_keys=False))
+    path.write_text(text)
+    return path
+
+
+def proxy_environment(config: Config) -> dict[str, str]:
+    """Environment for the LiteLLM process: this file importable as `ccproxy`, config dir,
+    offline cost map, and the loopback-only permission to run without a master key."""
+    env = dict(os.environ)
+    here = str(Path(__file__).resolve().parent)
+    env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if config.directory is not None:
+        env[ENV_CONFIG_DIR] = str(config.directory)
+    env.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    general = config.litellm.get("general_settings") or {}
+    master_key = general.get("master_key") if isinstance(general, dict) else None
+    if not master_key and config.host in LOOPBACK_HOSTS:
+        env["LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY"] = "True"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def proxy_command(config: Config, litellm_file: Path, extra: list[str]) -> list[str]:
+    """The LiteLLM command line, run by this very interpreter (never a `litellm` on PATH)."""
+    cmd = [sys.executable, "-m", PROXY_MODULE, "--config", str(litellm_file),
+           "--host", config.host, "--port", str(config.port),
+           "--num_workers", str(config.num_workers)]
+    if config.server.get("detailed_debug"):
+        cmd.append("--detailed_debug")
+    elif config.server.get("debug"):
+        cmd.append("--debug")
+    return cmd + list(extra)
+
+
+def check_bind_security(config: Config) -> None:
+    """Refuse a non-loopback bind without a master key: anyone reaching the port would
+    spend the user's credentials."""
+    general = config.litellm.get("general_settings") or {}
+    master_key = general.get("master_key") if isinstance(general, dict) else None
+    if config.host not in LOOPBACK_HOSTS and not master_key:
+        raise ProcessError(f"refusing to listen on {config.host} without a master key: anyone "
+                           "who can reach the port would use your credentials",
+                           "bind to 127.0.0.1 (litellm.host), or set "
+                           "general_settings.master_key (README, \"Security\")")
+
+
+def tail_lines(path: Path, count: int) -> list[str]:
+    """The last `count` lines of a text file (reads from the end; fine for big logs)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            block, data = 8192, b""
+            while size > 0 and data.count(b"\n") <= count:
+                step = min(block, size)
+                size -= step
+                f.seek(size)
+                data = f.read(step) + data
+    except OSError:
+        return []
+    return data.decode(errors="replace").splitlines()[-count:] if count > 0 else []
+
+
+def wait_until_live(proc: subprocess.Popen, url: str, timeout: float,
+                    out: Any = None) -> bool:
+    """Poll the liveness endpoint until it answers, the process dies, or time runs out."""
+    out = out or sys.stderr
+    tty = hasattr(out, "isatty") and out.isatty()
+    spinner = "|/-\\"
+    deadline = time.monotonic() + timeout
+    last_line = 0.0
+    i = 0
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            if tty:
+                out.write("\r\033[K")
+            return False
+        status, _ = http_get(url + LIVENESS_PATH, timeout=1.0)
+        if status == 200:
+            if tty:
+                out.write("\r\033[K")
+            return True
+        now = time.monotonic()
+        if tty:
+            out.write(f"\rstarting proxy on {url} {spinner[i % 4]}")
+            out.flush()
+        elif now - last_line >= 5.0:
+            out.write(f"waiting for the proxy on {url} ...\n")
+            out.flush()
+            last_line = now
+        i += 1
+        time.sleep(0.25)
+    if tty:
+        out.write("\r\033[K")
+    return False
+
+
+def stop_process(pid: int, deadline: float = 10.0) -> str:
+    """SIGTERM the proxy's process group, wait, then SIGKILL; returns how it ended."""
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        return "already gone"
+    target = pgid if pgid == pid else None
+    try:
+        os.killpg(target, signal.SIGTERM) if target else os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return "already gone"
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if not pid_alive(pid):
+            return "stopped"
+        time.sleep(0.1)
+    try:
+        os.killpg(target, signal.SIGKILL) if target else os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return "stopped"
+    end = time.monotonic() + 5
+    while time.monotonic() < end and pid_alive(pid):
+        time.sleep(0.05)
+    return "killed (did not stop within the deadline)"
+
+
+# ---- Shell ---------------------------------------------------------------------------------
+# Snippets for bash, zsh and fish that wrap `claude` (see `shell`); filled in by cmd_shell.
+
+
+# ---- CLI -----------------------------------------------------------------------------------
+# argparse; one cmd_<name>(args) -> int per subcommand; main(argv) maps errors to exit codes.
+
+
+def _print(*parts: Any, err: bool = False) -> None:
+    print(*parts, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def _config_for(args: argparse.Namespace) -> Config:
+    return load_config(getattr(args, "config_dir", None))
+
+
+def _config_dir(args: argparse.Namespace) -> Path:
+    return find_config_dir(getattr(args, "config_dir", None))[0]
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    """Write the default config (never over an existing one without --force)."""
+    directory = _config_dir(args)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / CONFIG_FILE
+    if target.exists() and not args.force:
+        _print(f"{target} already exists; left unchanged "
+               "(use --force to replace it; a backup is kept)")
+        return 0
+    if target.exists():
+        backup = target.with_name(f"{CONFIG_FILE}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
+        shutil.copy2(target, backup)
+        _print(f"backed up {target} to {backup}")
+    target.write_text(DEFAULT_CONFIG_YAML)
+    _print(f"wrote {target}\nstart the proxy with: python {Path(__file__).name} start --detach")
+    return 0
+
+
+def _prepare_start(args: argparse.Namespace) -> tuple[Config, Path, list[str], dict[str, str]]:
+    config = _config_for(args)
+    pipeline = Pipeline(config)
+    errors = [p for p in pipeline.problems if " skipped: " not in p]
+    if errors:
+        raise ConfigError("the config has problems:\n  " + "\n  ".join(errors),
+                          "fix them (python ccproxy.py validate lists every problem)")
+    check_bind_security(config)
+    if config.directory is not None:
+        legacy = config.directory / "ccproxy.py"
+        if legacy.is_file() and legacy.resolve() != Path(__file__).resolve():
+            _print(f"note: {legacy} (ccproxy 1.x's generated handler) is not needed any more: "
+                   f"this file is the handler. It still works; you may delete it.", err=True)
+    litellm_file = litellm_config_for_start(config)
+    extra = list(getattr(args, "litellm_args", None) or [])
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    cmd = proxy_command(config, litellm_file, extra)
+    env = proxy_environment(config)
+    if env.get("LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY") == "True" \
+            and "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY" not in os.environ:
+        _print(f"no master key: allowed because the proxy listens on loopback only "
+               f"({config.host})", err=True)
+    return config, litellm_file, cmd, env
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    """Run LiteLLM's proxy with ccproxy's config, in the foreground or detached."""
+    directory = _config_dir(args)
+    directory.mkdir(parents=True, exist_ok=True)
+    pidfile = PidFile(directory)
+    with StartLock(directory):
+        state, problem = pidfile.read()
+        if state is not None:
+            raise ProcessError(f"ccproxy is already running (pid {state.pid}, {state.url})",
+                               "stop it first: python ccproxy.py stop")
+        if problem:
+            pidfile.remove()
+            _print(f"{problem}; removed it", err=True)
+        config, _litellm_file, cmd, env = _prepare_start(args)
+        check_port_free(config.host, config.port)
+        if not args.detach:
+            return _run_foreground(config, cmd, env, pidfile)
+        log_path = directory / LOG_FILE
+        with open(log_path, "ab") as logf:
+            logf.write(f"\n==== ccproxy start {time.strftime('%Y-%m-%d %H:%M:%S')} ====\n"
+                       .encode())
+            logf.flush()
+            proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        state = ProxyState(proc.pid, config.url, time.time(), str(directory), tuple(cmd))
+        pidfile.write(state)
+        if not wait_until_live(proc, config.url, args.timeout):
+            alive = proc.poll() is None
+            if alive:
+                stop_process(proc.pid, 5)
+            pidfile.remove()
+            lines = tail_lines(log_path, 20)
+            why = "did not answer in time" if alive else f"exited with code {proc.returncode}"
+            raise ProcessError(f"the proxy {why} during start-up; last lines of {log_path}:\n"
+                               + "\n".join("  | " + ln for ln in lines),
+                               "fix the problem above, then start again "
+                               "(python ccproxy.py logs shows the whole log)")
+        _print(f"ccproxy is running: {config.url} (pid {proc.pid}); log: {log_path}")
+        return 0
+
+
+def _run_foreground(config: Config, cmd: list[str], env: dict[str, str],
+                    pidfile: PidFile) -> int:
+    proc = subprocess.Popen(cmd, env=env)
+    pidfile.write(ProxyState(proc.pid, config.url, time.time(),
+                             str(config.directory or ""), tuple(cmd)))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        try:
+            return proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+    finally:
+        pidfile.remove()
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Stop the detached proxy of this config dir."""
+    pidfile = PidFile(_config_dir(args))
+    state, problem = pidfile.read()
+    if state is None:
+        if problem:
+            pidfile.remove()
+            _print(f"{problem}; removed it. Nothing to stop.")
+        else:
+            _print("ccproxy is not running")
+        return 0
+    how = stop_process(state.pid, args.timeout)
+    pidfile.remove()
+    _print(f"ccproxy (pid {state.pid}) {how}")
+    return 0
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    """Stop, then start with the given flags."""
+    cmd_stop(args)
+    return cmd_start(args)
+
+
+def status_report(args: argparse.Namespace) -> dict:
+    """Everything `status` shows, as a JSON-safe dict."""
+    directory = _config_dir(args)
+    state, problem = PidFile(directory).read()
+    report: dict[str, Any] = {"running": state is not None, "pid": None, "url": None,
+                              "uptime_s": None, "config_dir": str(directory)}
+    try:
+        config = load_config(directory)
+    except ConfigError as exc:
+        report["config_error"] = str(exc)
+        config = None
+    if config is not None:
+        report["url"] = config.url
+        report["config_files"] = [str(f) for f in config.files] or ["<built-in defaults>"]
+        report["rules"] = [{"name": r.name, "rule": r.rule} for r in config.settings.rules]
+        report["hooks"] = [h.path for h in config.settings.hooks]
+        report["models"] = ModelTable(config.model_list).names()
+    if problem:
+        report["pid_file_problem"] = problem
+    if state is not None:
+        report.update(pid=state.pid, url=state.url, uptime_s=round(time.time() - state.started))
+        status, body = http_get(state.url + "/ccproxy/health", timeout=1.0)
+        if status == 200:
+            try:
+                report["live"] = json.loads(body)
+            except ValueError:
+                pass
+    return report
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show whether the proxy runs, where, and with which config."""
+    report = status_report(args)
+    if args.json:
+        _print(json.dumps(report, indent=2, sort_keys=True))
+        return 0 if report["running"] else 1
+    if report["running"]:
+        up = report["uptime_s"] or 0
+        _print(f"ccproxy is running: {report['url']} (pid {report['pid']}, "
+               f"up {up // 3600}h{up % 3600 // 60:02d}m{up % 60:02d}s)")
+    else:
+        _print("ccproxy is not running" + (f" ({report['pid_file_problem']})"
+                                           if report.get("pid_file_problem") else ""))
+    if "config_error" in report:
+        _print(f"config error: {report['config_error']}")
+    else:
+        _print(f"config: {', '.join(report['config_files'])}")
+        rules = ", ".join(f"{r['name']} ({r['rule'].rsplit('.', 1)[-1]})" for r in report["rules"])
+        _print(f"rules: {rules or 'none (everything passes through)'}")
+        _print(f"hooks: {', '.join(report['hooks']) or 'none'}")
+        _print(f"models: {', '.join(report['models']) or 'none'}")
+    live = report.get("live")
+    if isinstance(live, dict):
+        routes = ", ".join(f"{k} {v}" for k, v in sorted(live.get("routes", {}).items()))
+        _print(f"requests: {live.get('requests', 0)}" + (f" ({routes})" if routes else ""))
+    return 0 if report["running"] else 1
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """Print the end of the proxy log; -f follows it."""
+    path = _config_dir(args) / LOG_FILE
+    if not path.exists():
+        _print(f"no log at {path} (the proxy writes it when started with --detach)", err=True)
+        return 1
+    for line in tail_lines(path, args.lines):
+        _print(line)
+    if not args.follow:
+        return 0
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            while True:
+                chunk = f.readline()
+                if chunk:
+                    sys.stdout.write(chunk.decode(errors="replace"))
+                    sys.stdout.flush()
+                else:
+                    time.sleep(0.2)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a command with the proxy's URL in ANTHROPIC_BASE_URL and OPENAI_BASE_URL."""
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise UsageError("run needs a command", "e.g. python ccproxy.py run claude")
+    config = _config_for(args)
+    env = dict(os.environ)
+    env["ANTHROPIC_BASE_URL"] = config.url
+    env["OPENAI_BASE_URL"] = env["OPENAI_API_BASE"] = config.url + "/v1"
+    if shutil.which(command[0], path=env.get("PATH")) is None and "/" not in command[0]:
+        raise ProcessError(f"command not found: {command[0]}",
+                           "install it or give its full path")
+    try:
+        return subprocess.call(command, env=env)
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        raise ProcessError(f"cannot run {command[0]}: {exc.strerror}",
+                           "check that it is an executable") from exc
+
+
+def _read_request(source: str | None) -> tuple[dict, dict]:
+    """(body, headers) from a file or stdin: a bare request body, or a capture with `body`."""
+    try:
+        text = sys.stdin.read() if source in (None, "-") else Path(source).read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read {source}: {exc.strerror}", "give a JSON file") from exc
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"{source or 'stdin'} is not JSON: {exc}",
+                         "give a request body (or a capture with path/headers/body)") from exc
+    if not isinstance(data, dict):
+        raise UsageError("the request must be a JSON object", "give a /v1/messages body")
+    if isinstance(data.get("body"), dict):
+        headers = {str(k).lower(): str(v) for k, v in (data.get("headers") or {}).items()}
+        return data["body"], headers
+    return data, {}
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Show how the rules decide one request, without a proxy or network."""
+    config = _config_for(args)
+    body, headers = _read_request(args.request)
+    pipeline = Pipeline(config)
+    _data, ctx = run_pipeline(pipeline, body, dry_run=True, headers=headers)
+    decision = ctx.decision
+    result = {
+        "requested_model": body.get("model"),
+        "session_id": ctx.session_id, "agent_id": ctx.agent_id,
+        "rules": [{"name": n, "rule": d, "matched": v.matched, "fact": v.fact}
+                  for n, d, v in ctx.verdicts],
+        "decision": decision.as_dict() if decision else None,
+        "auth": ctx.auth, "hook_errors": ctx.hook_errors, "problems": pipeline.problems,
+    }
+    if args.json:
+        _print(json.dumps(result, indent=2))
+        return 0
+    _print(f"request: model {body.get('model')}"
+           + (f", session {ctx.session_id}" if ctx.session_id else ""))
+    for n, d, v in ctx.verdicts:
+        _print(f"  {d} [{n}]: {v.fact or '-'} -> {'match' if v.matched else 'no match'}")
+    if decision is None:
+        _print("no decision (model_router is not in hooks)")
+    else:
+        _print(f"label: {decision.label}" + (f" ({decision.reason})" if decision.reason else ""))
+        how = "passthrough of the requested model" if decision.passthrough \
+            else f"model_list entry `{decision.model}`"
+        _print(f"route: {how} -> {decision.upstream} (provider {decision.provider or '?'})")
+    _print(f"auth: {'; '.join(ctx.auth) or 'unchanged (deployment or LiteLLM defaults)'}")
+    for p in pipeline.problems + ctx.hook_errors:
+        _print(f"problem: {p}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check the config and report every problem with file and line."""
+    config = _config_for(args)
+    pipeline = Pipeline(config)
+    errors = [p for p in pipeline.problems if " skipped: " not in p]
+    warnings = list(config.warnings) + [p for p in pipeline.problems if " skipped: " in p]
+    if args.json:
+        _print(json.dumps({"ok": not errors, "errors": errors, "warnings": warnings}, indent=2))
+    else:
+        for e in errors:
+            _print(f"error: {e}")
+        for w in warnings:
+            _print(f"warning: {w}")
+        _print("config OK" if not errors else f"{len(errors)} error(s)")
+    return 1 if errors else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(
+        prog="ccproxy.py", description="Route Claude Code's requests through LiteLLM by rules.",
+        epilog="Config: --config-dir, else $CCPROXY_CONFIG_DIR, else ~/.ccproxy.")
+    parser.add_argument("--version", action="version", version=f"ccproxy {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config-dir", metavar="DIR", default=argparse.SUPPRESS,
+                        help="config directory (default: $CCPROXY_CONFIG_DIR or ~/.ccproxy)")
+    parser.add_argument("--config-dir", metavar="DIR", help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("install", parents=[common], help="write the default config")
+    p.add_argument("--force", action="store_true", help="replace an existing config (backed up)")
+    p.set_defaults(func=cmd_install)
+
+    for name, func, text in (("start", cmd_start, "run the proxy"),
+                             ("restart", cmd_restart, "stop, then start the proxy")):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("--detach", "-d", action="store_true", help="run in the background")
+        p.add_argument("--timeout", type=float, default=180.0,
+                       help="seconds to wait for the proxy to answer (default 180)")
+        p.add_argument("litellm_args", nargs=argparse.REMAINDER,
+                       help="after --: extra arguments for LiteLLM's proxy")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("stop", parents=[common], help="stop the detached proxy")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds before SIGKILL")
+    p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("status", parents=[common], help="show the proxy's state")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("logs", parents=[common], help="show the proxy log")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    p.add_argument("-n", "--lines", type=int, default=50, help="lines to show (default 50)")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("run", parents=[common], help="run a command through the proxy")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="the command and its arguments")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("explain", parents=[common], help="show how a request would be routed")
+    p.add_argument("request", nargs="?", help="request JSON file (default: stdin)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("validate", parents=[common], help="check the config")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 failure, 2 usage)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except CCProxyError as exc:
+        _print(f"ccproxy: error: {exc}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
