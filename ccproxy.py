@@ -700,7 +700,7 @@ class TokenCounter:
                 self._encoding = load_cl100k()
             except (ImportError, OSError, ValueError, KeyError) as exc:
                 self._load_failed = f"{type(exc).__name__}: {exc}"
-                log.error("ccproxy: tokenizer cl100k_base failed to load (%s); token counts are "
+                log.error("tokenizer cl100k_base failed to load (%s); token counts are "
                           "ESTIMATES (chars/4) until this is fixed: install tiktoken and "
                           "litellm (which ships the file), or set TIKTOKEN_CACHE_DIR to a "
                           "directory holding it", self._load_failed)
@@ -1859,7 +1859,7 @@ class Pipeline:
         """Log a warning the first time it happens in this process."""
         if key not in self._warned:
             self._warned.add(key)
-            log.warning("ccproxy: %s", message)
+            log.warning("%s", message)
 
     def context(self, data: dict, *, call_type: str = "anthropic_messages",
                 dry_run: bool = False, headers: Mapping[str, str] | None = None,
@@ -1884,7 +1884,7 @@ class Pipeline:
             except Exception as exc:  # a broken hook must not break the request
                 message = f"hook {name} failed: {type(exc).__name__}: {exc}"
                 ctx.hook_errors.append(message)
-                log.error("ccproxy: %s (skipped; the request goes on)", message)
+                log.error("%s (skipped; the request goes on)", message)
                 continue
             if isinstance(result, dict):
                 data = result
@@ -1943,6 +1943,7 @@ class Stats:
         self.started = time.time()
         self.routes: collections.Counter = collections.Counter()
         self.failures: collections.Counter = collections.Counter()
+        self.counts: collections.Counter = collections.Counter()
         self.hook_errors = 0
         self.hook_ms_total = 0.0
 
@@ -1952,6 +1953,7 @@ class Stats:
             return {"uptime_s": round(time.time() - self.started, 1),
                     "requests": sum(self.routes.values()), "routes": dict(self.routes),
                     "failures": dict(self.failures), "hook_errors": self.hook_errors,
+                    "count_tokens": dict(self.counts),
                     "hook_ms_avg": round(self.hook_ms_total / max(1, sum(self.routes.values())),
                                          3),
                     "tokenizer": "cl100k_base" if TOKENS.exact else "estimate",
@@ -2000,6 +2002,74 @@ def _make_handler_class() -> type:
                      ", ".join(n for n, _f, _p in self.pipeline.hooks) or "none", files)
             load_oauth_sources(self.pipeline, required=False)
             BACKGROUND.start(self.pipeline)
+            self._http: Any = None
+            install_routes(self)
+
+        async def count_tokens(self, body: dict, headers: Mapping[str, str],
+                               query: str = "") -> tuple[int, dict]:
+            """Answer /v1/messages/count_tokens for the route the rules pick: the Anthropic
+            upstream's own count (with the same auth a message would get), or the offline
+            tokenizer's count of the whole request for any other provider."""
+            data, ctx = run_pipeline(self.pipeline, dict(body), call_type="count_tokens",
+                                     headers=headers)
+            decision = ctx.decision
+            with self.stats.lock:
+                self.stats.counts[decision.label if decision else "unrouted"] += 1
+            if decision is not None and decision.provider == "anthropic":
+                group = self.pipeline.models().group(decision.model)
+                params = _litellm_params(group[0]) if group else {}
+                upstream_model = decision.upstream.split("/", 1)[-1]
+                log.info("count_tokens %s: %s -> %s (upstream count)", decision.label,
+                         decision.requested_model, upstream_model)
+                return await self._anthropic_count(dict(body, model=upstream_model), params,
+                                                   data, headers, query)
+            count = TOKENS.count_request(body)[0]
+            log.info("count_tokens %s: %s -> %s (local count %d)",
+                     decision.label if decision else "-", body.get("model"),
+                     decision.upstream if decision else "-", count)
+            return 200, {"input_tokens": count}
+
+        async def _anthropic_count(self, body: dict, params: Mapping[str, Any], data: dict,
+                                   headers: Mapping[str, str], query: str) -> tuple[int, dict]:
+            import httpx
+
+            base = str(params.get("api_base") or os.environ.get("ANTHROPIC_API_BASE")
+                       or "https://api.anthropic.com").rstrip("/")
+            base = base[:-3] if base.endswith("/v1") else base
+            out = {"content-type": "application/json",
+                   "anthropic-version": headers.get("anthropic-version", "2023-06-01")}
+            if headers.get("anthropic-beta"):
+                out["anthropic-beta"] = headers["anthropic-beta"]
+            auth = provider_headers(data, "anthropic")
+            if not auth:
+                key = _secret(params.get("api_key")) or os.environ.get("ANTHROPIC_API_KEY")
+                auth = {"x-api-key": key} if key else {}
+            out.update({k: v for k, v in auth.items() if v})
+            if self._http is None:
+                self._http = httpx.AsyncClient(timeout=60.0)
+            url = f"{base}/v1/messages/count_tokens" + (f"?{query}" if query else "")
+            try:
+                resp = await self._http.post(url, json=body, headers=out)
+            except httpx.HTTPError as exc:
+                return 502, {"type": "error", "error": {
+                    "type": "api_error", "message": f"count_tokens upstream failed: {exc}"}}
+            try:
+                answer = resp.json()
+            except ValueError:
+                answer = {"type": "error", "error": {"type": "api_error",
+                                                     "message": resp.text[:200]}}
+            return resp.status_code, answer
+
+        def health(self) -> dict:
+            """ccproxy's live figures for GET /ccproxy/health and `status`."""
+            report = self.stats.snapshot()
+            report.update(status="ok", version=__version__,
+                          rules=[getattr(r, "name", "?") for r in self.pipeline.rules],
+                          config_error=self.config_error,
+                          metadata_entries=len(self.pipeline.store),
+                          oauth={p: ("ok" if s.token else (s.error or "not loaded"))
+                                 for p, s in self.pipeline.oauth.items()})
+            return report
 
         def _apply_litellm_settings(self) -> None:
             litellm = import_litellm()
@@ -2101,6 +2171,69 @@ def _make_handler_class() -> type:
             self._outcome(kwargs, failed=True)
 
     return CCProxyHandler
+
+
+def provider_headers(data: Mapping[str, Any], provider: str) -> dict[str, str]:
+    """The extra headers hooks scoped to `provider` (see _add_provider_headers)."""
+    current = data.get("provider_specific_header")
+    entries = [current] if isinstance(current, dict) else list(current or [])
+    out: dict[str, str] = {}
+    for entry in entries:
+        providers = str(entry.get("custom_llm_provider", "")).split(",")
+        if provider in (p.strip() for p in providers):
+            out.update(entry.get("extra_headers") or {})
+    return out
+
+
+def _secret(value: Any) -> str | None:
+    """A config secret: a literal, or `os.environ/NAME` as LiteLLM writes it."""
+    if isinstance(value, str) and value.startswith("os.environ/"):
+        return os.environ.get(value.split("/", 1)[1]) or None
+    return value if isinstance(value, str) and value else None
+
+
+def install_routes(handler: Any) -> None:
+    """Add ccproxy's routes to the running LiteLLM proxy (no-op outside a proxy).
+
+    POST /v1/messages/count_tokens goes through the rules (LiteLLM runs no hook for it), and
+    GET /ccproxy/health reports ccproxy's figures. Inserted first so they win over LiteLLM's.
+    """
+    proxy_server = sys.modules.get("litellm.proxy.proxy_server")
+    app = getattr(proxy_server, "app", None)
+    if app is None or getattr(app.state, "ccproxy_routes", False):
+        return
+    from fastapi import Depends, Request
+    from fastapi.responses import JSONResponse
+    from fastapi.routing import APIRoute
+    from litellm.proxy.auth.user_api_key_auth import user_api_key_auth
+
+    async def count_tokens_route(request, user_api_key_dict=Depends(user_api_key_auth)):
+        parsed = request.scope.get("parsed_body")
+        if isinstance(parsed, tuple) and len(parsed) == 2 and isinstance(parsed[1], dict):
+            body = dict(parsed[1])
+        else:
+            try:
+                body = json.loads(await request.body() or b"{}")
+            except ValueError:
+                body = None
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            return JSONResponse({"type": "error", "error": {
+                "type": "invalid_request_error", "message": "body must be a JSON object with "
+                "model and messages"}}, status_code=400)
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        status, answer = await handler.count_tokens(body, headers, request.url.query)
+        return JSONResponse(answer, status_code=status)
+
+    async def health_route():
+        return JSONResponse(handler.health())
+
+    # FastAPI reads the parameter's annotation to inject the request; this module's
+    # annotations are strings (from __future__ import annotations), so give it the class.
+    count_tokens_route.__annotations__ = {"request": Request}
+    app.router.routes.insert(0, APIRoute("/v1/messages/count_tokens", count_tokens_route,
+                                         methods=["POST"]))
+    app.router.routes.insert(0, APIRoute("/ccproxy/health", health_route, methods=["GET"]))
+    app.state.ccproxy_routes = True
 
 
 def load_oauth_sources(pipeline: Pipeline, required: bool) -> list[str]:
@@ -2206,6 +2339,8 @@ def __getattr__(name: str) -> Any:
         instance = __getattr__("CCProxyHandler")()
         globals()["handler"] = instance
         return instance
+    if name in ("rules", "hooks", "config") and f"ccproxy.{name}" in sys.modules:
+        return sys.modules[f"ccproxy.{name}"]      # `import ccproxy.rules` (1.x paths)
     raise AttributeError(f"module 'ccproxy' has no attribute {name!r}")
 
 

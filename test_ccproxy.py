@@ -410,3 +410,665 @@ def proxy(upstream, tmp_path_factory):
 def clean_upstream(upstream):
     upstream.clear()
     return upstream
+
+
+# ---- Config ----------------------------------------------------------------------------------
+
+def test_no_config_file_gives_builtin_defaults(tmp_path):
+    config = ccproxy.load_config(tmp_path / "missing")
+    assert config.ccproxy_file is None and config.litellm_file is None
+    assert [r.name for r in config.settings.rules] == ["background", "web_search", "long_context", "think"]
+    assert "claude-*" in ccproxy.ModelTable(config.model_list).names()
+    assert config.url == "http://127.0.0.1:4000"
+
+
+def test_one_file_layout_carries_ccproxy_and_litellm_sections(tmp_path, upstream):
+    write_config(tmp_path, upstream, 4123)
+    config = ccproxy.load_config(tmp_path)
+    assert config.ccproxy_file == config.litellm_file == tmp_path / "ccproxy.yaml"
+    assert config.port == 4123
+    assert "ccproxy" not in config.litellm and "litellm" not in config.litellm
+    assert [r.rule for r in config.settings.rules][:2] == ["MatchModelRule", "WebSearchRule"]
+
+
+LEGACY_CCPROXY_YAML = """\
+litellm:
+  host: 127.0.0.1
+  port: {port}
+  num_workers: 1
+  debug: false
+ccproxy:
+  debug: true
+  handler: "ccproxy.handler:CCProxyHandler"
+  hooks:
+    - ccproxy.hooks.rule_evaluator
+    - ccproxy.hooks.model_router
+    - hook: failing_hook.explode
+      params: {{why: testing}}
+    - ccproxy.hooks.forward_apikey
+    - ccproxy.hooks.extract_session_id
+  default_model_passthrough: true
+  rules:
+    - label: background
+      rule: ccproxy.rules.MatchModelRule
+      params:
+        - model_name: haiku
+    - name: web_search
+      rule: ccproxy.rules.WebSearchRule
+    - name: long_context
+      rule: ccproxy.rules.TokenCountRule
+      params:
+        - threshold: 60000
+    - name: think
+      rule: ccproxy.rules.ThinkingRule
+"""
+
+LEGACY_CONFIG_YAML = """\
+model_list:
+  - model_name: background
+    litellm_params: {{model: anthropic/up-background, api_base: "{base}"}}
+  - model_name: web_search
+    litellm_params: {{model: anthropic/up-search, api_base: "{base}"}}
+  - model_name: long_context
+    litellm_params: {{model: openai/up-long, api_base: "{base}/v1", api_key: sk-upstream-openai}}
+  - model_name: think
+    litellm_params: {{model: anthropic/up-think, api_base: "{base}"}}
+  - model_name: "claude-*"
+    litellm_params: {{model: "anthropic/claude-*", api_base: "{base}"}}
+litellm_settings:
+  callbacks:
+    - ccproxy.handler
+general_settings:
+  forward_client_headers_to_llm_api: true
+"""
+
+FAILING_HOOK = '''
+def explode(data, ctx, why="", **params):
+    raise RuntimeError("hook exploded on purpose: " + why)
+'''
+
+
+def write_legacy_config(directory: Path, upstream: FakeUpstream, port: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "ccproxy.yaml").write_text(LEGACY_CCPROXY_YAML.format(port=port))
+    (directory / "config.yaml").write_text(LEGACY_CONFIG_YAML.format(base=upstream.url))
+    (directory / "failing_hook.py").write_text(FAILING_HOOK)
+
+
+def test_legacy_two_file_layout_loads_unchanged(tmp_path, upstream):
+    write_legacy_config(tmp_path, upstream, 4555)
+    config = ccproxy.load_config(tmp_path)
+    assert config.ccproxy_file == tmp_path / "ccproxy.yaml"
+    assert config.litellm_file == tmp_path / "config.yaml"
+    assert config.port == 4555 and config.settings.debug is True
+    pipeline = ccproxy.Pipeline(config)
+    assert [type(r).__name__ for r in pipeline.rules] == [
+        "MatchModelRule", "WebSearchRule", "TokenCountRule", "ThinkingRule"]
+    assert pipeline.rules[2].threshold == 60000
+    assert [n for n, _f, _p in pipeline.hooks] == [
+        "rule_evaluator", "model_router", "explode", "forward_apikey", "extract_session_id"]
+    assert pipeline.problems == []
+
+
+def test_legacy_module_paths_resolve_to_this_module():
+    import ccproxy.hooks
+    import ccproxy.rules
+    from ccproxy.handler import CCProxyHandler  # noqa: F401  (1.x generated handler import)
+    assert ccproxy.rules.TokenCountRule is ccproxy.TokenCountRule
+    assert ccproxy.rules.ClassificationRule is ccproxy.Rule
+    assert ccproxy.hooks.model_router is ccproxy.model_router
+
+
+def test_config_dir_precedence(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("CCPROXY_CONFIG_DIR", raising=False)
+    fake_server = type(sys)("litellm.proxy.proxy_server")
+    monkeypatch.setitem(sys.modules, "litellm.proxy.proxy_server", fake_server)
+    # 3. nothing else: ~/.ccproxy
+    assert ccproxy.find_config_dir() == (home / ".ccproxy", "default")
+    # 2. the directory of the config LiteLLM was started with
+    fake_server.user_config_file_path = str(tmp_path / "litellm" / "config.yaml")
+    assert ccproxy.find_config_dir() == ((tmp_path / "litellm").resolve(), "LiteLLM --config")
+    # 1. the environment variable beats it, and --config-dir beats everything
+    monkeypatch.setenv("CCPROXY_CONFIG_DIR", str(tmp_path / "env"))
+    assert ccproxy.find_config_dir() == (tmp_path / "env", "CCPROXY_CONFIG_DIR")
+    assert ccproxy.find_config_dir(tmp_path / "flag") == (tmp_path / "flag", "--config-dir")
+
+
+def test_ccproxy_py_beside_a_plain_litellm_config_uses_it(tmp_path):
+    (tmp_path / "config.yaml").write_text(
+        "model_list:\n  - model_name: think\n    litellm_params: {model: anthropic/x}\n")
+    config = ccproxy.load_config(tmp_path)
+    assert config.litellm_file == tmp_path / "config.yaml" and config.ccproxy_file is None
+    assert config.settings.rules == ()          # no ccproxy section: everything passes through
+
+
+def test_bad_values_name_file_and_line(tmp_path):
+    (tmp_path / "ccproxy.yaml").write_text(
+        "litellm:\n  port: 4000\nccproxy:\n  debug: yes-please\n  metadata_ttl: soon\n")
+    with pytest.raises(ccproxy.ConfigError) as err:
+        ccproxy.load_config(tmp_path)
+    text = str(err.value)
+    assert f"{tmp_path / 'ccproxy.yaml'}:4: `debug` must be true or false" in text
+    assert ":5: `metadata_ttl` must be a non-negative number" in text
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    (tmp_path / "ccproxy.yaml").write_text("ccproxy:\n  rules:\n    - name: a\n   rule: [\n")
+    with pytest.raises(ccproxy.ConfigError, match=r"ccproxy.yaml:\d+: invalid YAML"):
+        ccproxy.load_config(tmp_path)
+
+
+def test_unknown_keys_warn_with_suggestion(tmp_path):
+    (tmp_path / "ccproxy.yaml").write_text("ccproxy:\n  default_model_passtrough: true\n")
+    config = ccproxy.load_config(tmp_path)
+    assert any("did you mean `default_model_passthrough`" in w and ":2:" in w for w in config.warnings)
+
+
+def test_rule_params_accept_list_and_mapping_forms():
+    assert ccproxy.parse_params([{"threshold": 5}, {"x": 1}]) == ({"threshold": 5, "x": 1}, ())
+    assert ccproxy.parse_params({"threshold": 5}) == ({"threshold": 5}, ())
+    assert ccproxy.parse_params(["haiku"]) == ({}, ("haiku",))
+    rule = ccproxy.build_rule(ccproxy.RuleSpec("bg", "MatchModelRule", {}, ("haiku",)))
+    assert rule.evaluate({"model": "claude-haiku-5-5"}, None)
+
+
+def test_bad_rule_params_name_the_parameter():
+    with pytest.raises(ccproxy.RuleError, match="threshold"):
+        ccproxy.build_rule(ccproxy.RuleSpec("long", "TokenCountRule", {"treshold": 10}))
+    with pytest.raises(ccproxy.RuleError, match="not '60k'"):
+        ccproxy.build_rule(ccproxy.RuleSpec("long", "TokenCountRule", {"threshold": "60k"}))
+    with pytest.raises(ccproxy.RuleError, match="did you mean `TokenCountRule`"):
+        ccproxy.build_rule(ccproxy.RuleSpec("long", "ccproxy.rules.TokenCoutRule", {}))
+
+
+# ---- Tokens ----------------------------------------------------------------------------------
+
+def test_tokenizer_is_cl100k_loaded_offline(tmp_path):
+    """No network and an empty tiktoken cache: the copy LiteLLM ships is used."""
+    code = (
+        "import socket\n"
+        "def refuse(*a, **k): raise OSError('network used')\n"
+        "socket.socket.connect = refuse\n"
+        "socket.create_connection = refuse\n"
+        "socket.getaddrinfo = refuse\n"
+        "import ccproxy, sys\n"
+        "n = ccproxy.count_tokens('hello world, this is a tokenizer test')\n"
+        "print(n, ccproxy.TOKENS.exact, 'litellm' in sys.modules)\n")
+    env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(tmp_path), HTTPS_PROXY="http://127.0.0.1:9",
+               HTTP_PROXY="http://127.0.0.1:9", PYTHONPATH=str(HERE))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["8", "True", "False"]
+    assert "ERROR" not in done.stderr
+    assert list(tmp_path.iterdir()) == []          # nothing downloaded or cached there
+
+
+def test_tokenizer_failure_is_loud_and_marked(monkeypatch, caplog):
+    counter = ccproxy.TokenCounter()
+    monkeypatch.setattr(ccproxy, "load_cl100k", lambda: (_ for _ in ()).throw(OSError("no file")))
+    with caplog.at_level("ERROR", logger="ccproxy"):
+        assert counter.count_text("x" * 40) == 10
+        assert counter.count_text("y" * 40) == 10
+    assert counter.exact is False and "no file" in counter.load_error
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "ESTIMATES" in errors[0].getMessage()
+    rule = ccproxy.TokenCountRule(5)
+    monkeypatch.setattr(ccproxy, "TOKENS", counter)
+    assert "estimated" in rule.check({"messages": [{"role": "user", "content": "z" * 100}]}, None).fact
+
+
+def _encode(text: str) -> int:
+    import tiktoken
+    return len(tiktoken.get_encoding("cl100k_base").encode_ordinary(text))
+
+
+def test_request_count_covers_every_part():
+    counter = ccproxy.TokenCounter()
+    body, _ = cc_request("tool_result")
+    body["messages"].append({"role": "assistant", "content": [
+        {"type": "thinking", "thinking": "let me think about that " * 20, "signature": "sig"},
+        {"type": "text", "text": "done"}]})
+    total, complete = counter.count_request(body)
+    assert complete
+    parts = [counter.count_value(body["system"]), counter.count_tools(body["tools"])]
+    parts += [counter.count_message(m) for m in body["messages"]]
+    assert total == sum(parts)
+    # tool_use, tool_result, thinking and system-role messages all count
+    assert counter.count_message(body["messages"][1]) == _encode("# Environment\n" * 50)
+    assert counter.count_block({"type": "tool_result", "content": "a.py\nb.py"}) == _encode("a.py\nb.py")
+    assert counter.count_block({"type": "thinking", "thinking": "hmm " * 10}) == _encode("hmm " * 10)
+    assert counter.count_block({"type": "tool_use", "name": "Bash", "input": {"command": "ls"}}) == \
+        _encode("Bash") + _encode('{"command":"ls"}')
+    assert counter.count_tools([cc_tool("Bash")]) > 100
+
+
+def test_cached_count_equals_fresh_count_and_reuses_history():
+    counter = ccproxy.TokenCounter()
+    body, _ = cc_request("long")
+    first = counter.count_request(body)[0]
+    grown = copy.deepcopy(body)
+    grown["messages"].append({"role": "assistant", "content": [{"type": "text", "text": "ok " * 50}]})
+    misses = counter.misses
+    second = counter.count_request(grown)[0]
+    assert counter.misses - misses == 1               # only the new message was tokenized
+    assert second == ccproxy.TokenCounter().count_request(grown)[0]
+    assert second == first + _encode("ok " * 50)
+    # an edit in the middle of the history is noticed
+    edited = copy.deepcopy(grown)
+    edited["messages"][0]["content"][1]["text"] = "List the files there, please."
+    assert counter.count_request(edited)[0] == ccproxy.TokenCounter().count_request(edited)[0]
+
+
+def test_count_stops_once_the_limit_is_crossed():
+    counter = ccproxy.TokenCounter()
+    body, _ = cc_request("long")
+    body["messages"].append({"role": "user", "content": big_text(50000)})
+    full = ccproxy.TokenCounter().count_request(body)[0]
+    count, complete = counter.count_request(body, limit=10000)
+    assert count > 10000 and not complete and count < full
+
+
+def test_string_cache_is_bounded():
+    counter = ccproxy.TokenCounter(max_chars=10000)
+    for i in range(50):
+        counter.count_text(f"{i} " + "word " * 400)
+    assert counter._chars <= 10000
+
+
+# ---- Rules -----------------------------------------------------------------------------------
+
+def verdict(rule, body):
+    return ccproxy.rule_verdict(rule, body, None).matched
+
+
+@pytest.mark.parametrize("release", ["2.1.197", "2.1.332"])
+def test_thinking_rule_default_ignores_claude_code_defaults(release):
+    rule = ccproxy.ThinkingRule()
+    for kind in ("main", "tool_result", "haiku", "web_search", "subagent"):
+        assert not verdict(rule, cc_request(kind, release)[0]), kind
+    assert verdict(rule, cc_request("think", release)[0])
+
+
+def test_thinking_rule_params():
+    rule = ccproxy.ThinkingRule(min_budget_tokens=10000, effort=["high"], types=None)
+    assert verdict(rule, {"thinking": {"type": "enabled", "budget_tokens": 16000}})
+    assert not verdict(rule, {"thinking": {"type": "enabled", "budget_tokens": 8000}})
+    assert verdict(rule, {"thinking": {"type": "adaptive"}, "output_config": {"effort": "high"}})
+    assert not verdict(rule, {"thinking": {"type": "disabled"}, "output_config": {"effort": "high"}})
+    assert not verdict(rule, {"output_config": {"effort": "high"}})          # no thinking at all
+    assert verdict(ccproxy.ThinkingRule(types="adaptive"), {"thinking": {"type": "adaptive"}})
+    with pytest.raises(ccproxy.RuleError):
+        ccproxy.ThinkingRule(types=["disabled"])
+    with pytest.raises(ccproxy.RuleError, match="effort"):
+        ccproxy.ThinkingRule(effort=["extreme"])
+
+
+@pytest.mark.parametrize("release", ["2.1.197", "2.1.332"])
+def test_web_search_rule_matches_only_the_sub_request(release):
+    rule = ccproxy.WebSearchRule()
+    assert verdict(rule, cc_request("web_search", release)[0])
+    for kind in ("main", "tool_result", "haiku", "subagent"):
+        assert not verdict(rule, cc_request(kind, release)[0]), kind
+    assert verdict(rule, {"tools": [{"type": "web_search_20990101", "name": "web_search"}]})
+
+
+def test_match_tool_rule_matches_names_in_both_formats():
+    rule = ccproxy.MatchToolRule("websearch")
+    assert verdict(rule, cc_request("main", "2.1.197")[0])          # why it is the wrong tool for web search
+    assert verdict(ccproxy.MatchToolRule("lookup"),
+                   {"tools": [{"type": "function", "function": {"name": "doc_lookup"}}]})
+    assert not verdict(ccproxy.MatchToolRule("lookup"), {"tools": [{"name": "Bash"}]})
+
+
+def test_match_model_rule_matches_families():
+    rule = ccproxy.MatchModelRule("haiku")
+    assert verdict(rule, {"model": "claude-haiku-4-5-20251001"})
+    assert verdict(rule, {"model": "claude-haiku-5-5"})
+    assert not verdict(rule, {"model": "claude-opus-5-5"})
+    assert verdict(ccproxy.MatchModelRule(["gpt", "o3"]), {"model": "o3-mini"})
+
+
+def test_token_count_rule_counts_tool_results():
+    rule = ccproxy.TokenCountRule(60000)
+    assert verdict(rule, cc_request("long")[0])
+    assert not verdict(rule, cc_request("main")[0])
+
+
+def test_default_rule_is_a_working_catch_all():
+    rule = ccproxy.DefaultRule()
+    assert verdict(rule, {}) and verdict(rule, {"model": "x"})
+    assert ccproxy.DefaultRule(passthrough=True).passthrough
+
+
+GARBAGE = [{}, {"model": 5}, {"model": None, "messages": None}, {"messages": "hi"},
+           {"messages": [None, 3, "x", {"role": "user"}, {"content": {"odd": True}}]},
+           {"tools": {"name": "x"}}, {"tools": [None, 5, {"type": 3}, {"function": "f"}]},
+           {"thinking": "yes"}, {"thinking": {"type": None}}, {"thinking": {"type": "enabled", "budget_tokens": "big"}},
+           {"output_config": "max"}, {"system": 5}, {"system": [None, {"type": "text", "text": 5}]},
+           {"messages": [{"role": "user", "content": [{"type": "image", "source": {}},
+                                                       {"type": "document", "source": "x"},
+                                                       {"type": "mystery", "payload": [1, 2]},
+                                                       {"type": "tool_result", "content": [{"type": "text"}]}]}]}]
+
+
+@pytest.mark.parametrize("body", GARBAGE)
+def test_rules_never_raise_on_malformed_requests(body):
+    rules = [ccproxy.MatchModelRule("haiku"), ccproxy.ThinkingRule(), ccproxy.TokenCountRule(10),
+             ccproxy.MatchToolRule("web"), ccproxy.WebSearchRule(), ccproxy.DefaultRule()]
+    for rule in rules:
+        assert isinstance(ccproxy.rule_verdict(rule, body, None), ccproxy.Verdict)
+    pipeline = ccproxy.Pipeline(ccproxy.default_config())
+    data, ctx = ccproxy.run_pipeline(pipeline, copy.deepcopy(body), dry_run=True, headers={})
+    assert ctx.hook_errors == [] and ctx.decision is not None
+
+
+# ---- Hooks -----------------------------------------------------------------------------------
+
+def test_session_id_from_json_user_id_legacy_form_and_header():
+    new = {"user_id": json.dumps({"device_id": "d", "account_uuid": "", "session_id": "s-json"})}
+    old = {"user_id": "user_abc123_account_1111-2222_session_3333-4444"}
+    assert ccproxy.parse_session(new, {}) == "s-json"
+    assert ccproxy.parse_session(old, {}) == "3333-4444"
+    assert ccproxy.parse_session({"user_id": "{broken"}, {"x-claude-code-session-id": "s-h"}) == "s-h"
+    assert ccproxy.parse_session(None, {}) is None
+
+
+def test_failing_hook_in_the_middle_is_logged_and_skipped(tmp_path, upstream, caplog):
+    write_legacy_config(tmp_path, upstream, 4555)
+    pipeline = ccproxy.Pipeline(ccproxy.load_config(tmp_path))
+    body, headers = cc_request("haiku")
+    with caplog.at_level("ERROR", logger="ccproxy"):
+        data, ctx = ccproxy.run_pipeline(pipeline, body, headers=headers)
+    assert ctx.hook_errors == ["hook explode failed: RuntimeError: hook exploded on purpose: testing"]
+    assert data["model"] == "background"
+    assert data["provider_specific_header"]["extra_headers"] == {"x-api-key": CLIENT_KEY}
+    assert ctx.session_id == "sess-1"
+    assert [r.getMessage() for r in caplog.records if "explode" in r.getMessage()] == [
+        "hook explode failed: RuntimeError: hook exploded on purpose: testing (skipped; the request goes on)"]
+
+
+def test_model_router_passthrough_and_missing_entry_fallback(caplog):
+    config = ccproxy.default_config()
+    pipeline = ccproxy.Pipeline(config)
+    body, headers = cc_request("main")
+    _d, ctx = ccproxy.run_pipeline(pipeline, body, dry_run=True, headers=headers)
+    assert (ctx.decision.label, ctx.decision.passthrough, ctx.decision.upstream) == \
+        ("default", True, "anthropic/claude-opus-5-5")
+    # a rule whose label has no model_list entry falls back to the default route, once warned
+    settings = ccproxy.dataclasses.replace(config.settings, rules=(
+        ccproxy.RuleSpec("nowhere", "DefaultRule", {}),))
+    pipeline = ccproxy.Pipeline(ccproxy.dataclasses.replace(config, settings=settings))
+    with caplog.at_level("WARNING", logger="ccproxy"):
+        for _ in range(3):
+            _d, ctx = ccproxy.run_pipeline(pipeline, copy.deepcopy(body), dry_run=True, headers={})
+    assert ctx.decision.label == "default" and ctx.decision.passthrough
+    assert len([r for r in caplog.records if "nowhere" in r.getMessage()]) == 1
+
+
+def test_model_list_load_failure_is_not_marked_loaded_and_reload_has_cooldown():
+    calls = []
+    live = [None]
+
+    def source():
+        calls.append(time.monotonic())
+        return live[0]
+
+    config = ccproxy.default_config()
+    settings = ccproxy.dataclasses.replace(config.settings, model_reload_cooldown=3600)
+    pipeline = ccproxy.Pipeline(ccproxy.dataclasses.replace(config, settings=settings), model_source=source)
+    assert "think" in pipeline.models()              # router not ready: config list, not "loaded"
+    live[0] = [{"model_name": "live-only", "litellm_params": {"model": "anthropic/x"}}]
+    assert "live-only" in pipeline.models()          # so the live list is picked up next time
+    assert len(calls) == 2
+    for _ in range(20):                              # a missing name reloads at most once per cooldown
+        pipeline.models(missing="ghost")
+    assert len(calls) == 2
+
+
+def test_metadata_store_is_bounded_and_swept():
+    store = ccproxy.MetadataStore(ttl=0.05, max_entries=100)
+    for i in range(1000):
+        store.put(f"call-{i}", i)
+    assert len(store) == 100 and store.get("call-999") == 999 and store.get("call-0") is None
+    time.sleep(0.06)
+    assert store.get("call-999") is None
+    assert store.sweep() == 100 and len(store) == 0
+
+
+def test_background_sweeper_thread_empties_the_store():
+    config = ccproxy.default_config()
+    settings = ccproxy.dataclasses.replace(config.settings, metadata_ttl=0.1)
+    pipeline = ccproxy.Pipeline(ccproxy.dataclasses.replace(config, settings=settings))
+    worker = ccproxy.Background()
+    for i in range(50):
+        pipeline.store.put(str(i), i)
+    worker.start(pipeline)
+    try:
+        deadline = time.monotonic() + 5
+        while len(pipeline.store) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(pipeline.store) == 0 and worker.running and worker.swept == 50
+    finally:
+        worker.stop()
+    assert not worker.running
+
+
+def test_forward_apikey_only_for_anthropic_deployments_without_a_key(upstream, tmp_path):
+    write_config(tmp_path, upstream, 4000)
+    pipeline = ccproxy.Pipeline(ccproxy.load_config(tmp_path))
+    body, headers = cc_request("long")               # routed to an openai/ deployment
+    data, ctx = ccproxy.run_pipeline(pipeline, body, headers=headers)
+    assert "provider_specific_header" not in data and ctx.auth == []
+    body, headers = cc_request("main")
+    headers.pop("x-api-key")
+    headers["authorization"] = "Bearer sk-ant-oat01-secret"
+    data, ctx = ccproxy.run_pipeline(pipeline, body, headers=headers)
+    assert data["provider_specific_header"] == {"custom_llm_provider": "anthropic",
+                                                "extra_headers": {"authorization": "Bearer sk-ant-oat01-secret"}}
+
+
+def test_redact_hides_secrets():
+    assert ccproxy.redact("Authorization", "Bearer sk-ant-oat01-xyz") == "<redacted>"
+    assert ccproxy.redact("x-api-key", CLIENT_KEY) == "<redacted>"
+    assert ccproxy.redact("user-agent", "claude-cli/2.1.332") == "claude-cli/2.1.332"
+
+
+# ---- Handler: end to end through a real LiteLLM proxy ---------------------------------------
+
+EXPECTED_ROUTES = {   # request kind -> (route label, model the upstream must receive, upstream path)
+    "main": ("default", None, "/v1/messages"),
+    "tool_result": ("default", None, "/v1/messages"),
+    "subagent": ("default", None, "/v1/messages"),
+    "haiku": ("background", "up-background", "/v1/messages"),
+    "web_search": ("web_search", "up-search", "/v1/messages"),
+    "think": ("think", "up-think", "/v1/messages"),
+    "long": ("long_context", "up-long", "/v1/chat/completions"),
+}
+
+
+def assert_same_body_except_model(sent: dict, received: dict) -> None:
+    """Field by field: what the client sent arrives upstream, apart from `model`."""
+    assert set(received) == set(sent), (set(received) ^ set(sent))
+    for key in sent:
+        if key != "model":
+            assert received[key] == sent[key], key
+
+
+@slow
+@pytest.mark.parametrize("release", ["2.1.197", "2.1.332"])
+@pytest.mark.parametrize("kind", list(EXPECTED_ROUTES))
+@pytest.mark.parametrize("stream", [True, False])
+def test_claude_code_requests_route_by_rules(proxy, clean_upstream, kind, release, stream):
+    body, headers = cc_request(kind, release)
+    body["stream"] = stream
+    status, resp_headers, raw = proxy.messages(body, headers)
+    assert status == 200, raw[:500]
+    label, model, path = EXPECTED_ROUTES[kind]
+    model = model or body["model"]
+    got = clean_upstream.received()
+    assert [(r["path"].split("?")[0], r["body"]["model"]) for r in got] == [(path, model)]
+    assert resp_headers["x-ccproxy-rule"] == label
+    text = sse_text(raw) if stream else json.loads(raw)["content"][0]["text"]
+    assert text == f"answer from {model}"          # Anthropic format, also from an OpenAI route
+    if path == "/v1/messages":
+        assert_same_body_except_model(body, got[0]["body"])
+        sent_betas = set(headers["anthropic-beta"].split(","))
+        assert set(got[0]["headers"]["anthropic-beta"].split(",")) == sent_betas
+        assert got[0]["headers"]["x-api-key"] == CLIENT_KEY       # forward_apikey
+    else:
+        assert got[0]["headers"]["authorization"] == "Bearer sk-upstream-openai"
+        assert CLIENT_KEY not in json.dumps(got[0]["headers"])   # never leaves for another provider
+
+
+def fixture_names():
+    return sorted(p.name for p in FIXTURES.glob("*.json")) if HAVE_FIXTURES else []
+
+
+FIXTURE_ROUTES = {
+    "main-turn.json": "default", "tool-result-turn.json": "default",
+    "web-search.json": "web_search", "haiku-model.json": "background",
+    "main-turn-2.1.332.json": "default", "tool-result-turn-2.1.332.json": "default",
+    "web-search-2.1.332.json": "web_search", "haiku-model-2.1.332.json": "background",
+    "subagent-general-2.1.332.json": "default", "count-tokens-2.1.332.json": None,
+}
+HOP_BY_HOP = {"connection", "accept-encoding", "content-length", "host", "transfer-encoding"}
+
+
+@slow
+@pytest.mark.skipif(not HAVE_FIXTURES, reason="../shared/fixtures/claude-code is not present")
+@pytest.mark.parametrize("name", fixture_names())
+def test_captured_claude_code_requests_replay(proxy, clean_upstream, name):
+    capture = load_fixture(name)
+    headers = {k: v for k, v in capture["headers"].items() if k.lower() not in HOP_BY_HOP}
+    headers["x-api-key"] = CLIENT_KEY
+    body = capture["body"]
+    status, resp_headers, raw = proxy.messages(body, headers, path=capture["path"])
+    assert status == 200, raw[:500]
+    got = clean_upstream.received()
+    assert len(got) == 1
+    label = FIXTURE_ROUTES[name]
+    if label is None:                                  # count_tokens: LiteLLM routes by model
+        assert got[0]["path"].startswith("/v1/messages/count_tokens")
+        assert json.loads(raw)["input_tokens"] == 4242
+        return
+    assert resp_headers["x-ccproxy-rule"] == label
+    expected_model = {"background": "up-background", "web_search": "up-search"}.get(label, body["model"])
+    assert got[0]["body"]["model"] == expected_model
+    assert_same_body_except_model(body, got[0]["body"])
+    assert set(got[0]["headers"]["anthropic-beta"].split(",")) == set(headers["anthropic-beta"].split(","))
+    # explain decides exactly what the proxy did
+    decided = ccproxy.route_request(body, ccproxy.load_config(proxy.directory), headers=headers)
+    assert decided.decision.label == label
+
+
+@slow
+def test_openai_route_translates_both_ways(proxy, clean_upstream):
+    body = {"model": "gpt-cheap", "max_tokens": 100, "stream": False,
+            "messages": [{"role": "user", "content": "hi"}]}
+    status, headers, raw = proxy.messages(body)
+    assert status == 200, raw
+    message = json.loads(raw)
+    assert message["type"] == "message" and message["content"][0]["text"] == "answer from up-cheap"
+    assert message["usage"]["input_tokens"] == 321
+    assert clean_upstream.received()[0]["path"] == "/v1/chat/completions"
+    body["stream"] = True
+    status, headers, raw = proxy.messages(body)
+    events = sse_events(raw)
+    assert [e["type"] for e in events][0] == "message_start" and events[-1]["type"] == "message_stop"
+    assert sse_text(raw) == "answer from up-cheap"
+
+
+@slow
+def test_proxy_log_has_one_line_per_decision_and_no_secret(proxy, clean_upstream):
+    body, headers = cc_request("haiku", session="sess-logline")
+    proxy.messages(body, headers)
+    log = proxy.log()
+    lines = [ln for ln in log.splitlines() if "route background" in ln and "sess-log" in ln]
+    assert len(lines) == 1 and "claude-haiku-5-5 -> background (anthropic/up-background)" in lines[0]
+    assert CLIENT_KEY not in log and "sk-upstream-openai" not in log
+
+
+@pytest.fixture(scope="module")
+def legacy_proxy(upstream, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("legacy")
+    port = free_port()
+    write_legacy_config(directory, upstream, port)
+    run = Proxy(directory, port)
+    run.start()
+    yield run
+    run.stop()
+
+
+@slow
+@pytest.mark.parametrize("kind", ["main", "haiku", "web_search", "think", "long"])
+def test_legacy_two_file_config_routes_identically(legacy_proxy, clean_upstream, kind):
+    body, headers = cc_request(kind)
+    status, resp_headers, raw = legacy_proxy.messages(body, headers)
+    assert status == 200, raw[:300]               # the failing hook in the chain did not matter
+    label, model, path = EXPECTED_ROUTES[kind]
+    got = clean_upstream.received()
+    assert [(r["path"].split("?")[0], r["body"]["model"]) for r in got] == [(path, model or body["model"])]
+    assert resp_headers["x-ccproxy-rule"] == label
+    assert "hook explode failed: RuntimeError: hook exploded on purpose: testing" in legacy_proxy.log()
+
+
+@pytest.fixture(scope="module")
+def responses_proxy(upstream, tmp_path_factory):
+    """ccproxy.openai_chat_completions: false gives LiteLLM's Responses API back for openai/."""
+    directory = tmp_path_factory.mktemp("responses")
+    port = free_port()
+    base = upstream.url
+    write_config(directory, upstream, port, model_list=[
+        {"model_name": "resp", "litellm_params": {"model": "openai/up-resp", "api_base": base + "/v1", "api_key": "sk-up"}},
+        {"model_name": "chat", "litellm_params": {"model": "custom_openai/up-chat", "api_base": base + "/v1", "api_key": "sk-up"}},
+    ])
+    config = yaml.safe_load((directory / "ccproxy.yaml").read_text())
+    config["ccproxy"]["openai_chat_completions"] = False
+    config["ccproxy"]["rules"] = []
+    (directory / "ccproxy.yaml").write_text(yaml.safe_dump(config))
+    run = Proxy(directory, port)
+    run.start()
+    yield run
+    run.stop()
+
+
+@slow
+def test_responses_api_can_be_turned_back_on(responses_proxy, clean_upstream):
+    body = {"model": "resp", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+    status, _h, raw = responses_proxy.messages(body)
+    assert status == 200, raw
+    assert json.loads(raw)["content"][0]["text"] == "answer from up-resp"
+    body["model"] = "chat"
+    status, _h, raw = responses_proxy.messages(body)
+    assert status == 200, raw
+    assert [r["path"] for r in clean_upstream.received()] == ["/v1/responses", "/v1/chat/completions"]
+
+
+@slow
+def test_count_tokens_goes_through_the_rules(proxy, clean_upstream):
+    body, headers = cc_request("main")
+    count_body = {"model": body["model"], "messages": body["messages"], "tools": []}
+    status, _h, raw = proxy.messages(count_body, headers, path="/v1/messages/count_tokens?beta=true")
+    assert status == 200 and json.loads(raw)["input_tokens"] == 4242     # the upstream's count
+    got = clean_upstream.received()
+    assert got[0]["path"] == "/v1/messages/count_tokens?beta=true"
+    assert got[0]["headers"]["x-api-key"] == CLIENT_KEY and got[0]["body"]["model"] == body["model"]
+    # routed to an OpenAI-compatible deployment: answered locally, whole request counted
+    count_body["model"] = "gpt-cheap"
+    clean_upstream.clear()
+    status, _h, raw = proxy.messages(count_body, headers, path="/v1/messages/count_tokens")
+    assert status == 200 and clean_upstream.received() == []
+    assert json.loads(raw) == {"input_tokens": ccproxy.TokenCounter().count_request(count_body)[0]}
+
+
+@slow
+def test_health_route_reports_live_figures(proxy):
+    proxy.messages(*cc_request("haiku"))
+    status, _h, raw = http("GET", proxy.url + "/ccproxy/health")
+    report = json.loads(raw)
+    assert status == 200 and report["status"] == "ok" and report["tokenizer"] == "cl100k_base"
+    assert report["rules"] == ["background", "web_search", "long_context", "think", "cheap"]
+    assert report["requests"] >= 1 and report["routes"]["background"] >= 1
