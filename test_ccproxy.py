@@ -1,6 +1,8 @@
 """Tests for ccproxy.py: real LiteLLM proxy processes against a fake upstream on 127.0.0.1.
 
-Run: python -m pytest -q test_ccproxy.py      (add -m "not slow" to skip the end-to-end ones)
+Run everything with coverage: python test_ccproxy.py     (what CI runs; see README)
+Quick: CCPROXY_QUICK=1 python -m pytest -q test_ccproxy.py   (skips the end-to-end tests)
+Benchmarks: python test_ccproxy.py bench
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ SCRIPT = HERE / "ccproxy.py"
 FIXTURES = HERE.parent / "shared" / "fixtures" / "claude-code"
 HAVE_FIXTURES = FIXTURES.is_dir()
 CLIENT_KEY = "sk-ant-api03-client-secret-0123456789"
-slow = pytest.mark.slow
+# End-to-end tests start real processes; CCPROXY_QUICK=1 skips them for a fast local run.
+slow = pytest.mark.skipif(os.environ.get("CCPROXY_QUICK") == "1", reason="CCPROXY_QUICK=1")
 
 
 # ---- Fixtures: fake upstream, Claude Code-shaped requests, proxy -----------------------------
@@ -1072,3 +1075,178 @@ def test_health_route_reports_live_figures(proxy):
     assert status == 200 and report["status"] == "ok" and report["tokenizer"] == "cl100k_base"
     assert report["rules"] == ["background", "web_search", "long_context", "think", "cheap"]
     assert report["requests"] >= 1 and report["routes"]["background"] >= 1
+
+
+# ---- Docs and example config ---------------------------------------------------------------
+
+def test_example_config_is_the_builtin_default_and_validates(tmp_path):
+    example = (HERE / "ccproxy.yaml.example").read_text()
+    assert example == ccproxy.DEFAULT_CONFIG_YAML
+    shutil.copy(HERE / "ccproxy.yaml.example", tmp_path / "ccproxy.yaml")
+    config = ccproxy.load_config(tmp_path)
+    assert config.warnings == () and ccproxy.Pipeline(config).problems == []
+    done = run_cli("validate", "--config-dir", str(tmp_path))
+    assert done.returncode == 0 and "config OK" in done.stdout
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (HERE / "README.md").read_text()
+    block = re.search(r"<!-- test-command -->\n```sh\n(.+?)\n```\n<!-- /test-command -->", readme, re.S)
+    assert block and "python test_ccproxy.py" in block.group(1)
+    assert "README.md" in (HERE / ".ci" / "run").read_text()
+
+
+# ---- Benchmarks and the suite runner (python test_ccproxy.py [bench]) -----------------------
+
+def bench_request(chars: int, seed: str = "") -> dict:
+    """A Claude Code-shaped request of about `chars` characters of JSON: its system prompt and
+    tools, then Read/Bash round trips with code-like tool results."""
+    body, _ = cc_request("main")
+    if chars < 20000:
+        body["tools"], body["system"], body["messages"] = [], body["system"][:2], body["messages"][:1]
+    i = 0
+    while len(json.dumps(body)) < chars:
+        chunk = min(12000, max(500, chars // 40))
+        text = f"# {seed} file {i}\n" + big_text(chunk // 4)[:chunk]
+        body["messages"] += [
+            {"role": "assistant", "content": [{"type": "tool_use", "id": f"toolu_{i}", "name": "Read",
+                                               "input": {"file_path": f"/src/{seed}mod{i}.py"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"toolu_{i}",
+                                          "content": [{"type": "text", "text": text}]}]}]
+        i += 1
+    return body
+
+
+def naive_count(encoding, request: dict) -> int:
+    """ccproxy 1.x's way: join the request's text and encode all of it, every time."""
+    counter = ccproxy.TokenCounter()
+    counter.count_text = lambda text: 0
+    parts = [json.dumps(request.get("system")), json.dumps(request.get("tools"))]
+    for m in request["messages"]:
+        parts.append(json.dumps(m.get("content")))
+    return len(encoding.encode_ordinary("\n".join(parts)))
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples)
+    return ordered[len(ordered) // 2], ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))]
+
+
+def bench_hooks(sizes=(4_000, 100_000, 500_000, 2_000_000), rounds: int = 25) -> list[dict]:
+    """Hook pipeline latency, cold and steady, beside the naive whole-request count."""
+    encoding = ccproxy.load_cl100k()
+    rows = []
+    for size in sizes:
+        config = ccproxy.default_config()
+        cold, steady, exact, naive = [], [], [], []
+        n = max(3, rounds // (4 if size >= 1_000_000 else 1))
+        for r in range(n):
+            ccproxy.TOKENS.clear()
+            pipeline = ccproxy.Pipeline(config)
+            body = bench_request(size, seed=f"r{r}s{size}")
+            t = time.perf_counter()
+            ccproxy.run_pipeline(pipeline, copy.deepcopy(body), headers={})
+            cold.append((time.perf_counter() - t) * 1000)
+        base = bench_request(size, seed="steady")
+        chars = len(json.dumps(base))
+        pipeline = ccproxy.Pipeline(config)
+        ccproxy.run_pipeline(pipeline, copy.deepcopy(base), headers={})
+        counter = ccproxy.TokenCounter()          # its own caches: the pipeline's cannot help it
+        counter.count_request(base)
+        for r in range(n):
+            grown = copy.deepcopy(base)
+            grown["messages"].append({"role": "assistant", "content": [
+                {"type": "text", "text": f"step {r}: " + "the next thing to do is " * 8}]})
+            data = copy.deepcopy(grown)
+            t = time.perf_counter()
+            ccproxy.run_pipeline(pipeline, data, headers={})
+            steady.append((time.perf_counter() - t) * 1000)
+            t = time.perf_counter()
+            counter.count_request(grown)
+            exact.append((time.perf_counter() - t) * 1000)
+            t = time.perf_counter()
+            naive_count(encoding, grown)
+            naive.append((time.perf_counter() - t) * 1000)
+            base = grown
+        rows.append({"chars": chars, "cold": percentiles(cold),
+                     "steady": percentiles(steady), "exact": percentiles(exact),
+                     "naive": percentiles(naive)})
+    return rows
+
+
+def print_hook_bench(rows: list[dict]) -> None:
+    print("hook pipeline (default rules) and whole-request token count, ms: p50 / p95")
+    print(f"{'chars':>10} {'cold':>15} {'steady':>15} {'exact count':>15} {'naive count':>15} {'naive/exact':>12}")
+    for row in rows:
+        cells = [f"{row[k][0]:7.3f} /{row[k][1]:7.3f}" for k in ("cold", "steady", "exact", "naive")]
+        ratio = row["naive"][0] / max(row["exact"][0], 1e-6)
+        print(f"{row['chars']:>10,} " + " ".join(f"{c:>15}" for c in cells) + f" {ratio:>11.0f}x")
+
+
+def bench_cli(runs: int = 15) -> list[tuple[str, float, float]]:
+    """Wall time of CLI commands that must stay fast, beside bare `python -c pass`."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, CCPROXY_CONFIG_DIR=tmp, HOME=tmp)
+        run_cli("install", env=env)
+        commands = [("python -c pass", [sys.executable, "-c", "pass"]),
+                    ("ccproxy.py --help", [sys.executable, str(SCRIPT), "--help"]),
+                    ("ccproxy.py status", [sys.executable, str(SCRIPT), "status"]),
+                    ("ccproxy.py shell zsh", [sys.executable, str(SCRIPT), "shell", "zsh"])]
+        rows = []
+        for name, cmd in commands:
+            samples = []
+            for _ in range(runs):
+                t = time.perf_counter()
+                subprocess.run(cmd, env=env, capture_output=True)
+                samples.append((time.perf_counter() - t) * 1000)
+            rows.append((name, *percentiles(samples)))
+    return rows
+
+
+def print_cli_bench(rows) -> None:
+    base = rows[0][1]
+    print("command wall time, ms: p50 / p95 (ratio to bare python)")
+    for name, p50, p95 in rows:
+        print(f"  {name:<24} {p50:7.1f} / {p95:7.1f}   {p50 / base:4.1f}x")
+
+
+def test_benchmark_runs_and_exact_count_agrees():
+    rows = bench_hooks(sizes=(4_000, 100_000), rounds=3)
+    assert [r["chars"] >= s for r, s in zip(rows, (4_000, 100_000))] == [True, True]
+    body = bench_request(100_000, seed="check")
+    encoding = ccproxy.load_cl100k()
+    assert ccproxy.TokenCounter().count_request(body)[0] > 0.8 * naive_count(encoding, body) > 0
+
+
+def run_suite() -> int:
+    """The whole suite under coverage (this file's subprocesses included); fails under 90%."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        rc = Path(tmp) / "coveragerc"
+        rc.write_text(f"[run]\nbranch = true\nparallel = true\ndata_file = {tmp}/.coverage\n"
+                      f"include = {SCRIPT}\npatch = subprocess\nsigterm = true\n"
+                      "[report]\nshow_missing = true\nskip_covered = false\n")
+        env = dict(os.environ, COVERAGE_RCFILE=str(rc))
+        done = subprocess.run([sys.executable, "-m", "coverage", "run", "-m", "pytest", "-q",
+                               "-p", "no:cacheprovider", str(Path(__file__).resolve())],
+                              env=env, cwd=HERE)
+        if done.returncode not in (0,):
+            print(f"tests failed (pytest exit code {done.returncode}"
+                  + (": no tests collected" if done.returncode == 5 else "") + ")")
+            return done.returncode or 1
+        subprocess.run([sys.executable, "-m", "coverage", "combine", "-q"], env=env, cwd=tmp)
+        report = subprocess.run([sys.executable, "-m", "coverage", "report",
+                                 "--fail-under=90"], env=env, cwd=tmp)
+        return report.returncode
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["bench"]:
+        which = sys.argv[2] if len(sys.argv) > 2 else "all"
+        if which in ("all", "hooks"):
+            print_hook_bench(bench_hooks())
+        if which in ("all", "cli"):
+            print_cli_bench(bench_cli())
+        sys.exit(0)
+    sys.exit(run_suite())
