@@ -1077,6 +1077,212 @@ def test_health_route_reports_live_figures(proxy):
     assert report["requests"] >= 1 and report["routes"]["background"] >= 1
 
 
+# ---- Process and CLI ------------------------------------------------------------------------
+
+def cli_env(directory: Path, **extra) -> dict:
+    return {"CCPROXY_CONFIG_DIR": str(directory), "HOME": str(directory.parent), **extra}
+
+
+def test_install_is_idempotent_and_force_keeps_a_backup(tmp_path):
+    env = cli_env(tmp_path / "cfg")
+    first = run_cli("install", env=env)
+    assert first.returncode == 0 and "wrote" in first.stdout
+    target = tmp_path / "cfg" / "ccproxy.yaml"
+    assert target.read_text() == ccproxy.DEFAULT_CONFIG_YAML
+    target.write_text(target.read_text() + "# my edit\n")
+    again = run_cli("install", env=env)
+    assert again.returncode == 0 and "left unchanged" in again.stdout
+    assert target.read_text().endswith("# my edit\n")
+    forced = run_cli("install", "--force", env=env)
+    assert forced.returncode == 0
+    backups = list((tmp_path / "cfg").glob("ccproxy.yaml.*.bak"))
+    assert len(backups) == 1 and backups[0].read_text().endswith("# my edit\n")
+    assert target.read_text() == ccproxy.DEFAULT_CONFIG_YAML
+
+
+FAST_COMMANDS = [["--help"], ["status"], ["status", "--json"], ["logs", "-n", "5"],
+                 ["run", "true"], ["install"], ["shell", "zsh"], ["shell", "bash"]]
+
+
+@pytest.mark.parametrize("argv", FAST_COMMANDS, ids=" ".join)
+def test_fast_commands_never_import_litellm(tmp_path, argv):
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['ccproxy.py'] + {argv!r}\n"
+            "try:\n"
+            f"    runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "heavy = sorted(m for m in ('litellm', 'tiktoken', 'fastapi', 'httpx') if m in sys.modules)\n"
+            "print('HEAVY:', heavy, file=sys.stderr)\n")
+    env = dict(os.environ, **cli_env(tmp_path / "cfg"))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert "HEAVY: []" in done.stderr, done.stderr[-500:]
+
+
+def test_usage_errors_exit_2(tmp_path):
+    done = run_cli("frobnicate", env=cli_env(tmp_path))
+    assert done.returncode == 2
+    done = run_cli("run", env=cli_env(tmp_path))
+    assert done.returncode == 2 and "run needs a command" in done.stderr
+
+
+def test_run_sets_the_proxy_urls_and_passes_the_exit_code(tmp_path):
+    env = cli_env(tmp_path / "cfg")
+    done = run_cli("run", "sh", "-c", 'echo "$ANTHROPIC_BASE_URL $OPENAI_BASE_URL"; exit 7', env=env)
+    assert done.returncode == 7
+    assert done.stdout.strip() == "http://127.0.0.1:4000 http://127.0.0.1:4000/v1"
+    missing = run_cli("run", "no-such-command-xyz", env=env)
+    assert missing.returncode == 1 and "command not found: no-such-command-xyz" in missing.stderr
+
+
+def test_status_json_when_not_running(tmp_path):
+    done = run_cli("status", "--json", env=cli_env(tmp_path / "cfg"))
+    report = json.loads(done.stdout)
+    assert done.returncode == 1 and report["running"] is False
+    assert report["url"] == "http://127.0.0.1:4000" and report["pid"] is None
+    assert report["config_files"] == ["<built-in defaults>"]
+    assert [r["name"] for r in report["rules"]] == ["background", "web_search", "long_context", "think"]
+    assert set(report) >= {"running", "pid", "url", "uptime_s", "config_dir", "rules", "hooks", "models"}
+
+
+@pytest.mark.parametrize("content", ["garbage\n", "", "{\"pid\": \"x\"}", "999999999"])
+def test_corrupt_or_stale_pid_file_is_cleaned_with_a_message(tmp_path, content):
+    directory = tmp_path / "cfg"
+    directory.mkdir()
+    pid_file = directory / "ccproxy.pid"
+    pid_file.write_text(content)
+    status = run_cli("status", env=cli_env(directory))
+    assert status.returncode == 1 and "not running" in status.stdout and "PID file" in status.stdout
+    stop = run_cli("stop", env=cli_env(directory))
+    assert stop.returncode == 0 and "removed it" in stop.stdout
+    assert not pid_file.exists()
+
+
+def test_pid_of_an_unrelated_live_process_is_never_signalled(tmp_path):
+    directory = tmp_path / "cfg"
+    directory.mkdir()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        (directory / "ccproxy.pid").write_text(json.dumps({"pid": sleeper.pid, "url": "http://x"}))
+        stop = run_cli("stop", env=cli_env(directory))
+        assert stop.returncode == 0 and "not a ccproxy proxy" in stop.stdout
+        assert sleeper.poll() is None                     # still alive: not ours, not touched
+        assert not (directory / "ccproxy.pid").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_port_in_use_names_the_owner_and_starts_nothing(tmp_path):
+    directory = tmp_path / "cfg"
+    port = free_port()
+    (directory).mkdir()
+    (directory / "ccproxy.yaml").write_text(f"litellm: {{port: {port}}}\n")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        done = run_cli("start", "--detach", env=cli_env(directory))
+    assert done.returncode == 1
+    assert f"port {port} on 127.0.0.1 is in use by pid {os.getpid()}" in done.stderr
+    assert not (directory / "ccproxy.pid").exists() and not (directory / "ccproxy.log").exists()
+
+
+def test_non_loopback_bind_without_a_key_is_refused(tmp_path):
+    directory = tmp_path / "cfg"
+    directory.mkdir()
+    (directory / "ccproxy.yaml").write_text("litellm: {host: 0.0.0.0}\n")
+    done = run_cli("start", "--detach", env=cli_env(directory))
+    assert done.returncode == 1 and "without a proxy key" in done.stderr
+    assert "proxy_key: true" in done.stderr
+
+
+def test_start_failure_prints_the_log_tail(tmp_path):
+    directory = tmp_path / "cfg"
+    directory.mkdir()
+    (directory / "ccproxy.yaml").write_text(f"litellm: {{port: {free_port()}}}\n")
+    done = run_cli("start", "--detach", "--", "--no-such-litellm-flag", env=cli_env(directory))
+    assert done.returncode == 1
+    assert "exited with code" in done.stderr and "no-such-litellm-flag" in done.stderr
+    assert not (directory / "ccproxy.pid").exists()
+
+
+@slow
+def test_detached_lifecycle_race_status_logs_restart_stop(tmp_path, upstream):
+    directory = tmp_path / "cfg"
+    port = free_port()
+    write_config(directory, upstream, port)
+    (directory / "ccproxy.pid").write_text("garbage")            # cleaned by start
+    env = cli_env(directory)
+    cmd = [sys.executable, str(SCRIPT), "start", "--detach"]
+    full_env = dict(os.environ, **env)
+    racers = [subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True) for _ in range(2)]
+    results = [(p.wait(timeout=240), *p.communicate()) for p in racers]
+    try:
+        codes = sorted(r[0] for r in results)
+        assert codes == [0, 1], results
+        loser = next(r for r in results if r[0] == 1)
+        assert "another `ccproxy start` is running" in loser[2] or "already running" in loser[2]
+        status = run_cli("status", "--json", env=env)
+        report = json.loads(status.stdout)
+        assert status.returncode == 0 and report["running"] and report["url"] == f"http://127.0.0.1:{port}"
+        pid = report["pid"]
+        assert ccproxy.is_our_proxy(pid)
+        assert "live" in report and report["live"]["status"] == "ok"
+        again = run_cli("start", "--detach", env=env)
+        assert again.returncode == 1 and "already running" in again.stderr
+        logs = run_cli("logs", "-n", "200", env=env)
+        assert logs.returncode == 0 and "ccproxy 2" in logs.stdout and "loaded" in logs.stdout
+        restart = run_cli("restart", "--detach", env=env)
+        assert restart.returncode == 0, restart.stderr
+        new_pid = json.loads(run_cli("status", "--json", env=env).stdout)["pid"]
+        assert new_pid != pid and not ccproxy.pid_alive(pid)
+    finally:
+        stop = run_cli("stop", env=env)
+    assert stop.returncode == 0 and "stopped" in stop.stdout
+    assert json.loads(run_cli("status", "--json", env=env).stdout)["running"] is False
+    assert CLIENT_KEY not in (directory / "ccproxy.log").read_text()
+
+
+@slow
+def test_foreground_start_with_proxy_key(tmp_path, upstream):
+    directory = tmp_path / "cfg"
+    port = free_port()
+    write_config(directory, upstream, port)
+    config = yaml.safe_load((directory / "ccproxy.yaml").read_text())
+    config["ccproxy"]["proxy_key"] = True
+    (directory / "ccproxy.yaml").write_text(yaml.safe_dump(config))
+    env = dict(os.environ, **cli_env(directory))
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "start"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while ccproxy.http_get(url + "/health/liveliness")[0] != 200:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.25)
+        key_file = directory / "proxy.key"
+        key = key_file.read_text().strip()
+        assert key.startswith("sk-ccproxy-") and (key_file.stat().st_mode & 0o777) == 0o600
+        status = run_cli("status", "--json", env=cli_env(directory))
+        assert json.loads(status.stdout)["running"] and key not in status.stdout
+        body, headers = cc_request("main")
+        upstream.clear()
+        denied = http("POST", url + "/v1/messages", body, headers)
+        assert denied[0] != 200 and upstream.received() == []
+        headers[ccproxy.PROXY_KEY_HEADER] = f"Bearer {key}"
+        status_code, _h, raw = http("POST", url + "/v1/messages", body, headers)
+        assert status_code == 200, raw[:300]
+        assert upstream.received()[0]["headers"]["x-api-key"] == CLIENT_KEY   # client creds still go up
+        shown = run_cli("run", "sh", "-c", "echo \"$ANTHROPIC_CUSTOM_HEADERS\"", env=cli_env(directory))
+        assert shown.stdout.strip() == f"x-ccproxy-key: Bearer {key}"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert not (directory / "ccproxy.pid").exists()
+    assert key not in out and CLIENT_KEY not in out
+
+
 # ---- Docs and example config ---------------------------------------------------------------
 
 def test_example_config_is_the_builtin_default_and_validates(tmp_path):
