@@ -47,21 +47,12 @@ import argparse
 import bisect
 import collections
 import dataclasses
-import difflib
 import fcntl
-import hashlib
 import importlib
 import inspect
 import json
 import logging
 import os
-import re
-import secrets
-import shlex
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -286,6 +277,7 @@ class Settings:
     openai_chat_completions: bool = True
     preserve_thinking: bool = True
     proxy_key: bool = False
+    shell_notice: bool = True
 
 
 SETTINGS_KEYS = {f.name for f in dataclasses.fields(Settings)} | {"handler", "metrics_enabled"}
@@ -527,6 +519,7 @@ class ConfigProblems:
 
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    import difflib
     close = difflib.get_close_matches(word, sorted(choices), n=1)
     return f" (did you mean `{close[0]}`?)" if close else ""
 
@@ -644,6 +637,7 @@ IMAGE_TOKENS = 1600      # an image or binary document block, whatever its size 
 
 def bundled_tiktoken_dir() -> Path | None:
     """LiteLLM's bundled tiktoken cache directory, found without importing litellm."""
+    import hashlib
     import importlib.util
 
     try:
@@ -1760,6 +1754,7 @@ class OAuthSource:
 
     def load(self, timeout: float) -> bool:
         """Run the command; keep the last good token on failure. True on success."""
+        import subprocess
         try:
             done = subprocess.run(self.command, shell=True, capture_output=True, text=True,
                                   timeout=timeout, stdin=subprocess.DEVNULL)
@@ -2395,6 +2390,8 @@ def pid_alive(pid: int) -> bool:
 
 def process_cmdline(pid: int) -> list[str] | None:
     """The command line of a process, or None if it cannot be read."""
+    import shlex
+    import subprocess
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
         return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
@@ -2532,6 +2529,7 @@ def port_owner(port: int) -> str | None:
 
 def check_port_free(host: str, port: int) -> None:
     """Raise ProcessError naming the owner when host:port cannot be bound."""
+    import socket
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         # As uvicorn does: connections of a stopped proxy left in TIME_WAIT must not count.
@@ -2566,6 +2564,7 @@ def proxy_key(config: Config, create: bool = False) -> str | None:
 
     Kept in `proxy.key` (mode 0600) in the config dir; `create` makes one if missing.
     """
+    import secrets
     if not config.settings.proxy_key or config.directory is None:
         return None
     path = config.directory / PROXY_KEY_FILE
@@ -2694,7 +2693,7 @@ def tail_lines(path: Path, count: int) -> list[str]:
     return data.decode(errors="replace").splitlines()[-count:] if count > 0 else []
 
 
-def wait_until_live(proc: subprocess.Popen, url: str, timeout: float,
+def wait_until_live(proc: Any, url: str, timeout: float,
                     out: Any = None) -> bool:
     """Poll the liveness endpoint until it answers, the process dies, or time runs out."""
     out = out or sys.stderr
@@ -2730,6 +2729,7 @@ def wait_until_live(proc: subprocess.Popen, url: str, timeout: float,
 
 def stop_process(pid: int, deadline: float = 10.0) -> str:
     """SIGTERM the proxy's process group, wait, then SIGKILL; returns how it ended."""
+    import signal
     try:
         pgid = os.getpgid(pid)
     except ProcessLookupError:
@@ -2755,7 +2755,213 @@ def stop_process(pid: int, deadline: float = 10.0) -> str:
 
 
 # ---- Shell ---------------------------------------------------------------------------------
-# Snippets for bash, zsh and fish that wrap `claude` (see `shell`); filled in by cmd_shell.
+# Snippets for bash, zsh and fish that wrap `claude`: when it is invoked (never at a prompt),
+# a PID file read and `kill -0` decide whether the proxy is up. Builtins only, no process.
+
+SHELLS = ("bash", "zsh", "fish")
+RC_MARK_START = "# >>> ccproxy shell integration >>>"
+RC_MARK_END = "# <<< ccproxy shell integration <<<"
+
+POSIX_SNIPPET = r"""# ccproxy shell integration for {shell} (from: {self_cmd} shell {shell})
+# `claude` goes through the proxy at {url} while it runs; otherwise it runs unchanged.
+__ccproxy_url={url_q}
+__ccproxy_pidfile={pidfile_q}
+__ccproxy_keyfile={keyfile_q}
+__ccproxy_notice={notice}
+__ccproxy_up() {{
+  local line pid
+  [ -r "$__ccproxy_pidfile" ] || return 1
+  IFS= read -r line < "$__ccproxy_pidfile" || [ -n "$line" ] || return 1
+  pid=${{line#*\"pid\": }}
+  pid=${{pid%%[,\}}]*}}
+  case "$pid" in ''|*[!0-9]*) return 1 ;; esac
+  kill -0 "$pid" 2>/dev/null
+}}
+if [ -z "${{__ccproxy_wrapped:-}}" ]; then
+  __ccproxy_wrapped=1
+  __ccproxy_alias=
+{capture}
+fi
+__ccproxy_call() {{
+  if [ -n "$__ccproxy_alias" ]; then
+    eval "$__ccproxy_alias \"\$@\""
+  elif {has_orig}; then
+    __ccproxy_orig_claude "$@"
+  else
+    command claude "$@"
+  fi
+}}
+claude() {{
+  if __ccproxy_up; then
+    (
+      export ANTHROPIC_BASE_URL="$__ccproxy_url"
+      if [ -r "$__ccproxy_keyfile" ]; then
+        IFS= read -r __ccproxy_key < "$__ccproxy_keyfile"
+        export ANTHROPIC_CUSTOM_HEADERS="${{ANTHROPIC_CUSTOM_HEADERS:+$ANTHROPIC_CUSTOM_HEADERS
+}}{key_header}: Bearer $__ccproxy_key"
+      fi
+      __ccproxy_call "$@"
+    )
+  else
+    [ "$__ccproxy_notice" = 1 ] && printf '%s\n' "ccproxy: proxy not running, claude talks to its default endpoint" >&2
+    __ccproxy_call "$@"
+  fi
+}}
+ccproxy() {{
+  {ccproxy_cmd} "$@"
+}}
+"""
+
+BASH_CAPTURE = r"""  if alias claude >/dev/null 2>&1; then
+    __ccproxy_alias=${BASH_ALIASES[claude]}
+    unalias claude
+    case "$__ccproxy_alias" in claude|claude[[:space:]]*) __ccproxy_alias="command $__ccproxy_alias" ;; esac
+  elif declare -F claude >/dev/null && ! declare -F __ccproxy_orig_claude >/dev/null; then
+    __ccproxy_def=$(declare -f claude)
+    eval "__ccproxy_orig_claude${__ccproxy_def#claude}"
+    unset __ccproxy_def
+  fi"""
+
+ZSH_CAPTURE = r"""  if (( ${+aliases[claude]} )); then
+    __ccproxy_alias=${aliases[claude]}
+    unalias claude
+    case "$__ccproxy_alias" in claude|claude[[:space:]]*) __ccproxy_alias="command $__ccproxy_alias" ;; esac
+  elif (( ${+functions[claude]} )) && ! (( ${+functions[__ccproxy_orig_claude]} )); then
+    functions[__ccproxy_orig_claude]=${functions[claude]}
+  fi"""
+
+FISH_SNIPPET = r"""# ccproxy shell integration for fish (from: {self_cmd} shell fish)
+# `claude` goes through the proxy at {url} while it runs; otherwise it runs unchanged.
+set -g __ccproxy_url {url_q}
+set -g __ccproxy_pidfile {pidfile_q}
+set -g __ccproxy_keyfile {keyfile_q}
+set -g __ccproxy_notice {notice}
+function __ccproxy_up
+    test -r $__ccproxy_pidfile; or return 1
+    read -l line < $__ccproxy_pidfile; or test -n "$line"; or return 1
+    set -l pid (string match -r '"pid": *([0-9]+)' -- $line)[2]
+    test -n "$pid"; or return 1
+    kill -0 $pid 2>/dev/null
+end
+if not set -q __ccproxy_wrapped
+    set -g __ccproxy_wrapped 1
+    if functions -q claude; and not functions -q __ccproxy_orig_claude
+        functions -c claude __ccproxy_orig_claude
+    end
+end
+function __ccproxy_call
+    if functions -q __ccproxy_orig_claude
+        __ccproxy_orig_claude $argv
+    else
+        command claude $argv
+    end
+end
+function claude --description 'claude through ccproxy when it runs'
+    if __ccproxy_up
+        set -lx ANTHROPIC_BASE_URL $__ccproxy_url
+        set -l key
+        set -l headers
+        test -r $__ccproxy_keyfile; and read key < $__ccproxy_keyfile
+        if test -n "$key"
+            set headers "{key_header}: Bearer $key"
+            if set -q ANTHROPIC_CUSTOM_HEADERS; and test -n "$ANTHROPIC_CUSTOM_HEADERS"
+                set headers "$ANTHROPIC_CUSTOM_HEADERS"\n"$headers"
+            end
+        end
+        test -n "$headers"; and set -lx ANTHROPIC_CUSTOM_HEADERS $headers
+        __ccproxy_call $argv
+    else
+        test "$__ccproxy_notice" = 1; and echo "ccproxy: proxy not running, claude talks to its default endpoint" >&2
+        __ccproxy_call $argv
+    end
+end
+function ccproxy --description 'ccproxy command'
+    {ccproxy_cmd} $argv
+end
+"""
+
+
+def _sh_quote(value: str) -> str:
+    return "'" + value.replace("'", "'\\''") + "'"
+
+
+def _fish_quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def shell_snippet(shell: str, config: Config, config_dir: Path, explicit_dir: bool,
+                  notice: bool = True) -> str:
+    """The integration snippet for one shell (bash, zsh or fish)."""
+    quote = _fish_quote if shell == "fish" else _sh_quote
+    self_cmd = f"{quote(sys.executable)} {quote(str(Path(__file__).resolve()))}"
+    ccproxy_cmd = self_cmd + (f" --config-dir {quote(str(config_dir))}" if explicit_dir else "")
+    values = dict(shell=shell, url=config.url, url_q=quote(config.url),
+                  pidfile_q=quote(str(config_dir / PID_FILE)),
+                  keyfile_q=quote(str(config_dir / PROXY_KEY_FILE)),
+                  notice=1 if notice else 0, self_cmd=self_cmd, ccproxy_cmd=ccproxy_cmd,
+                  key_header=PROXY_KEY_HEADER)
+    if shell == "fish":
+        return FISH_SNIPPET.format(**values)
+    capture = BASH_CAPTURE if shell == "bash" else ZSH_CAPTURE
+    has_orig = ("declare -F __ccproxy_orig_claude >/dev/null" if shell == "bash"
+                else "(( ${+functions[__ccproxy_orig_claude]} ))")
+    return POSIX_SNIPPET.format(capture=capture, has_orig=has_orig, **values)
+
+
+def rc_file(shell: str) -> Path:
+    """The rc file `shell --install` edits for a shell."""
+    home = Path.home()
+    if shell == "zsh":
+        return Path(os.environ.get("ZDOTDIR") or home) / ".zshrc"
+    if shell == "fish":
+        return Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config") / "fish" / \
+            "config.fish"
+    return home / ".bashrc"
+
+
+def rc_block(shell: str, config_dir: Path | None) -> str:
+    """The marked block `shell --install` appends (it sources the snippet, not a copy)."""
+    quote = _fish_quote if shell == "fish" else _sh_quote
+    cmd = f"{quote(sys.executable)} {quote(str(Path(__file__).resolve()))}"
+    if config_dir is not None:
+        cmd += f" --config-dir {quote(str(config_dir))}"
+    line = f"{cmd} shell fish | source" if shell == "fish" else f"source <({cmd} shell {shell})"
+    return f"\n{RC_MARK_START}\n{line}\n{RC_MARK_END}\n"
+
+
+def rc_install(path: Path, block: str) -> bool:
+    """Append the block (or replace a previous one); False when it is already there."""
+    text = path.read_text() if path.exists() else ""
+    old = _rc_block_span(text)
+    if old is not None and text[old[0]:old[1]] == block:
+        return False
+    if old is not None:
+        text = text[:old[0]] + text[old[1]:]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + block)
+    return True
+
+
+def rc_uninstall(path: Path) -> bool:
+    """Remove exactly the block `rc_install` added; False when there is none."""
+    if not path.exists():
+        return False
+    text = path.read_text()
+    span = _rc_block_span(text)
+    if span is None:
+        return False
+    path.write_text(text[:span[0]] + text[span[1]:])
+    return True
+
+
+def _rc_block_span(text: str) -> tuple[int, int] | None:
+    start = text.find("\n" + RC_MARK_START + "\n")
+    if start < 0:
+        return None
+    end = text.find(RC_MARK_END + "\n", start)
+    if end < 0:
+        return None
+    return start, end + len(RC_MARK_END) + 1
 
 
 # ---- CLI -----------------------------------------------------------------------------------
@@ -2776,6 +2982,7 @@ def _config_dir(args: argparse.Namespace) -> Path:
 
 def cmd_install(args: argparse.Namespace) -> int:
     """Write the default config (never over an existing one without --force)."""
+    import shutil
     directory = _config_dir(args)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / CONFIG_FILE
@@ -2823,6 +3030,7 @@ def _prepare_start(args: argparse.Namespace) -> tuple[Config, Path, list[str], d
 
 def cmd_start(args: argparse.Namespace) -> int:
     """Run LiteLLM's proxy with ccproxy's config, in the foreground or detached."""
+    import subprocess
     directory = _config_dir(args)
     directory.mkdir(parents=True, exist_ok=True)
     pidfile = PidFile(directory)
@@ -2864,6 +3072,8 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 def _run_foreground(config: Config, cmd: list[str], env: dict[str, str],
                     pidfile: PidFile) -> int:
+    import signal
+    import subprocess
     proc = subprocess.Popen(cmd, env=env)
     pidfile.write(ProxyState(proc.pid, config.url, time.time(),
                              str(config.directory or ""), tuple(cmd)))
@@ -2988,6 +3198,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run a command with the proxy's URL in ANTHROPIC_BASE_URL and OPENAI_BASE_URL."""
+    import shutil
+    import subprocess
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
@@ -3078,6 +3290,31 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+def cmd_shell(args: argparse.Namespace) -> int:
+    """Print the shell snippet, or add/remove the line that sources it in the rc file."""
+    shell = args.shell_name or args.shell or Path(os.environ.get("SHELL", "")).name
+    if shell not in SHELLS:
+        raise UsageError(f"unknown shell {shell or '(none: $SHELL is empty)'!r}",
+                         f"name one: {', '.join(SHELLS)}")
+    directory, why = find_config_dir(getattr(args, "config_dir", None))
+    explicit = why in ("--config-dir", ENV_CONFIG_DIR)
+    if args.install or args.uninstall:
+        path = rc_file(shell)
+        if args.uninstall:
+            done = rc_uninstall(path)
+            _print(f"removed ccproxy's block from {path}" if done
+                   else f"no ccproxy block in {path}; nothing to remove")
+            return 0
+        done = rc_install(path, rc_block(shell, directory if explicit else None))
+        _print(f"added ccproxy's block to {path}; open a new shell to use it" if done
+               else f"{path} already has ccproxy's block")
+        return 0
+    config = load_config(directory)
+    sys.stdout.write(shell_snippet(shell, config, directory, explicit,
+                                   notice=config.settings.shell_notice))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(
@@ -3125,6 +3362,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("request", nargs="?", help="request JSON file (default: stdin)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("shell", parents=[common], help="shell integration for claude")
+    p.add_argument("shell_name", nargs="?", choices=SHELLS, metavar="SHELL",
+                   help="bash, zsh or fish (default: from $SHELL)")
+    p.add_argument("--shell", choices=SHELLS, help=argparse.SUPPRESS)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--install", action="store_true",
+                       help="add the line that sources the snippet to the shell's rc file")
+    group.add_argument("--uninstall", action="store_true",
+                       help="remove that line (and only that)")
+    p.set_defaults(func=cmd_shell)
 
     p = sub.add_parser("validate", parents=[common], help="check the config")
     p.add_argument("--json", action="store_true", help="machine-readable output")

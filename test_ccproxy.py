@@ -1283,6 +1283,151 @@ def test_foreground_start_with_proxy_key(tmp_path, upstream):
     assert key not in out and CLIENT_KEY not in out
 
 
+# ---- Shell integration (real bash, zsh and fish) -------------------------------------------
+
+FAKE_CLAUDE = """#!/bin/sh
+for a in "$@"; do printf 'ARG[%s]\\n' "$a"; done
+printf 'URL[%s]\\n' "$ANTHROPIC_BASE_URL"
+exit "${FAKE_EXIT:-0}"
+"""
+QUOTED_ARGS = ["a b", "it's", "$HOME", 'x"y', ""]
+
+
+def need_shell(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (CI installs it: apt-get install zsh fish)")
+    return path
+
+
+@pytest.fixture()
+def fake_claude(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "claude").write_text(FAKE_CLAUDE)
+    (bin_dir / "claude").chmod(0o755)
+    return bin_dir
+
+
+def shell_run(shell: str, script: str, bin_dir: Path, **env) -> subprocess.CompletedProcess:
+    full = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", **env)
+    full.pop("ANTHROPIC_BASE_URL", None)
+    return subprocess.run([need_shell(shell), "-c", script], capture_output=True, text=True,
+                          env=full, timeout=60)
+
+
+def source_line(shell: str, directory: Path) -> str:
+    cmd = f"{sys.executable} {SCRIPT} shell {shell} --config-dir {directory}"
+    return f"{cmd} | source" if shell == "fish" else f"source <({cmd})"
+
+
+def call_line(shell: str, args: list[str]) -> str:
+    if shell == "fish":
+        quoted = " ".join("'" + a.replace("\\", "\\\\").replace("'", "\\'") + "'" for a in args)
+    else:
+        quoted = " ".join("'" + a.replace("'", "'\\''") + "'" for a in args)
+    status = "$status" if shell == "fish" else "$?"
+    return f"claude {quoted}; echo RC=" + status
+
+
+def parse_fake(out: str) -> tuple[list[str], str, str]:
+    args = re.findall(r"^ARG\[(.*)\]$", out, re.M)
+    url = re.findall(r"^URL\[(.*)\]$", out, re.M)
+    rc = re.findall(r"^RC=(\d+)$", out, re.M)
+    return args, url[-1] if url else None, rc[-1] if rc else None
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_shell_claude_runs_plain_when_proxy_is_down(shell, tmp_path, fake_claude):
+    directory = tmp_path / "cfg"
+    done = shell_run(shell, source_line(shell, directory) + "\n" + call_line(shell, QUOTED_ARGS),
+                     fake_claude)
+    args, url, rc = parse_fake(done.stdout)
+    assert (args, url, rc) == (QUOTED_ARGS, "", "0"), done.stderr
+    assert "proxy not running" in done.stderr
+    failing = shell_run(shell, source_line(shell, directory) + "\n" + call_line(shell, ["x"]),
+                        fake_claude, FAKE_EXIT="3")
+    assert parse_fake(failing.stdout)[2] == "3"
+
+
+@slow
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_shell_claude_uses_the_running_proxy(shell, proxy, fake_claude):
+    script = source_line(shell, proxy.directory) + "\n" + call_line(shell, QUOTED_ARGS) + \
+        "\ncommand claude direct\n"
+    done = shell_run(shell, script, fake_claude)
+    urls = re.findall(r"^URL\[(.*)\]$", done.stdout, re.M)
+    assert parse_fake(done.stdout)[0][:len(QUOTED_ARGS)] == QUOTED_ARGS
+    assert urls == [proxy.url, ""], done.stderr                 # `command claude` is the real one
+    assert "RC=0" in done.stdout and "proxy not running" not in done.stderr
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_shell_wraps_an_existing_claude_function_and_resourcing_is_safe(shell, tmp_path, fake_claude):
+    directory = tmp_path / "cfg"
+    define = ("function claude; command claude --from-func $argv; end" if shell == "fish"
+              else 'claude() { command claude --from-func "$@"; }')
+    script = "\n".join([define, source_line(shell, directory), source_line(shell, directory),
+                        call_line(shell, ["q"])])
+    done = shell_run(shell, script, fake_claude)
+    assert parse_fake(done.stdout)[:2] == (["--from-func", "q"], ""), done.stderr
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh"])
+def test_shell_wraps_an_existing_alias(shell, tmp_path, fake_claude):
+    directory = tmp_path / "cfg"
+    script = "\n".join(["alias claude='claude --from-alias'",
+                        "setopt aliases 2>/dev/null; shopt -s expand_aliases 2>/dev/null",
+                        source_line(shell, directory), call_line(shell, ["q"])])
+    done = shell_run(shell, script, fake_claude)
+    assert parse_fake(done.stdout)[:2] == (["--from-alias", "q"], ""), done.stderr
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh"])
+def test_shell_adds_no_prompt_hook(shell, tmp_path, fake_claude):
+    probe = "echo PC=${PROMPT_COMMAND:-}" if shell == "bash" else "echo PC=${precmd_functions:-}"
+    done = shell_run(shell, source_line(shell, tmp_path / "cfg") + "\n" + probe, fake_claude)
+    assert done.stdout.strip().endswith("PC="), done.stdout
+    snippet = run_cli("shell", shell, "--config-dir", str(tmp_path)).stdout
+    assert "PROMPT_COMMAND" not in snippet and "precmd" not in snippet
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_shell_install_is_idempotent_and_uninstall_restores_the_file(shell, tmp_path, fake_claude):
+    home = tmp_path / "home"
+    env = {"HOME": str(home), "CCPROXY_CONFIG_DIR": str(tmp_path / "cfg")}
+    rc = {"bash": home / ".bashrc", "zsh": home / ".zshrc",
+          "fish": home / ".config" / "fish" / "config.fish"}[shell]
+    rc.parent.mkdir(parents=True)
+    original = "# my settings\nexport EDITOR=vi\nset x 'no newline at end'"
+    rc.write_text(original)
+    for _ in range(2):
+        done = run_cli("shell", "--install", "--shell", shell, env=dict(env, ZDOTDIR="", XDG_CONFIG_HOME=""))
+        assert done.returncode == 0, done.stderr
+    text = rc.read_text()
+    assert text.count(ccproxy.RC_MARK_START) == 1 and text.startswith(original)
+    # the installed line works: sourcing the rc file gives the wrapped claude
+    script = (f"source {rc}\n" if shell != "fish" else f"source {rc}\n") + call_line(shell, ["z"])
+    ran = shell_run(shell, script.replace("export EDITOR=vi", ""), fake_claude, HOME=str(home))
+    assert parse_fake(ran.stdout)[0] == ["z"] and "proxy not running" in ran.stderr
+    done = run_cli("shell", "--uninstall", "--shell", shell, env=dict(env, ZDOTDIR="", XDG_CONFIG_HOME=""))
+    assert done.returncode == 0 and rc.read_text() == original
+
+
+def test_shell_detects_the_shell_from_env_and_rejects_unknown(tmp_path):
+    done = run_cli("shell", env={"SHELL": "/usr/bin/zsh", "CCPROXY_CONFIG_DIR": str(tmp_path)})
+    assert done.returncode == 0 and "ccproxy shell integration for zsh" in done.stdout
+    done = run_cli("shell", env={"SHELL": "/bin/tcsh", "CCPROXY_CONFIG_DIR": str(tmp_path)})
+    assert done.returncode == 2 and "unknown shell 'tcsh'" in done.stderr
+
+
+def test_shell_snippet_uses_the_configured_url(tmp_path):
+    (tmp_path / "ccproxy.yaml").write_text("litellm: {port: 4999}\nccproxy: {shell_notice: false}\n")
+    snippet = run_cli("shell", "bash", "--config-dir", str(tmp_path)).stdout
+    assert "__ccproxy_url='http://127.0.0.1:4999'" in snippet and "__ccproxy_notice=0" in snippet
+    assert f"__ccproxy_pidfile='{tmp_path}/ccproxy.pid'" in snippet
+
+
 # ---- Docs and example config ---------------------------------------------------------------
 
 def test_example_config_is_the_builtin_default_and_validates(tmp_path):
