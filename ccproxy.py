@@ -298,6 +298,8 @@ class Config:
     ccproxy_file: Path | None = None       # where the `ccproxy:` section came from
     litellm_file: Path | None = None       # the file LiteLLM is started with
     warnings: tuple[str, ...] = ()
+    ccproxy_node: Any = dataclasses.field(default=None, repr=False, compare=False)
+    litellm_node: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def model_list(self) -> list[dict]:
@@ -413,7 +415,7 @@ def load_config(config_dir: str | os.PathLike | None = None) -> Config:
     ccproxy_path = directory / CONFIG_FILE
     litellm_path = directory / LITELLM_CONFIG_FILE
     raw: dict = {}
-    node = None
+    node = lnode = None
     ccproxy_file = litellm_file = None
     if ccproxy_path.is_file():
         data, node = read_yaml(ccproxy_path)
@@ -423,7 +425,7 @@ def load_config(config_dir: str | os.PathLike | None = None) -> Config:
     has_litellm_sections = any(k in raw for k in LITELLM_SECTIONS)
     if has_litellm_sections:
         litellm_raw = {k: v for k, v in raw.items() if k not in ("ccproxy", "litellm")}
-        litellm_file = ccproxy_path
+        litellm_file, lnode = ccproxy_path, node
     elif litellm_path.is_file():
         data, lnode = read_yaml(litellm_path)
         litellm_raw = _expect_mapping(data, litellm_path)
@@ -433,8 +435,9 @@ def load_config(config_dir: str | os.PathLike | None = None) -> Config:
             litellm_raw = {k: v for k, v in raw.items() if k not in ("ccproxy", "litellm")}
     if ccproxy_file is None and litellm_file is None:
         return default_config(directory)
-    return build_config(raw, litellm_raw, directory=directory, ccproxy_file=ccproxy_file,
-                        litellm_file=litellm_file, node=node)
+    config = build_config(raw, litellm_raw, directory=directory, ccproxy_file=ccproxy_file,
+                          litellm_file=litellm_file, node=node)
+    return dataclasses.replace(config, ccproxy_node=node, litellm_node=lnode)
 
 
 def default_config(directory: Path | None = None) -> Config:
@@ -1264,8 +1267,8 @@ def build_rule(spec: RuleSpec, search_dir: Path | None = None) -> Rule:
         pass   # no introspectable signature; let the call decide
     try:
         rule = cls(*spec.args, **spec.params)
-    except RuleError:
-        raise
+    except RuleError as exc:
+        raise RuleError(f"rule `{spec.name}` ({spec.rule}): {exc.args[0]}", exc.hint) from exc
     except (TypeError, ValueError) as exc:
         raise RuleError(f"rule `{spec.name}` ({spec.rule}): {exc}",
                         f"parameters: {_signature_text(cls)}") from exc
@@ -1439,6 +1442,11 @@ def _litellm_params(dep: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 _PROVIDER_CACHE: dict[tuple, str | None] = {}
+# Provider prefixes of `provider/model` names that LiteLLM takes as they are.
+COMMON_PROVIDERS = frozenset({
+    "anthropic", "openai", "custom_openai", "hosted_vllm", "gemini", "vertex_ai", "bedrock",
+    "azure", "openrouter", "deepseek", "ollama", "ollama_chat", "groq", "mistral", "xai",
+    "together_ai", "fireworks_ai", "perplexity", "cohere", "lm_studio", "litellm_proxy"})
 
 
 def provider_of(params: Mapping[str, Any]) -> str | None:
@@ -1450,6 +1458,9 @@ def provider_of(params: Mapping[str, Any]) -> str | None:
     if key in _PROVIDER_CACHE:
         return _PROVIDER_CACHE[key]
     provider: str | None = custom if isinstance(custom, str) else None
+    head = model.split("/", 1)[0] if isinstance(model, str) and "/" in model else ""
+    if provider is None and head in COMMON_PROVIDERS:
+        provider = head      # what LiteLLM decides first too, without importing it
     if provider is None and isinstance(model, str):
         try:
             get_llm_provider = import_litellm().get_llm_provider
@@ -1893,6 +1904,141 @@ def run_pipeline(pipeline: Pipeline, data: dict, **context: Any) -> tuple[dict, 
     return pipeline.run(data, ctx), ctx
 
 
+@dataclasses.dataclass(slots=True)
+class ValidationReport:
+    """Every problem of a config: errors stop `start`, warnings do not."""
+
+    errors: list[str] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when there are no errors."""
+        return not self.errors
+
+
+# Claude Code's own tools: it lists them on every main turn, so matching one matches all turns.
+CLAUDE_CODE_TOOLS = frozenset({
+    "agent", "bash", "edit", "read", "write", "websearch", "webfetch", "notebookedit", "task",
+    "todowrite", "glob", "grep", "skill", "toolsearch", "workflow", "reportfindings"})
+CLAUDE_CODE_DEFAULT_EFFORTS = frozenset({"high", "medium"})
+
+
+def validate_config(config: Config, pipeline: Pipeline | None = None) -> ValidationReport:
+    """Check a config as `start` needs it; every problem with file:line where known."""
+    pipeline = pipeline or Pipeline(config)
+    report = ValidationReport(warnings=list(config.warnings))
+    for problem in pipeline.problems:
+        (report.warnings if " skipped: " in problem else report.errors).append(problem)
+    ccproblems = ConfigProblems(config.ccproxy_file, config.ccproxy_node)
+    lproblems = ConfigProblems(config.litellm_file, config.litellm_node)
+    table = ModelTable(config.model_list)
+    seen: dict[str, str] = {}
+    for i, spec in enumerate(config.settings.rules):
+        keys = ("ccproxy", "rules", i)
+        if spec.name in seen:
+            report.errors.append(f"{ccproblems.where(keys)}: rule name `{spec.name}` is used "
+                                 f"twice (first at {seen[spec.name]}); names must be unique")
+        seen.setdefault(spec.name, ccproblems.where(keys))
+        if spec.name not in table and not isinstance(pipeline_rule(pipeline, spec.name),
+                                                     DefaultRule):
+            report.warnings.append(f"{ccproblems.where(keys)}: rule `{spec.name}` has no "
+                                   f"model_list entry named `{spec.name}`; its requests fall "
+                                   "back to the default route")
+    if not config.settings.default_model_passthrough and "default" not in table:
+        report.errors.append(f"{ccproblems.where(('ccproxy', 'default_model_passthrough'))}: "
+                             "default_model_passthrough is false but model_list has no "
+                             "`default` entry; add one or turn passthrough on")
+    for i, rule in enumerate(pipeline.rules):
+        warning = shadow_warning(rule)
+        if warning:
+            report.warnings.append(f"{ccproblems.where(('ccproxy', 'rules', i))}: {warning}")
+    for provider, source in pipeline.oauth.items():
+        where = ccproblems.where(("ccproxy", "oat_sources", provider))
+        syntax = shell_syntax_error(source.command)
+        if syntax:
+            report.errors.append(f"{where}: oat_sources.{provider}: the command is not valid "
+                                 f"shell: {syntax}")
+        if not known_provider(provider):
+            report.errors.append(f"{where}: oat_sources.{provider}: LiteLLM knows no provider "
+                                 f"`{provider}`{_did_you_mean(provider, _provider_names())}")
+    if config.host not in LOOPBACK_HOSTS and not config.settings.proxy_key \
+            and not _master_key(config):
+        report.errors.append(f"{ccproblems.where(('litellm', 'host'))}: host {config.host} is "
+                             "reachable from other machines but no proxy key is set; set "
+                             "`ccproxy.proxy_key: true` or bind to 127.0.0.1")
+    models = config.litellm.get("model_list")
+    if models is not None and not isinstance(models, list):
+        report.errors.append(f"{lproblems.where(('model_list',))}: model_list must be a list")
+    for i, dep in enumerate(models if isinstance(models, list) else []):
+        if not isinstance(dep, dict) or not isinstance(dep.get("model_name"), str) \
+                or not isinstance(_litellm_params(dep).get("model"), str):
+            report.errors.append(f"{lproblems.where(('model_list', i))}: a model_list entry "
+                                 "needs model_name and litellm_params.model")
+    return report
+
+
+def pipeline_rule(pipeline: Pipeline, name: str) -> Any:
+    """The built rule with this name, if any."""
+    return next((r for r in pipeline.rules if getattr(r, "name", None) == name), None)
+
+
+def shadow_warning(rule: Any) -> str | None:
+    """Why a rule would match every Claude Code turn (and hide the rules after it)."""
+    if isinstance(rule, MatchToolRule) and any(rule.tool_name in t for t in CLAUDE_CODE_TOOLS):
+        hint = " (for web search use WebSearchRule)" if "web" in rule.tool_name else ""
+        return (f"MatchToolRule({rule.tool_name}) matches every Claude Code main turn: Claude "
+                f"Code lists that tool on every request{hint}")
+    if isinstance(rule, ThinkingRule):
+        if "adaptive" in rule.types:
+            return ("ThinkingRule with types [adaptive] matches every Claude Code main turn "
+                    "(Claude Code sends adaptive thinking on every request)")
+        common = CLAUDE_CODE_DEFAULT_EFFORTS.intersection(rule.effort)
+        if common:
+            return (f"ThinkingRule effort {'/'.join(sorted(common))} matches every Claude Code "
+                    "main turn (its defaults: high in 2.1.197, medium in 2.1.332)")
+    if isinstance(rule, TokenCountRule) and rule.threshold < CLAUDE_CODE_BASELINE_TOKENS:
+        return (f"TokenCountRule threshold {rule.threshold:,} is below Claude Code's baseline "
+                f"of about {CLAUDE_CODE_BASELINE_TOKENS:,} tokens (system prompt and tools), "
+                "so it matches every main turn")
+    return None
+
+
+def shell_syntax_error(command: str) -> str | None:
+    """`bash -n` on a command: the first error line, or None (nothing is executed)."""
+    import subprocess
+
+    shell = shutil_which("bash") or "/bin/sh"
+    try:
+        done = subprocess.run([shell, "-n", "-c", command], capture_output=True, text=True,
+                              timeout=5)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"could not check ({exc})"
+    if done.returncode == 0:
+        return None
+    return next((ln.strip() for ln in done.stderr.splitlines() if ln.strip()), "syntax error")
+
+
+def shutil_which(name: str) -> str | None:
+    """shutil.which, imported when needed."""
+    import shutil
+
+    return shutil.which(name)
+
+
+def _provider_names() -> list[str]:
+    try:
+        return [str(getattr(p, "value", p)) for p in import_litellm().provider_list]
+    except ImportError:
+        return []
+
+
+def known_provider(provider: str) -> bool:
+    """True if LiteLLM knows the provider name (or LiteLLM is not installed to ask)."""
+    names = _provider_names()
+    return not names or provider in names
+
+
 def route_request(request: dict, config: Config | None = None,
                   headers: Mapping[str, str] | None = None) -> RequestContext:
     """Decide where a request would go without changing it (what `explain` shows)."""
@@ -1996,7 +2142,7 @@ def _make_handler_class() -> type:
                      len(self.pipeline.rules),
                      ", ".join(getattr(r, "name", "?") for r in self.pipeline.rules) or "none",
                      ", ".join(n for n, _f, _p in self.pipeline.hooks) or "none", files)
-            load_oauth_sources(self.pipeline, required=False)
+            load_oauth_sources(self.pipeline, required=config.settings.oauth_required)
             BACKGROUND.start(self.pipeline)
             self._http: Any = None
             install_routes(self)
@@ -3001,12 +3147,16 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 def _prepare_start(args: argparse.Namespace) -> tuple[Config, Path, list[str], dict[str, str]]:
     config = _config_for(args)
-    pipeline = Pipeline(config)
-    errors = [p for p in pipeline.problems if " skipped: " not in p]
-    if errors:
-        raise ConfigError("the config has problems:\n  " + "\n  ".join(errors),
-                          "fix them (python ccproxy.py validate lists every problem)")
     check_bind_security(config)
+    pipeline = Pipeline(config)
+    report = validate_config(config, pipeline)
+    if not report.ok:
+        raise ConfigError("the config has problems:\n  " + "\n  ".join(report.errors),
+                          "fix them (python ccproxy.py validate lists every problem)")
+    for warning in report.warnings:
+        _print(f"warning: {warning}", err=True)
+    if config.settings.oauth_required and pipeline.oauth:
+        load_oauth_sources(pipeline, required=True)
     if config.directory is not None:
         legacy = config.directory / "ccproxy.py"
         if legacy.is_file() and legacy.resolve() != Path(__file__).resolve():
@@ -3275,19 +3425,30 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check the config and report every problem with file and line."""
-    config = _config_for(args)
-    pipeline = Pipeline(config)
-    errors = [p for p in pipeline.problems if " skipped: " not in p]
-    warnings = list(config.warnings) + [p for p in pipeline.problems if " skipped: " in p]
-    if args.json:
-        _print(json.dumps({"ok": not errors, "errors": errors, "warnings": warnings}, indent=2))
+    try:
+        config = _config_for(args)
+    except ConfigError as exc:
+        errors = str(exc).split("\n  -> ")[0].split("; ")
+        report = ValidationReport(errors=errors)
+        config = None
     else:
-        for e in errors:
+        report = validate_config(config)
+    if args.json:
+        _print(json.dumps({"ok": report.ok, "errors": report.errors,
+                           "warnings": report.warnings,
+                           "files": [str(f) for f in config.files] if config else []},
+                          indent=2))
+    else:
+        for e in report.errors:
             _print(f"error: {e}")
-        for w in warnings:
+        for w in report.warnings:
             _print(f"warning: {w}")
-        _print("config OK" if not errors else f"{len(errors)} error(s)")
-    return 1 if errors else 0
+        if report.ok:
+            _print("config OK" + (f" ({len(report.warnings)} warning(s))" if report.warnings
+                                  else ""))
+        else:
+            _print(f"{len(report.errors)} error(s): fix them, then run validate again")
+    return 0 if report.ok else 1
 
 
 def cmd_shell(args: argparse.Namespace) -> int:

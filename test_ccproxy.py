@@ -1077,6 +1077,139 @@ def test_health_route_reports_live_figures(proxy):
     assert report["requests"] >= 1 and report["routes"]["background"] >= 1
 
 
+# ---- Validation and explain ------------------------------------------------------------------
+
+BROKEN_CONFIG = """\
+litellm:
+  host: 0.0.0.0
+ccproxy:
+  default_model_passthrough: false
+  oat_sources:
+    anthropic: "jq -r '.token' ~/creds.json | ("
+    anthropik: "echo token"
+  hooks:
+    - rule_evaluator
+    - model_router
+    - ccproxy.hooks.no_such_hook
+  rules:
+    - name: web_search
+      rule: ccproxy.rules.MatchToolRule
+      params:
+        - tool_name: WebSearch
+    - name: think
+      rule: ThinkingRule
+      params: {types: [adaptive]}
+    - name: long
+      rule: TokenCountRule
+      params: {threshold: 10000}
+    - name: long
+      rule: TokenCountRule
+      params: {threshold: "60k"}
+    - name: custom
+      rule: my_rules.NoSuchRule
+    - name: bg
+      rule: MatchModelRule
+      params: {model: haiku}
+  retries: 3
+model_list:
+  - model_name: web_search
+    litellm_params: {model: anthropic/x}
+  - model_name: think
+    litellm_params: {}
+"""
+
+
+def test_validate_reports_every_problem_with_its_line(tmp_path):
+    (tmp_path / "ccproxy.yaml").write_text(BROKEN_CONFIG)
+    done = run_cli("validate", "--json", "--config-dir", str(tmp_path))
+    assert done.returncode == 1, done.stderr
+    report = json.loads(done.stdout)
+    f = str(tmp_path / "ccproxy.yaml")
+    errors, warnings = "\n".join(report["errors"]), "\n".join(report["warnings"])
+    expected_errors = [
+        f"{f}:11: unknown hook `ccproxy.hooks.no_such_hook`",
+        f"{f}:23: rule `long` (TokenCountRule): TokenCountRule: threshold must be a whole number of tokens, got '60k'",
+        f"{f}:26: cannot import rule `my_rules.NoSuchRule`",
+        f"{f}:28: rule `bg` (MatchModelRule): bad params: missing a required argument: 'model_name'",
+        f"{f}:23: rule name `long` is used twice (first at {f}:20)",
+        f"{f}:4: default_model_passthrough is false but model_list has no `default` entry",
+        f"{f}:6: oat_sources.anthropic: the command is not valid shell",
+        f"{f}:7: oat_sources.anthropik: LiteLLM knows no provider `anthropik` (did you mean `anthropic`?)",
+        f"{f}:2: host 0.0.0.0 is reachable from other machines but no proxy key is set",
+        f"{f}:35: a model_list entry needs model_name and litellm_params.model",
+    ]
+    for e in expected_errors:
+        assert e in errors, e
+    expected_warnings = [
+        f"{f}:31: unknown key `ccproxy.retries`",
+        f"{f}:13: MatchToolRule(websearch) matches every Claude Code main turn",
+        "(for web search use WebSearchRule)",
+        f"{f}:17: ThinkingRule with types [adaptive] matches every Claude Code main turn",
+        f"{f}:20: TokenCountRule threshold 10,000 is below Claude Code's baseline",
+        f"{f}:20: rule `long` has no model_list entry named `long`; its requests fall back to the default route",
+    ]
+    for w in expected_warnings:
+        assert w in warnings, w
+    text = run_cli("validate", "--config-dir", str(tmp_path))
+    assert text.returncode == 1 and "error(s): fix them" in text.stdout
+
+
+def test_validate_passes_with_warnings_only(tmp_path):
+    (tmp_path / "ccproxy.yaml").write_text(
+        "ccproxy:\n  rules:\n    - {name: nowhere, rule: DefaultRule}\n    - {name: big, rule: TokenCountRule, params: {threshold: 5000}}\n")
+    done = run_cli("validate", "--config-dir", str(tmp_path))
+    assert done.returncode == 0 and "config OK (2 warning(s))" in done.stdout
+
+
+def test_start_refuses_an_invalid_config_before_spawning(tmp_path):
+    (tmp_path / "ccproxy.yaml").write_text(BROKEN_CONFIG.replace("0.0.0.0", "127.0.0.1"))
+    t = time.monotonic()
+    done = run_cli("start", "--detach", "--config-dir", str(tmp_path))
+    assert done.returncode == 1 and "the config has problems" in done.stderr
+    assert time.monotonic() - t < 30 and not (tmp_path / "ccproxy.log").exists()
+
+
+def test_unreadable_config_is_a_clear_error(tmp_path):
+    (tmp_path / "ccproxy.yaml").write_text("ccproxy: [unclosed\n")
+    done = run_cli("validate", "--config-dir", str(tmp_path))
+    assert done.returncode == 1 and "invalid YAML" in done.stdout
+
+
+@pytest.mark.parametrize("release", ["2.1.197", "2.1.332"])
+def test_explain_shows_verdicts_label_route_and_auth(tmp_path, release):
+    body, headers = cc_request("long", release)
+    request = tmp_path / "req.json"
+    request.write_text(json.dumps({"path": "/v1/messages", "headers": headers, "body": body}))
+    cfg = tmp_path / "cfg"
+    done = run_cli("explain", str(request), "--config-dir", str(cfg))
+    assert done.returncode == 0, done.stderr
+    count = ccproxy.TokenCounter().count_request(body)[0]
+    assert f"TokenCountRule(120000) [long_context]: {count:,} tokens <= 120,000 -> no match" in done.stdout
+    assert "label: default" in done.stdout and "passthrough of the requested model" in done.stdout
+    assert "auth: client x-api-key forwarded" in done.stdout
+    assert CLIENT_KEY not in done.stdout
+    as_json = json.loads(run_cli("explain", "--json", "--config-dir", str(cfg), input=json.dumps(body)).stdout)
+    assert as_json["decision"]["label"] == "default"
+    assert [r["name"] for r in as_json["rules"]] == ["background", "web_search", "long_context", "think"]
+    think, _ = cc_request("think", release)
+    out = run_cli("explain", "--config-dir", str(cfg), input=json.dumps(think)).stdout
+    assert "effort max -> match" in out and "route: model_list entry `think` -> anthropic/claude-opus-5-5" in out
+
+
+@pytest.mark.skipif(not HAVE_FIXTURES, reason="../shared/fixtures/claude-code is not present")
+@pytest.mark.parametrize("name", [n for n in fixture_names() if FIXTURE_ROUTES.get(n)])
+def test_explain_on_captured_requests(name, capsys):
+    assert ccproxy.main(["explain", "--json", str(FIXTURES / name), "--config-dir", "/nonexistent-ccproxy"]) == 0
+    assert json.loads(capsys.readouterr().out)["decision"]["label"] == FIXTURE_ROUTES[name]
+
+
+def test_explain_rejects_bad_input(tmp_path):
+    done = run_cli("explain", "--config-dir", str(tmp_path), input="not json")
+    assert done.returncode == 2 and "is not JSON" in done.stderr
+    done = run_cli("explain", str(tmp_path / "missing.json"), "--config-dir", str(tmp_path))
+    assert done.returncode == 2 and "cannot read" in done.stderr
+
+
 # ---- Process and CLI ------------------------------------------------------------------------
 
 def cli_env(directory: Path, **extra) -> dict:
