@@ -1789,6 +1789,16 @@ class OAuthSource:
         self.failures += 1
         return False
 
+    def refresh_after_401(self, timeout: float, min_age: float = 2.0) -> bool:
+        """Reload after the upstream rejected the token; concurrent 401s reload once."""
+        with _OAUTH_LOCK:
+            if time.time() - self.loaded_at < min_age and self.token:
+                return True      # another request just refreshed it
+            return self.load(timeout)
+
+
+_OAUTH_LOCK = threading.Lock()
+
 
 class Pipeline:
     """Rules, hooks and the model table built from one Config; runs hooks for a request."""
@@ -2302,6 +2312,30 @@ def _make_handler_class() -> type:
                 with self.stats.lock:
                     self.stats.failures[label] += 1
 
+        async def async_post_call_failure_deployment_hook(self, request_data: Mapping[str, Any],
+                                                          exception: Exception, call_type: Any,
+                                                          **kwargs: Any) -> None:
+            """An upstream 401 for a token from oat_sources: get a fresh one now.
+
+            LiteLLM awaits this after each failed upstream attempt, so the refresh is done
+            before the next request uses the token.
+            """
+            if getattr(exception, "status_code", None) != 401:
+                return
+            meta = request_data.get("litellm_metadata") or request_data.get("metadata") or {}
+            ours = meta.get(METADATA_KEY) if isinstance(meta, Mapping) else None
+            provider = ours.get("oauth_provider") if isinstance(ours, dict) else None
+            source = self.pipeline.oauth.get(provider) if provider else None
+            if source is None:
+                return
+            import asyncio
+
+            ok = await asyncio.to_thread(source.refresh_after_401,
+                                         self.config.settings.oauth_timeout)
+            log.warning("upstream answered 401 for the oauth token of %s; %s", provider,
+                        "fetched a fresh one for the next requests" if ok
+                        else f"refreshing failed ({source.error})")
+
         async def async_log_success_event(self, kwargs: dict, response_obj: Any,
                                           start_time: Any, end_time: Any) -> None:
             """Forget the finished request's stored decision."""
@@ -2403,6 +2437,9 @@ def load_oauth_sources(pipeline: Pipeline, required: bool) -> list[str]:
 # once per process, stopped by its event (and with the process, being a daemon).
 
 
+OAUTH_RETRY_BASE = 5.0
+
+
 class Background:
     """One daemon thread running periodic upkeep for a pipeline."""
 
@@ -2440,6 +2477,14 @@ class Background:
             return 60.0
         return max(0.05, min(60.0, pipeline.config.settings.metadata_ttl / 2))
 
+    @staticmethod
+    def retry_delay(source: OAuthSource, interval: float) -> float:
+        """Seconds until the next run: the interval after success; after failures a backoff
+        of OAUTH_RETRY_BASE, doubling each time, up to the interval."""
+        if source.failures == 0:
+            return interval
+        return min(interval, OAUTH_RETRY_BASE * 2 ** min(source.failures - 1, 16))
+
     def _loop(self) -> None:
         next_refresh: dict[str, float] = {}
         while not self._stop.wait(self._interval()):
@@ -2456,13 +2501,11 @@ class Background:
             return
         now = time.monotonic()
         for provider, source in pipeline.oauth.items():
-            due = next_refresh.setdefault(provider, now + interval)
+            due = next_refresh.setdefault(provider, now + self.retry_delay(source, interval))
             if now < due:
                 continue
             ok = source.load(pipeline.config.settings.oauth_timeout)
-            # Failing sources retry sooner, backing off 5 s, 10 s, 20 s... up to the interval.
-            next_refresh[provider] = now + (interval if ok else
-                                            min(interval, 5.0 * 2 ** min(source.failures - 1, 8)))
+            next_refresh[provider] = now + self.retry_delay(source, interval)
             if not ok:
                 log.warning("oauth refresh for %s failed (%s); keeping the last good token",
                             provider, source.error)

@@ -1210,6 +1210,139 @@ def test_explain_rejects_bad_input(tmp_path):
     assert done.returncode == 2 and "cannot read" in done.stderr
 
 
+# ---- OAuth ------------------------------------------------------------------------------------
+
+OAUTH_TOKEN_1 = "sk-ant-oat01-first-secret-token"
+OAUTH_TOKEN_2 = "sk-ant-oat01-second-secret-token"
+
+
+@pytest.fixture(scope="module")
+def oauth_proxy(upstream, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("oauth")
+    token_file = directory / "token"
+    token_file.write_text(OAUTH_TOKEN_1 + "\n")
+    port = free_port()
+    write_config(directory, upstream, port)
+    config = yaml.safe_load((directory / "ccproxy.yaml").read_text())
+    config["ccproxy"].update({
+        "hooks": ["rule_evaluator", "model_router", "forward_apikey", "forward_oauth"],
+        "oauth_timeout": 1, "oauth_refresh_interval": 3600,
+        "oat_sources": {
+            "anthropic": {"command": f"cat {token_file}", "user_agent": "ccproxy-test/1.0"},
+            "openai": "echo 'token store locked' >&2; exit 3",
+            "gemini": "sleep 30",
+            "deepseek": "true",
+        }})
+    (directory / "ccproxy.yaml").write_text(yaml.safe_dump(config))
+    run = Proxy(directory, port)
+    run.token_file = token_file
+    run.start()
+    yield run
+    run.stop()
+
+
+@slow
+def test_failing_oauth_sources_warn_once_each_and_the_proxy_still_serves(oauth_proxy):
+    log = oauth_proxy.log()
+    assert "oauth source for openai failed (exit code 3: token store locked)" in log
+    assert "oauth source for gemini failed (timed out after 1s)" in log
+    assert "oauth source for deepseek failed (printed nothing)" in log
+    assert log.count("oauth source for openai failed") == 1
+    assert "oauth token for anthropic loaded" in log
+    health = json.loads(http("GET", oauth_proxy.url + "/ccproxy/health")[2])
+    assert health["oauth"] == {"anthropic": "ok", "openai": "exit code 3: token store locked",
+                               "gemini": "timed out after 1s", "deepseek": "printed nothing"}
+
+
+@slow
+def test_oauth_token_goes_to_its_provider_and_the_client_header_wins(oauth_proxy, clean_upstream):
+    body, headers = cc_request("main")
+    headers.pop("x-api-key")
+    status, _h, raw = oauth_proxy.messages(body, headers)
+    assert status == 200, raw[:300]
+    got = clean_upstream.received()[0]["headers"]
+    assert got["authorization"] == f"Bearer {OAUTH_TOKEN_1}" and got["user-agent"] == "ccproxy-test/1.0"
+    # the client's own Authorization wins over the cached token
+    headers["authorization"] = "Bearer sk-ant-oat01-client-own"
+    clean_upstream.clear()
+    oauth_proxy.messages(body, headers)
+    assert clean_upstream.received()[0]["headers"]["authorization"] == "Bearer sk-ant-oat01-client-own"
+    # an OpenAI-compatible route never sees the Anthropic token
+    long_body, long_headers = cc_request("long")
+    long_headers.pop("x-api-key")
+    clean_upstream.clear()
+    oauth_proxy.messages(long_body, long_headers)
+    assert OAUTH_TOKEN_1 not in json.dumps(clean_upstream.received()[0]["headers"])
+
+
+@slow
+def test_upstream_401_refreshes_the_oauth_token(oauth_proxy, clean_upstream):
+    def reject_old_token(record):
+        if record["headers"].get("authorization") == f"Bearer {OAUTH_TOKEN_1}":
+            return 401, {"type": "error", "error": {"type": "authentication_error",
+                                                     "message": "OAuth token has expired"}}
+        return None
+    clean_upstream.scripts.append(reject_old_token)
+    oauth_proxy.token_file.write_text(OAUTH_TOKEN_2 + "\n")      # the CLI renewed it meanwhile
+    body, headers = cc_request("main")
+    headers.pop("x-api-key")
+    body["stream"] = False
+    first = oauth_proxy.messages(body, headers)
+    assert first[0] == 401
+    second = oauth_proxy.messages(body, headers)
+    assert second[0] == 200, second[2][:300]
+    assert clean_upstream.received()[-1]["headers"]["authorization"] == f"Bearer {OAUTH_TOKEN_2}"
+    log = oauth_proxy.log()
+    assert "upstream answered 401 for the oauth token of anthropic; fetched a fresh one" in log
+    for secret in (OAUTH_TOKEN_1, OAUTH_TOKEN_2, CLIENT_KEY):
+        assert secret not in log
+    status = run_cli("status", "--json", "--config-dir", str(oauth_proxy.directory))
+    assert OAUTH_TOKEN_2 not in status.stdout and '"anthropic": "ok"' in status.stdout
+
+
+def test_oauth_required_makes_a_failing_source_fatal_at_start(tmp_path):
+    (tmp_path / "ccproxy.yaml").write_text(
+        "ccproxy:\n  oauth_required: true\n  oat_sources:\n    anthropic: \"echo nope >&2; exit 4\"\n")
+    done = run_cli("start", "--detach", "--config-dir", str(tmp_path))
+    assert done.returncode == 1
+    assert "oauth source for anthropic failed (exit code 4: nope)" in done.stderr
+    assert not (tmp_path / "ccproxy.log").exists()
+
+
+def test_oauth_source_keeps_the_last_good_token(tmp_path):
+    token = tmp_path / "t"
+    token.write_text("tok-good\n")
+    source = ccproxy.OAuthSource("anthropic", f"cat {token}")
+    assert source.load(5) and source.token == "tok-good"
+    token.unlink()
+    assert not source.load(5) and source.token == "tok-good" and source.failures == 1
+    assert "exit code 1" in source.error
+
+
+def test_background_refresh_backs_off_on_failure(tmp_path, monkeypatch):
+    monkeypatch.setattr(ccproxy, "OAUTH_RETRY_BASE", 0.05)
+    config = ccproxy.default_config()
+    settings = ccproxy.dataclasses.replace(config.settings, metadata_ttl=0.02,
+                                           oauth_refresh_interval=3600)
+    pipeline = ccproxy.Pipeline(ccproxy.dataclasses.replace(config, settings=settings))
+    counter = tmp_path / "count"
+    source = ccproxy.OAuthSource("anthropic", f"echo x >> {counter}; exit 1")
+    assert not source.load(5)                       # failed at start-up
+    pipeline.oauth["anthropic"] = source
+    worker = ccproxy.Background()
+    worker.start(pipeline)
+    try:
+        time.sleep(1.0)
+    finally:
+        worker.stop()
+    runs = counter.read_text().count("x")
+    # 0.05, 0.1, 0.2, 0.4 s...: a handful of retries in a second, not one every sweep (50)
+    assert 3 <= runs <= 6, runs
+    assert ccproxy.Background.retry_delay(source, 300) == min(300, 0.05 * 2 ** (source.failures - 1))
+    source.failures = 0
+    assert ccproxy.Background.retry_delay(source, 300) == 300
+
+
 # ---- Process and CLI ------------------------------------------------------------------------
 
 def cli_env(directory: Path, **extra) -> dict:
