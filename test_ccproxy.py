@@ -109,6 +109,8 @@ class FakeUpstream:
             result = script(record)
             if result is not None:
                 status, reply = result
+                if status == 200 and reply.get("type") == "message" and body.get("stream"):
+                    return status, "text/event-stream", sse(message_events(reply))
                 return status, "application/json", json.dumps(reply).encode()
         model = body.get("model", "?")
         if path.startswith("/v1/messages/count_tokens"):
@@ -134,26 +136,40 @@ def anthropic_message(model: str, text: str, input_tokens: int) -> dict:
             "stop_sequence": None, "usage": {"input_tokens": input_tokens, "output_tokens": 5}}
 
 
+def message_events(message: dict) -> list[tuple[str, dict]]:
+    """A complete Anthropic message as the SSE events that stream it."""
+    start = dict(message, content=[], stop_reason=None, stop_sequence=None,
+                 usage=dict(message["usage"], output_tokens=1))
+    events = [("message_start", {"type": "message_start", "message": start})]
+    for i, block in enumerate(message["content"]):
+        kind = block["type"]
+        if kind == "text":
+            first, deltas = {"type": "text", "text": ""}, [{"type": "text_delta", "text": block["text"]}]
+        elif kind == "tool_use":
+            first = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
+            deltas = [{"type": "input_json_delta", "partial_json": json.dumps(block["input"])}]
+        elif kind == "thinking":
+            first = {"type": "thinking", "thinking": "", "signature": ""}
+            deltas = [{"type": "thinking_delta", "thinking": block["thinking"]},
+                      {"type": "signature_delta", "signature": block["signature"]}]
+        else:
+            first, deltas = block, []
+        events.append(("content_block_start", {"type": "content_block_start", "index": i, "content_block": first}))
+        events += [("content_block_delta", {"type": "content_block_delta", "index": i, "delta": d}) for d in deltas]
+        events.append(("content_block_stop", {"type": "content_block_stop", "index": i}))
+    events.append(("message_delta", {"type": "message_delta",
+                                     "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
+                                     "usage": {"output_tokens": message["usage"]["output_tokens"]}}))
+    events.append(("message_stop", {"type": "message_stop"}))
+    return events
+
+
 def sse(events: list[tuple[str, dict]]) -> bytes:
     return "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events).encode()
 
 
 def anthropic_sse(model: str, text: str, input_tokens: int) -> bytes:
-    start = anthropic_message(model, "", input_tokens)
-    start["content"], start["stop_reason"] = [], None
-    start["usage"] = {"input_tokens": input_tokens, "output_tokens": 1}
-    return sse([
-        ("message_start", {"type": "message_start", "message": start}),
-        ("content_block_start", {"type": "content_block_start", "index": 0,
-                                 "content_block": {"type": "text", "text": ""}}),
-        ("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                 "delta": {"type": "text_delta", "text": text}}),
-        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
-        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn",
-                                                              "stop_sequence": None},
-                           "usage": {"output_tokens": 5}}),
-        ("message_stop", {"type": "message_stop"}),
-    ])
+    return sse(message_events(anthropic_message(model, text, input_tokens)))
 
 
 def openai_message(model: str, text: str, prompt_tokens: int) -> dict:
@@ -1075,6 +1091,103 @@ def test_health_route_reports_live_figures(proxy):
     assert status == 200 and report["status"] == "ok" and report["tokenizer"] == "cl100k_base"
     assert report["rules"] == ["background", "web_search", "long_context", "think", "cheap"]
     assert report["requests"] >= 1 and report["routes"]["background"] >= 1
+
+
+# ---- The real Claude Code CLI against the proxy ---------------------------------------------
+
+CLAUDE_CODE_VERSIONS = ("2.1.197", "2.1.332")    # pinned; .ci/run installs the same ones
+CLAUDE_DEFAULT_MODEL = {"2.1.197": "claude-opus-4-8", "2.1.332": "claude-opus-5-5"}
+
+
+def claude_code_dir(version: str) -> Path:
+    base = Path(os.environ.get("CCPROXY_CLAUDE_CACHE") or Path.home() / ".cache" / "ccproxy-tests")
+    return base / f"claude-code-{version}"
+
+
+def claude_code_binary(version: str) -> Path:
+    """The Claude Code CLI of this exact version, installed with npm on first use."""
+    binary = claude_code_dir(version) / "node_modules" / ".bin" / "claude"
+    if not binary.exists():
+        npm = shutil.which("npm")
+        if npm is None:
+            pytest.skip("npm is not installed, so the Claude Code CLI cannot be installed")
+        done = subprocess.run([npm, "install", "--prefix", str(claude_code_dir(version)), "--no-audit",
+                               "--no-fund", f"@anthropic-ai/claude-code@{version}"],
+                              capture_output=True, text=True, timeout=600)
+        if done.returncode != 0 or not binary.exists():
+            pytest.skip(f"could not install @anthropic-ai/claude-code@{version}: {done.stderr[-300:]}")
+    return binary
+
+
+def upstream_message(body: dict, content: list, stop: str = "end_turn") -> tuple[int, dict]:
+    return 200, {"id": "msg_cc", "type": "message", "role": "assistant", "model": body["model"],
+                 "content": content, "stop_reason": stop, "stop_sequence": None,
+                 "usage": {"input_tokens": 100, "output_tokens": 5}}
+
+
+def claude_code_script(record: dict):
+    """The fake upstream's part in a Claude Code session: tool calls on cue, then answers."""
+    body = record["body"]
+    if not record["path"].startswith("/v1/messages") or "count_tokens" in record["path"]:
+        return None
+    if any(str(t.get("type", "")).startswith("web_search") for t in body.get("tools") or []):
+        return upstream_message(body, [{"type": "text", "text": "LiteLLM is an LLM proxy."}])
+    last = next((m for m in reversed(body.get("messages") or []) if m.get("role") == "user"), {})
+    blocks = last.get("content") if isinstance(last.get("content"), list) else \
+        [{"type": "text", "text": str(last.get("content", ""))}]
+    results = [b for b in blocks if b.get("type") == "tool_result"]
+    if results:
+        return upstream_message(body, [{"type": "text", "text": "tool said: " + json.dumps(results[0].get("content"))[:300]}])
+    text = json.dumps(blocks)
+    if "RUN-TOOL" in text:
+        return upstream_message(body, [{"type": "tool_use", "id": "toolu_cc1", "name": "Bash",
+                                        "input": {"command": "echo ccproxy-tool-ok", "description": "Print a marker"}}],
+                                "tool_use")
+    if "SEARCH-WEB" in text:
+        return upstream_message(body, [{"type": "tool_use", "id": "toolu_ws1", "name": "WebSearch",
+                                        "input": {"query": "what is litellm"}}], "tool_use")
+    return None
+
+
+CLAUDE_SCENARIOS = {   # name -> (claude arguments, routes the upstream must see, text in the output)
+    "plain": (["-p", "say hello"], ["default"], "answer from {default}"),
+    "haiku": (["-p", "say hello", "--model", "haiku"], ["up-background"], "answer from up-background"),
+    "effort": (["-p", "think hard", "--effort", "max"], ["up-think"], "answer from up-think"),
+    "tool": (["-p", "RUN-TOOL now", "--allowedTools", "Bash"], ["default", "default"], "ccproxy-tool-ok"),
+    "web_search": (["-p", "SEARCH-WEB now", "--allowedTools", "WebSearch"],
+                   ["default", "up-search", "default"], "LiteLLM is an LLM proxy."),
+}
+
+
+@slow
+@pytest.mark.parametrize("scenario", list(CLAUDE_SCENARIOS))
+@pytest.mark.parametrize("version", CLAUDE_CODE_VERSIONS)
+def test_real_claude_code_through_the_proxy(proxy, clean_upstream, tmp_path, version, scenario):
+    binary = claude_code_binary(version)
+    args, routes, expected = CLAUDE_SCENARIOS[scenario]
+    default = CLAUDE_DEFAULT_MODEL[version]
+    clean_upstream.scripts.append(claude_code_script)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE_"))}
+    env.update(HOME=str(home), ANTHROPIC_BASE_URL=proxy.url, ANTHROPIC_API_KEY=CLIENT_KEY,
+               DISABLE_TELEMETRY="1", CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1",
+               DISABLE_AUTOUPDATER="1", DISABLE_ERROR_REPORTING="1")
+    done = subprocess.run([str(binary), *args], env=env, capture_output=True, text=True,
+                          timeout=180, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert expected.format(default=default) in done.stdout
+    got = [r for r in clean_upstream.received("/v1/messages") if "count_tokens" not in r["path"]]
+    assert [r["body"]["model"] for r in got] == [default if m == "default" else m for m in routes]
+    assert all(r["headers"]["x-api-key"] == CLIENT_KEY for r in got if r["body"]["model"] != "up-long")
+    if scenario == "tool":
+        assert got[1]["body"]["messages"][-1]["content"][0]["type"] == "tool_result"
+
+
+def test_ci_pins_the_tested_claude_code_versions():
+    ci = (HERE / ".ci" / "run").read_text()
+    for version in CLAUDE_CODE_VERSIONS:
+        assert f"@anthropic-ai/claude-code@{version}" in ci or version in ci
 
 
 # ---- Validation and explain ------------------------------------------------------------------
