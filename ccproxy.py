@@ -1978,6 +1978,9 @@ def validate_config(config: Config, pipeline: Pipeline | None = None) -> Validat
                              "reachable from other machines but no proxy key is set; set "
                              "`ccproxy.proxy_key: true` or bind to 127.0.0.1")
     models = config.litellm.get("model_list")
+    if not models:
+        report.warnings.append(f"{lproblems.where(('model_list',))}: model_list is empty: "
+                               "LiteLLM has no model to send requests to")
     if models is not None and not isinstance(models, list):
         report.errors.append(f"{lproblems.where(('model_list',))}: model_list must be a list")
     for i, dep in enumerate(models if isinstance(models, list) else []):
@@ -2067,14 +2070,25 @@ THINKING_PASSTHROUGH = {"supports_adaptive_thinking": True, "supports_legacy_thi
                         "thinking_always_on": False, "litellm_provider": "anthropic"}
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of each line."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def setup_logging(debug: bool = False) -> None:
     """Send ccproxy's log lines to stderr (the proxy log), once per process."""
-    if not any(getattr(h, "_ccproxy", False) for h in log.handlers):
-        stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(logging.Formatter("%(asctime)s ccproxy %(levelname)s %(message)s",
-                                              "%H:%M:%S"))
-        stream._ccproxy = True   # type: ignore[attr-defined]
-        log.addHandler(stream)
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler_ = _StderrHandler()
+        handler_.setFormatter(logging.Formatter("%(asctime)s ccproxy %(levelname)s %(message)s",
+                                                "%H:%M:%S"))
+        log.addHandler(handler_)
         log.propagate = False
     log.setLevel(logging.DEBUG if debug else logging.INFO)
 
@@ -2653,14 +2667,6 @@ class PidFile:
             self.path.unlink()
         except FileNotFoundError:
             pass
-
-    def clean(self) -> str | None:
-        """Remove a corrupt or stale PID file; returns the message explaining why."""
-        state, problem = self.read()
-        if state is None and problem is not None:
-            self.remove()
-            return f"{problem}; removed it"
-        return None
 
 
 class StartLock:

@@ -425,6 +425,15 @@ def proxy(upstream, tmp_path_factory):
     run.stop()
 
 
+@pytest.fixture(autouse=True)
+def ccproxy_log_propagates():
+    """ccproxy's logger stops propagating once a handler is set up; let caplog see it."""
+    before = ccproxy.log.propagate
+    ccproxy.log.propagate = True
+    yield
+    ccproxy.log.propagate = before
+
+
 @pytest.fixture()
 def clean_upstream(upstream):
     upstream.clear()
@@ -1271,7 +1280,8 @@ def test_validate_passes_with_warnings_only(tmp_path):
     (tmp_path / "ccproxy.yaml").write_text(
         "ccproxy:\n  rules:\n    - {name: nowhere, rule: DefaultRule}\n    - {name: big, rule: TokenCountRule, params: {threshold: 5000}}\n")
     done = run_cli("validate", "--config-dir", str(tmp_path))
-    assert done.returncode == 0 and "config OK (2 warning(s))" in done.stdout
+    assert done.returncode == 0 and "config OK (3 warning(s))" in done.stdout
+    assert "model_list is empty" in done.stdout
 
 
 def test_start_refuses_an_invalid_config_before_spawning(tmp_path):
@@ -1805,6 +1815,167 @@ def test_shell_snippet_uses_the_configured_url(tmp_path):
     snippet = run_cli("shell", "bash", "--config-dir", str(tmp_path)).stdout
     assert "__ccproxy_url='http://127.0.0.1:4999'" in snippet and "__ccproxy_notice=0" in snippet
     assert f"__ccproxy_pidfile='{tmp_path}/ccproxy.pid'" in snippet
+
+
+# ---- Edges: config shapes, the handler in-process, processes ---------------------------------
+
+def test_config_shape_errors_name_their_lines(tmp_path):
+    (tmp_path / "ccproxy.yaml").write_text(
+        "litellm:\n  host: 5\n  port: 70000\n  num_workers: 0\n  colour: blue\n"
+        "ccproxy:\n  hooks: {a: b}\n  rules: [7, {rule: X}, {name: a}, {name: b, rule: DefaultRule, weight: 2}]\n"
+        "  oat_sources: [x]\n")
+    with pytest.raises(ccproxy.ConfigError) as err:
+        ccproxy.load_config(tmp_path)
+    f = str(tmp_path / "ccproxy.yaml")
+    for expected in [f"{f}:2: host must be a string", f"{f}:3: port must be a number 1-65535",
+                     f"{f}:4: num_workers must be >= 1", f"{f}:7: `hooks` must be a list",
+                     f"{f}:8: a rule is a mapping", "rule without a `name`", "rule `a` has no `rule:` class",
+                     f"{f}:9: `oat_sources` must map a provider to a command"]:
+        assert expected in str(err.value), expected
+    (tmp_path / "ccproxy.yaml").write_text("- just\n- a list\n")
+    with pytest.raises(ccproxy.ConfigError, match="expected a mapping at the top level"):
+        ccproxy.load_config(tmp_path)
+    (tmp_path / "ccproxy.yaml").write_text("ccproxy: [1]\nlitellm: x\n")
+    with pytest.raises(ccproxy.ConfigError, match="must be a mapping"):
+        ccproxy.load_config(tmp_path)
+    (tmp_path / "ccproxy.yaml").write_text("ccproxy:\n  hooks: [5]\n  rules:\n    - {name: b, rule: DefaultRule, weight: 2}\nlitellm: {colour: blue}\n")
+    with pytest.raises(ccproxy.ConfigError, match="a hook is a name/path"):
+        ccproxy.load_config(tmp_path)
+    (tmp_path / "ccproxy.yaml").write_text("ccproxy:\n  rules:\n    - {name: b, rule: DefaultRule, weight: 2}\nlitellm: {colour: blue}\n")
+    warnings = ccproxy.load_config(tmp_path).warnings
+    assert any("rule `b`: unknown key `weight`" in w for w in warnings)
+    assert any("unknown key `litellm.colour`" in w for w in warnings)
+
+
+def handler_data(body: dict, headers: dict, call_id: str = "call-1") -> dict:
+    """`data` as LiteLLM hands it to async_pre_call_hook on /v1/messages (measured shape)."""
+    data = copy.deepcopy(body)
+    public = {k: v for k, v in headers.items() if k not in ("x-api-key", "authorization")}
+    data.update(proxy_server_request={"url": "http://127.0.0.1:4000/v1/messages?beta=true",
+                                      "method": "POST", "headers": public, "body": body},
+                secret_fields={"raw_headers": dict(headers)},
+                litellm_metadata={"headers": public}, litellm_call_id=call_id)
+    return data
+
+
+def test_handler_routes_in_process_and_tells_the_client(tmp_path, upstream, caplog):
+    import asyncio
+    write_config(tmp_path, upstream, 4000)
+    handler = ccproxy.CCProxyHandler(config_dir=tmp_path)
+    body, headers = cc_request("haiku")
+    data = asyncio.run(handler.async_pre_call_hook(None, None, handler_data(body, headers), "anthropic_messages"))
+    assert data["model"] == "background"
+    assert data["litellm_metadata"]["ccproxy"]["upstream"] == "anthropic/up-background"
+    assert data["metadata"] == body["metadata"]                 # the client's metadata untouched
+    extra = asyncio.run(handler.async_post_call_response_headers_hook(data, None, None))
+    assert extra == {"x-ccproxy-rule": "background", "x-ccproxy-model": "anthropic/up-background"}
+    assert asyncio.run(handler.async_pre_call_hook(None, None, {"input": "x"}, "aembedding")) == {"input": "x"}
+    asyncio.run(handler.async_log_failure_event({"litellm_call_id": "call-1", "litellm_params": {}}, None, 0, 0))
+    asyncio.run(handler.async_log_success_event({"litellm_params": {"metadata": {
+        "user_api_key_alias": "litellm-internal-health-check"}}}, None, 0, 0))
+    health = handler.health()
+    assert health["routes"] == {"background": 1} and health["failures"] == {"background": 1}
+    assert ccproxy.BACKGROUND.running
+
+
+def test_handler_with_a_broken_config_passes_everything_through(tmp_path, caplog):
+    import asyncio
+    (tmp_path / "ccproxy.yaml").write_text("ccproxy:\n  debug: maybe\n")
+    with caplog.at_level("ERROR", logger="ccproxy"):
+        handler = ccproxy.CCProxyHandler(config_dir=tmp_path)
+    assert handler.config_error and "routing disabled" in caplog.text and ":2:" in caplog.text
+    body, headers = cc_request("think")
+    data = asyncio.run(handler.async_pre_call_hook(None, None, handler_data(body, headers), "anthropic_messages"))
+    assert data["model"] == body["model"] and data["litellm_metadata"]["ccproxy"]["passthrough"]
+
+
+def test_handler_refreshes_oauth_after_401_in_process(tmp_path):
+    import asyncio
+    token = tmp_path / "tok"
+    token.write_text("tok-a\n")
+    (tmp_path / "ccproxy.yaml").write_text(
+        f"ccproxy:\n  hooks: [rule_evaluator, model_router, forward_oauth]\n"
+        f"  oat_sources: {{anthropic: 'cat {token}'}}\n"
+        "model_list: [{model_name: 'claude-*', litellm_params: {model: 'anthropic/claude-*'}}]\n")
+    handler = ccproxy.CCProxyHandler(config_dir=tmp_path)
+    body, headers = cc_request("main")
+    headers.pop("x-api-key")
+    data = asyncio.run(handler.async_pre_call_hook(None, None, handler_data(body, headers), "anthropic_messages"))
+    assert data["provider_specific_header"]["extra_headers"]["authorization"] == "Bearer tok-a"
+    token.write_text("tok-b\n")
+    handler.pipeline.oauth["anthropic"].loaded_at = 0
+    err = type("AuthError", (Exception,), {"status_code": 401})()
+    asyncio.run(handler.async_post_call_failure_deployment_hook(data, err, "anthropic_messages"))
+    assert handler.pipeline.oauth["anthropic"].token == "tok-b"
+    other = type("Boom", (Exception,), {"status_code": 500})()
+    asyncio.run(handler.async_post_call_failure_deployment_hook(data, other, "anthropic_messages"))
+
+
+def test_provider_detection():
+    assert ccproxy.provider_of({"model": "anthropic/x"}) == "anthropic"
+    assert ccproxy.provider_of({"model": "x", "custom_llm_provider": "bedrock"}) == "bedrock"
+    assert ccproxy.provider_of({"model": "claude-3-5-haiku-20241022"}) == "anthropic"   # via LiteLLM
+    assert ccproxy.provider_of({"model": "totally-unknown-model-xyz"}) is None
+    assert ccproxy.provider_of({}) is None
+
+
+def test_stop_escalates_to_sigkill_for_a_process_that_ignores_sigterm():
+    stubborn = subprocess.Popen([sys.executable, "-c",
+                                 "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+                                 "print('ready', flush=True); time.sleep(60)"],
+                                stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert stubborn.stdout.readline().strip() == "ready"
+    assert ccproxy.stop_process(stubborn.pid, deadline=0.3).startswith("killed")
+    stubborn.wait(timeout=5)
+    assert ccproxy.stop_process(stubborn.pid) == "already gone"
+    assert ccproxy.process_cmdline(999999999) is None
+
+
+def test_logs_follow_prints_new_lines_until_interrupted(tmp_path):
+    directory = tmp_path / "cfg"
+    directory.mkdir()
+    log_file = directory / "ccproxy.log"
+    log_file.write_text("".join(f"line {i}\n" for i in range(100)))
+    tail = run_cli("logs", "-n", "3", env=cli_env(directory))
+    assert tail.stdout.splitlines() == ["line 97", "line 98", "line 99"]
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "logs", "-f", "-n", "1"],
+                            env=dict(os.environ, **cli_env(directory)), stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "line 99"
+        with open(log_file, "a") as f:
+            f.write("fresh line\n")
+        assert proc.stdout.readline().strip() == "fresh line"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    missing = run_cli("logs", env=cli_env(tmp_path / "none"))
+    assert missing.returncode == 1 and "no log at" in missing.stderr
+
+
+def test_run_reports_a_command_that_cannot_execute(tmp_path):
+    script = tmp_path / "notexec"
+    script.write_text("echo hi\n")
+    done = run_cli("run", str(script), env=cli_env(tmp_path / "cfg"))
+    assert done.returncode == 1 and "cannot run" in done.stderr
+
+
+def test_rc_block_is_replaced_not_duplicated_when_the_command_changes(tmp_path):
+    rc = tmp_path / ".bashrc"
+    rc.write_text("x=1\n")
+    assert ccproxy.rc_install(rc, ccproxy.rc_block("bash", None))
+    assert ccproxy.rc_install(rc, ccproxy.rc_block("bash", tmp_path / "other"))
+    assert rc.read_text().count(ccproxy.RC_MARK_START) == 1 and "--config-dir" in rc.read_text()
+    assert ccproxy.rc_uninstall(rc) and rc.read_text() == "x=1\n"
+    assert not ccproxy.rc_uninstall(rc) and not ccproxy.rc_uninstall(tmp_path / "missing")
+
+
+@slow
+def test_status_text_while_running_and_bad_count_request(proxy):
+    done = run_cli("status", "--config-dir", str(proxy.directory))
+    assert done.returncode == 0 and f"ccproxy is running: {proxy.url}" in done.stdout
+    assert "rules: background (MatchModelRule)" in done.stdout and "requests:" in done.stdout
+    status, _h, raw = proxy.messages({"model": "x"}, path="/v1/messages/count_tokens")
+    assert status == 400 and b"model and messages" in raw
 
 
 # ---- Docs and example config ---------------------------------------------------------------
