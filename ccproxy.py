@@ -280,7 +280,8 @@ class Settings:
     shell_notice: bool = True
 
 
-SETTINGS_KEYS = {f.name for f in dataclasses.fields(Settings)} | {"handler", "metrics_enabled"}
+SETTINGS_KEYS = {f.name for f in dataclasses.fields(Settings)} | {"handler", "metrics_enabled",
+                                                                    "credentials"}
 SERVER_KEYS = {"host", "port", "num_workers", "debug", "detailed_debug", "telemetry"}
 
 
@@ -553,6 +554,10 @@ def parse_settings(section: Mapping[str, Any], problems: ConfigProblems) -> Sett
                           f"unknown key `ccproxy.{key}`{_did_you_mean(key, SETTINGS_KEYS)}")
             continue
         if key in ("handler", "metrics_enabled", "hooks", "rules"):
+            continue
+        if key == "credentials":          # ccproxy 1.x: one command for the Anthropic token
+            if isinstance(value, str) and value.strip():
+                values.setdefault("oat_sources", {"anthropic": value})
             continue
         default = getattr(base, key)
         if isinstance(default, bool):
@@ -2828,7 +2833,7 @@ def proxy_environment(config: Config) -> dict[str, str]:
     """Environment for the LiteLLM process: this file importable as `ccproxy`, config dir,
     offline cost map, and the loopback-only permission to run without a master key."""
     env = dict(os.environ)
-    here = str(Path(__file__).resolve().parent)
+    here = str(importable_dir(config))
     env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     if config.directory is not None:
         env[ENV_CONFIG_DIR] = str(config.directory)
@@ -2845,6 +2850,27 @@ def proxy_environment(config: Config) -> dict[str, str]:
 def _master_key(config: Config) -> Any:
     general = config.litellm.get("general_settings") or {}
     return general.get("master_key") if isinstance(general, dict) else None
+
+
+def importable_dir(config: Config) -> Path:
+    """A directory from which `import ccproxy` finds this very file.
+
+    Its own directory when it is named ccproxy.py; renamed (dotfiles, `uv run x.py`), a
+    `ccproxy.py` link to it in the config dir.
+    """
+    me = Path(__file__).resolve()
+    if me.stem == "ccproxy":
+        return me.parent
+    folder = (config.directory or Path(DEFAULT_CONFIG_DIR).expanduser()) / ".ccproxy-module"
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / "ccproxy.py"
+    if not (link.is_symlink() and link.resolve() == me):
+        link.unlink(missing_ok=True)
+        try:
+            link.symlink_to(me)
+        except OSError:
+            link.write_bytes(me.read_bytes())
+    return folder
 
 
 def proxy_command(config: Config, litellm_file: Path, extra: list[str]) -> list[str]:
@@ -3084,13 +3110,46 @@ def _fish_quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def shell_snippet(shell: str, config: Config, config_dir: Path, explicit_dir: bool,
+SHELL_CACHE_FILE = ".shell-cache.json"
+
+
+def shell_settings(directory: Path) -> tuple[str, bool]:
+    """(proxy URL, notice on/off) for the shell snippet, without YAML when possible.
+
+    The snippet is generated at every shell start, so the two values are cached beside the
+    config, keyed by the config files' modification times; no config file: the defaults.
+    """
+    stamps = []
+    for name in (CONFIG_FILE, LITELLM_CONFIG_FILE):
+        try:
+            stamps.append([name, (directory / name).stat().st_mtime_ns])
+        except OSError:
+            continue
+    if not stamps:
+        return Config(settings=Settings(), litellm={}).url, Settings().shell_notice
+    cache = directory / SHELL_CACHE_FILE
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("stamps") == stamps:
+            return str(cached["url"]), bool(cached["notice"])
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    config = load_config(directory)
+    try:
+        cache.write_text(json.dumps({"stamps": stamps, "url": config.url,
+                                     "notice": config.settings.shell_notice}))
+    except OSError:
+        pass      # a read-only config dir only costs the YAML parse next time
+    return config.url, config.settings.shell_notice
+
+
+def shell_snippet(shell: str, url: str, config_dir: Path, explicit_dir: bool,
                   notice: bool = True) -> str:
     """The integration snippet for one shell (bash, zsh or fish)."""
     quote = _fish_quote if shell == "fish" else _sh_quote
     self_cmd = f"{quote(sys.executable)} {quote(str(Path(__file__).resolve()))}"
     ccproxy_cmd = self_cmd + (f" --config-dir {quote(str(config_dir))}" if explicit_dir else "")
-    values = dict(shell=shell, url=config.url, url_q=quote(config.url),
+    values = dict(shell=shell, url=url, url_q=quote(url),
                   pidfile_q=quote(str(config_dir / PID_FILE)),
                   keyfile_q=quote(str(config_dir / PROXY_KEY_FILE)),
                   notice=1 if notice else 0, self_cmd=self_cmd, ccproxy_cmd=ccproxy_cmd,
@@ -3117,7 +3176,13 @@ def rc_file(shell: str) -> Path:
 def rc_block(shell: str, config_dir: Path | None) -> str:
     """The marked block `shell --install` appends (it sources the snippet, not a copy)."""
     quote = _fish_quote if shell == "fish" else _sh_quote
-    cmd = f"{quote(sys.executable)} {quote(str(Path(__file__).resolve()))}"
+    # `python -m ccproxy` with this file's directory first on the path: the same file, but
+    # Python reuses its cached bytecode instead of compiling the script at every shell start.
+    here = str(Path(__file__).resolve().parent)
+    if shell == "fish":
+        cmd = f"env PYTHONPATH={quote(here)} {quote(sys.executable)} -m ccproxy"
+    else:
+        cmd = f"PYTHONPATH={quote(here)} {quote(sys.executable)} -m ccproxy"
     if config_dir is not None:
         cmd += f" --config-dir {quote(str(config_dir))}"
     line = f"{cmd} shell fish | source" if shell == "fish" else f"source <({cmd} shell {shell})"
@@ -3519,9 +3584,8 @@ def cmd_shell(args: argparse.Namespace) -> int:
         _print(f"added ccproxy's block to {path}; open a new shell to use it" if done
                else f"{path} already has ccproxy's block")
         return 0
-    config = load_config(directory)
-    sys.stdout.write(shell_snippet(shell, config, directory, explicit,
-                                   notice=config.settings.shell_notice))
+    url, notice = shell_settings(directory)
+    sys.stdout.write(shell_snippet(shell, url, directory, explicit, notice=notice))
     return 0
 
 

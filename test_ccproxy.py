@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -414,15 +415,24 @@ def upstream():
     server.close()
 
 
-@pytest.fixture(scope="module")
-def proxy(upstream, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("proxy")
+@contextlib.contextmanager
+def started_proxy(tmp_path_factory, name: str, write):
+    """A detached proxy in a fresh config dir that `write(directory, port)` fills."""
+    directory = tmp_path_factory.mktemp(name)
     port = free_port()
-    write_config(directory, upstream, port)
+    write(directory, port)
     run = Proxy(directory, port)
     run.start()
-    yield run
-    run.stop()
+    try:
+        yield run
+    finally:
+        run.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(upstream, tmp_path_factory):
+    with started_proxy(tmp_path_factory, "proxy", lambda d, p: write_config(d, upstream, p)) as run:
+        yield run
 
 
 @pytest.fixture(autouse=True)
@@ -1021,13 +1031,8 @@ def test_proxy_log_has_one_line_per_decision_and_no_secret(proxy, clean_upstream
 
 @pytest.fixture(scope="module")
 def legacy_proxy(upstream, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("legacy")
-    port = free_port()
-    write_legacy_config(directory, upstream, port)
-    run = Proxy(directory, port)
-    run.start()
-    yield run
-    run.stop()
+    with started_proxy(tmp_path_factory, "legacy", lambda d, p: write_legacy_config(d, upstream, p)) as run:
+        yield run
 
 
 @slow
@@ -1046,21 +1051,18 @@ def test_legacy_two_file_config_routes_identically(legacy_proxy, clean_upstream,
 @pytest.fixture(scope="module")
 def responses_proxy(upstream, tmp_path_factory):
     """ccproxy.openai_chat_completions: false gives LiteLLM's Responses API back for openai/."""
-    directory = tmp_path_factory.mktemp("responses")
-    port = free_port()
-    base = upstream.url
-    write_config(directory, upstream, port, model_list=[
-        {"model_name": "resp", "litellm_params": {"model": "openai/up-resp", "api_base": base + "/v1", "api_key": "sk-up"}},
-        {"model_name": "chat", "litellm_params": {"model": "custom_openai/up-chat", "api_base": base + "/v1", "api_key": "sk-up"}},
-    ])
-    config = yaml.safe_load((directory / "ccproxy.yaml").read_text())
-    config["ccproxy"]["openai_chat_completions"] = False
-    config["ccproxy"]["rules"] = []
-    (directory / "ccproxy.yaml").write_text(yaml.safe_dump(config))
-    run = Proxy(directory, port)
-    run.start()
-    yield run
-    run.stop()
+    def write(directory, port):
+        base = upstream.url
+        write_config(directory, upstream, port, model_list=[
+            {"model_name": "resp", "litellm_params": {"model": "openai/up-resp", "api_base": base + "/v1", "api_key": "sk-up"}},
+            {"model_name": "chat", "litellm_params": {"model": "custom_openai/up-chat", "api_base": base + "/v1", "api_key": "sk-up"}},
+        ])
+        config = yaml.safe_load((directory / "ccproxy.yaml").read_text())
+        config["ccproxy"]["openai_chat_completions"] = False
+        config["ccproxy"]["rules"] = []
+        (directory / "ccproxy.yaml").write_text(yaml.safe_dump(config))
+    with started_proxy(tmp_path_factory, "responses", write) as run:
+        yield run
 
 
 @slow
@@ -1341,27 +1343,25 @@ OAUTH_TOKEN_2 = "sk-ant-oat01-second-secret-token"
 
 @pytest.fixture(scope="module")
 def oauth_proxy(upstream, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("oauth")
-    token_file = directory / "token"
+    token_file = tmp_path_factory.mktemp("oauth-token") / "token"
     token_file.write_text(OAUTH_TOKEN_1 + "\n")
-    port = free_port()
-    write_config(directory, upstream, port)
-    config = yaml.safe_load((directory / "ccproxy.yaml").read_text())
-    config["ccproxy"].update({
-        "hooks": ["rule_evaluator", "model_router", "forward_apikey", "forward_oauth"],
-        "oauth_timeout": 1, "oauth_refresh_interval": 3600,
-        "oat_sources": {
-            "anthropic": {"command": f"cat {token_file}", "user_agent": "ccproxy-test/1.0"},
-            "openai": "echo 'token store locked' >&2; exit 3",
-            "gemini": "sleep 30",
-            "deepseek": "true",
-        }})
-    (directory / "ccproxy.yaml").write_text(yaml.safe_dump(config))
-    run = Proxy(directory, port)
-    run.token_file = token_file
-    run.start()
-    yield run
-    run.stop()
+
+    def write(directory, port):
+        write_config(directory, upstream, port)
+        config = yaml.safe_load((directory / "ccproxy.yaml").read_text())
+        config["ccproxy"].update({
+            "hooks": ["rule_evaluator", "model_router", "forward_apikey", "forward_oauth"],
+            "oauth_timeout": 1, "oauth_refresh_interval": 3600,
+            "oat_sources": {
+                "anthropic": {"command": f"cat {token_file}", "user_agent": "ccproxy-test/1.0"},
+                "openai": "echo 'token store locked' >&2; exit 3",
+                "gemini": "sleep 30",
+                "deepseek": "true",
+            }})
+        (directory / "ccproxy.yaml").write_text(yaml.safe_dump(config))
+    with started_proxy(tmp_path_factory, "oauth", write) as run:
+        run.token_file = token_file
+        yield run
 
 
 @slow
@@ -1460,7 +1460,7 @@ def test_background_refresh_backs_off_on_failure(tmp_path, monkeypatch):
         worker.stop()
     runs = counter.read_text().count("x")
     # 0.05, 0.1, 0.2, 0.4 s...: a handful of retries in a second, not one every sweep (50)
-    assert 3 <= runs <= 6, runs
+    assert 2 <= runs <= 8, runs
     assert ccproxy.Background.retry_delay(source, 300) == min(300, 0.05 * 2 ** (source.failures - 1))
     source.failures = 0
     assert ccproxy.Background.retry_delay(source, 300) == 300
@@ -1815,6 +1815,12 @@ def test_shell_snippet_uses_the_configured_url(tmp_path):
     snippet = run_cli("shell", "bash", "--config-dir", str(tmp_path)).stdout
     assert "__ccproxy_url='http://127.0.0.1:4999'" in snippet and "__ccproxy_notice=0" in snippet
     assert f"__ccproxy_pidfile='{tmp_path}/ccproxy.pid'" in snippet
+    assert (tmp_path / ccproxy.SHELL_CACHE_FILE).exists()           # later shells skip the YAML
+    assert "4999" in run_cli("shell", "bash", "--config-dir", str(tmp_path)).stdout
+    (tmp_path / "ccproxy.yaml").write_text("litellm: {port: 4998}\n")
+    os.utime(tmp_path / "ccproxy.yaml", ns=(1, 1))                 # a different mtime for sure
+    snippet = run_cli("shell", "bash", "--config-dir", str(tmp_path)).stdout
+    assert "__ccproxy_url='http://127.0.0.1:4998'" in snippet and "__ccproxy_notice=1" in snippet
 
 
 # ---- Edges: config shapes, the handler in-process, processes ---------------------------------
@@ -1990,6 +1996,99 @@ def test_example_config_is_the_builtin_default_and_validates(tmp_path):
     assert done.returncode == 0 and "config OK" in done.stdout
 
 
+def readme_blocks() -> dict[str, str]:
+    """Fenced blocks of README.md tagged `<!-- test: NAME -->`."""
+    readme = (HERE / "README.md").read_text()
+    return {m.group(1): m.group(2) for m in
+            re.finditer(r"<!-- test: ([\w.-]+) -->\n```\w*\n(.*?)\n```", readme, re.S)}
+
+
+def test_readme_commands_parse():
+    readme = (HERE / "README.md").read_text()
+    lines = [ln.split("#")[0].strip() for block in re.findall(r"```sh\n(.*?)```", readme, re.S)
+             for ln in block.splitlines()]
+    commands = [ln for ln in lines if re.match(r"(python|uv run|pipx run) ccproxy\.py ", ln)]
+    assert len(commands) >= 8
+    for line in commands:
+        argv = shlex.split(line.split("ccproxy.py", 1)[1].split("|")[0].split(")")[0])
+        ccproxy.build_parser().parse_args(argv)            # raises SystemExit on a bad command
+
+
+def test_readme_custom_rule_and_hook_work(tmp_path):
+    blocks = readme_blocks()
+    (tmp_path / "my_rules.py").write_text(blocks["my_rules.py"])
+    (tmp_path / "ccproxy.yaml").write_text(blocks["my_rules-config"])
+    done = run_cli("validate", "--config-dir", str(tmp_path))
+    assert done.returncode == 0, done.stdout
+    config = ccproxy.load_config(tmp_path)
+    long_prompt = {"model": "claude-opus-5-5", "messages": [{"role": "user", "content": "x" * 4000}]}
+    ctx = ccproxy.route_request(long_prompt, config)
+    assert ctx.decision.label == "think" and ctx.verdicts[0][2].fact == "last message 4000 chars"
+    data, ctx = ccproxy.run_pipeline(ccproxy.Pipeline(config), {"model": "claude-opus-5-5", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "short"}]}], "litellm_metadata": {}}, headers={})
+    assert ctx.decision.label == "default" and data["litellm_metadata"]["tags"] == ["team:platform"]
+
+
+@pytest.mark.parametrize("name", ["callback", "providers", "oauth"])
+def test_readme_yaml_snippets_validate(tmp_path, name):
+    snippet = yaml.safe_load(readme_blocks()[name])
+    config = yaml.safe_load(ccproxy.DEFAULT_CONFIG_YAML)
+    for key, value in snippet.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key].update(value)
+        else:
+            config[key] = value
+    (tmp_path / "ccproxy.yaml").write_text(yaml.safe_dump(config))
+    done = run_cli("validate", "--json", "--config-dir", str(tmp_path))
+    assert json.loads(done.stdout)["errors"] == [], done.stdout
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh"])
+def test_readme_rc_line_defines_claude(shell, tmp_path):
+    line = readme_blocks()["shell-rc"].split("#")[0].strip().replace("zsh", shell)
+    line = line.replace("python ccproxy.py", f"{sys.executable} {SCRIPT}")
+    done = subprocess.run([need_shell(shell), "-c", line + "\ntype claude"], capture_output=True,
+                          text=True, env=dict(os.environ, CCPROXY_CONFIG_DIR=str(tmp_path)), timeout=60)
+    assert "function" in done.stdout, done.stderr
+
+
+def test_legacy_credentials_key_becomes_the_anthropic_token_source(tmp_path):
+    (tmp_path / "ccproxy.yaml").write_text("ccproxy:\n  credentials: \"echo tok\"\n")
+    assert ccproxy.load_config(tmp_path).settings.oat_sources == {"anthropic": "echo tok"}
+
+
+def test_a_renamed_file_is_still_importable_as_ccproxy(tmp_path, monkeypatch):
+    renamed = tmp_path / "dotfiles" / "cc-router.py"
+    renamed.parent.mkdir()
+    shutil.copy(SCRIPT, renamed)
+    config = ccproxy.Config(settings=ccproxy.Settings(), litellm={}, directory=tmp_path / "cfg")
+    monkeypatch.setattr(ccproxy, "__file__", str(renamed))
+    folder = ccproxy.importable_dir(config)
+    assert (folder / "ccproxy.py").resolve() == renamed.resolve()
+    monkeypatch.setattr(ccproxy, "__file__", str(SCRIPT))
+    assert ccproxy.importable_dir(config) == HERE
+
+
+@slow
+@pytest.mark.parametrize("runner", ["uv", "pipx"])
+def test_the_pep723_header_runs_with_uv_and_pipx(runner, tmp_path):
+    """`uv run ccproxy.py` / `pipx run ccproxy.py` build an environment from the header: the
+    provider of a bare `gpt-4o` is only known through LiteLLM, so `explain` proves it is there."""
+    if shutil.which(runner) is None:
+        pytest.skip(f"{runner} is not installed (CI installs it)")
+    shutil.copy(SCRIPT, tmp_path / "ccproxy.py")
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "ccproxy.yaml").write_text(
+        "ccproxy:\n  rules: [{name: x, rule: DefaultRule}]\n"
+        "model_list: [{model_name: x, litellm_params: {model: gpt-4o}}]\n")
+    argv = [runner, "run"] + (["--quiet"] if runner == "uv" else []) + [
+        str(tmp_path / "ccproxy.py"), "explain", "--config-dir", str(tmp_path / "cfg")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                          input=json.dumps({"model": "claude-opus-5-5", "messages": []}))
+    assert done.returncode == 0, done.stderr[-800:]
+    assert "-> gpt-4o (provider openai)" in done.stdout
+
+
 def test_ci_runs_the_readme_test_command():
     readme = (HERE / "README.md").read_text()
     block = re.search(r"<!-- test-command -->\n```sh\n(.+?)\n```\n<!-- /test-command -->", readme, re.S)
@@ -2090,16 +2189,21 @@ def bench_cli(runs: int = 15) -> list[tuple[str, float, float]]:
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, CCPROXY_CONFIG_DIR=tmp, HOME=tmp)
         run_cli("install", env=env)
-        commands = [("python -c pass", [sys.executable, "-c", "pass"]),
-                    ("ccproxy.py --help", [sys.executable, str(SCRIPT), "--help"]),
-                    ("ccproxy.py status", [sys.executable, str(SCRIPT), "status"]),
-                    ("ccproxy.py shell zsh", [sys.executable, str(SCRIPT), "shell", "zsh"])]
+        # The rc line `shell --install` writes runs `python -m ccproxy` (cached bytecode).
+        module_env = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        module_env["PYTHONPATH"] = str(HERE)
+        commands = [("python -c pass", [sys.executable, "-c", "pass"], env),
+                    ("ccproxy.py --help", [sys.executable, str(SCRIPT), "--help"], env),
+                    ("ccproxy.py status", [sys.executable, str(SCRIPT), "status"], env),
+                    ("ccproxy.py shell zsh", [sys.executable, str(SCRIPT), "shell", "zsh"], env),
+                    ("-m ccproxy shell zsh", [sys.executable, "-m", "ccproxy", "shell", "zsh"], module_env)]
         rows = []
-        for name, cmd in commands:
+        for name, cmd, cmd_env in commands:
+            subprocess.run(cmd, env=cmd_env, capture_output=True)      # warm: caches, bytecode
             samples = []
             for _ in range(runs):
                 t = time.perf_counter()
-                subprocess.run(cmd, env=env, capture_output=True)
+                subprocess.run(cmd, env=cmd_env, capture_output=True)
                 samples.append((time.perf_counter() - t) * 1000)
             rows.append((name, *percentiles(samples)))
     return rows
