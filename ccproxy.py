@@ -53,6 +53,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -247,6 +248,8 @@ class RuleSpec:
     params: Mapping[str, Any]
     args: tuple = ()
     where: str = ""
+    override: bool | None = None    # may switch models inside a turn (None: the rule's default)
+    sticky: bool = False            # once matched, later turns of the conversation stay
 
 
 @dataclasses.dataclass(slots=True, frozen=True)
@@ -278,6 +281,14 @@ class Settings:
     preserve_thinking: bool = True
     proxy_key: bool = False
     shell_notice: bool = True
+    sticky_turns: bool = True
+    strip_foreign_thinking: bool = True
+    show_requested_model: bool = True
+    route_count_tokens: bool = True
+    local_usage: bool = True
+    clamp_max_tokens: bool = True
+    session_ttl: float = 3600.0
+    max_sessions: int = 2000
 
 
 SETTINGS_KEYS = {f.name for f in dataclasses.fields(Settings)} | {"handler", "metrics_enabled",
@@ -605,6 +616,9 @@ def parse_hooks(hooks: Any, problems: ConfigProblems) -> tuple[HookSpec, ...]:
     return tuple(out)
 
 
+RULE_KEYS = ("name", "label", "rule", "params", "override", "sticky")
+
+
 def parse_rules(rules: Any, problems: ConfigProblems) -> tuple[RuleSpec, ...]:
     """`rules:` entries with `name` (1.x also `label`), `rule` and optional `params`."""
     if rules is None:
@@ -627,11 +641,19 @@ def parse_rules(rules: Any, problems: ConfigProblems) -> tuple[RuleSpec, ...]:
             problems.error(keys, f"rule `{name}` has no `rule:` class (e.g. TokenCountRule)")
             continue
         for key in item:
-            if key not in ("name", "label", "rule", "params"):
+            if key not in RULE_KEYS:
                 problems.warn(keys + (key,), f"rule `{name}`: unknown key `{key}`"
-                              f"{_did_you_mean(key, ('name', 'rule', 'params'))}")
+                              f"{_did_you_mean(key, RULE_KEYS)}")
+        flags = {}
+        for flag in ("override", "sticky"):
+            if flag in item:
+                if isinstance(item[flag], bool):
+                    flags[flag] = item[flag]
+                else:
+                    problems.error(keys + (flag,), f"rule `{name}`: `{flag}` must be true or "
+                                   f"false, got {item[flag]!r}")
         params, args = parse_params(item.get("params"))
-        out.append(RuleSpec(name, path, params, args, problems.where(keys)))
+        out.append(RuleSpec(name, path, params, args, problems.where(keys), **flags))
     return tuple(out)
 
 
@@ -972,6 +994,7 @@ class Verdict:
 
     matched: bool
     fact: str = ""
+    label: str | None = None      # route to this model_list entry instead of the rule's name
 
 
 class Rule:
@@ -982,6 +1005,9 @@ class Rule:
     """
 
     name: str = ""          # the label (model_list entry) this rule routes to; set on load
+    overrides_turn = False  # True: may switch models inside a turn (config key `override`)
+    override = False
+    sticky = False
 
     def evaluate(self, request: dict, ctx: Any) -> bool:
         """True when the request matches."""
@@ -1024,6 +1050,8 @@ class MatchModelRule(Rule):
     Match families, not releases: `haiku` matches claude-haiku-4-5-20251001 and
     claude-haiku-5-5. A list matches any of its names.
     """
+
+    overrides_turn = True
 
     def __init__(self, model_name: str | list[str]) -> None:
         names = [model_name] if isinstance(model_name, str) else list(model_name or [])
@@ -1122,21 +1150,34 @@ class TokenCountRule(Rule):
     crossed, and resent history is counted from cache.
     """
 
-    def __init__(self, threshold: int) -> None:
+    overrides_turn = True
+
+    def __init__(self, threshold: int, lower_ratio: float = 0.8) -> None:
         if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
             raise RuleError(f"TokenCountRule: threshold must be a whole number of tokens, got "
                             f"{threshold!r}", "e.g. threshold: 60000 (not '60k')")
+        if isinstance(lower_ratio, bool) or not isinstance(lower_ratio, (int, float)) \
+                or not 0 < lower_ratio <= 1:
+            raise RuleError(f"TokenCountRule: lower_ratio must be in (0, 1], got "
+                            f"{lower_ratio!r}", "e.g. lower_ratio: 0.8")
         self.threshold = threshold
+        self.lower_ratio = float(lower_ratio)
 
     def check(self, request: dict, ctx: Any) -> Verdict:
+        # Hysteresis: a conversation already on this route stays while above the lower mark,
+        # so a context hovering around the threshold does not flip models turn by turn.
+        conversation = getattr(ctx, "conversation", None)
+        staying = conversation is not None and self.name and \
+            conversation.last_label == self.name
+        limit = int(self.threshold * self.lower_ratio) if staying else self.threshold
         complete_count = bool(getattr(ctx, "dry_run", False))
-        count, complete = TOKENS.count_request(
-            request, None if complete_count else self.threshold)
+        count, complete = TOKENS.count_request(request, None if complete_count else limit)
         approx = "" if TOKENS.exact else " (estimated: tokenizer unavailable)"
-        if count > self.threshold:
+        mark = f"{limit:,} (lower mark: already on {self.name})" if staying else f"{limit:,}"
+        if count > limit:
             amount = f"{count:,}" if complete else f"over {count - 1:,}"
-            return Verdict(True, f"{amount} tokens > {self.threshold:,}{approx}")
-        return Verdict(False, f"{count:,} tokens <= {self.threshold:,}{approx}")
+            return Verdict(True, f"{amount} tokens > {mark}{approx}")
+        return Verdict(False, f"{count:,} tokens <= {mark}{approx}")
 
     def describe(self) -> str:
         return f"TokenCountRule({self.threshold})"
@@ -1174,6 +1215,8 @@ class WebSearchRule(Rule):
     turn, does not count.
     """
 
+    overrides_turn = True
+
     def check(self, request: dict, ctx: Any) -> Verdict:
         tools = request.get("tools")
         if isinstance(tools, list):
@@ -1182,6 +1225,73 @@ class WebSearchRule(Rule):
                 if isinstance(kind, str) and kind.startswith(WEB_SEARCH_TOOL_PREFIX):
                     return Verdict(True, f"server tool {kind}")
         return Verdict(False, "no web_search server tool")
+
+
+CCR_TAG = re.compile(r"<CCR-SUBAGENT-MODEL>(.*?)</CCR-SUBAGENT-MODEL>", re.S)
+
+
+class SubagentRule(Rule):
+    """Matches Claude Code's subagent requests (the `Agent` tool's conversations).
+
+    A subagent is known by the `x-claude-code-agent-id` header or `cc_is_subagent=true` in the
+    billing line of its system prompt. `system_contains` narrows it to agents whose system
+    prompt holds one of the given phrases (Claude Code sends no agent name; the prompt is what
+    tells agents apart). claude-code-router's `<CCR-SUBAGENT-MODEL>name</CCR-SUBAGENT-MODEL>`
+    tag, found in any system block, routes to the model_list entry `name` (for CCR's
+    `provider,model` form, the part after the comma when that is the entry).
+    """
+
+    overrides_turn = True
+
+    def __init__(self, system_contains: str | list[str] | None = None,
+                 ccr_tag: bool = True) -> None:
+        self.phrases = tuple(_str_list(system_contains, "SubagentRule: system_contains"))
+        self.ccr_tag = bool(ccr_tag)
+
+    def check(self, request: dict, ctx: Any) -> Verdict:
+        texts = _system_texts(request)
+        if self.ccr_tag:
+            for text in texts:
+                if "<CCR-SUBAGENT-MODEL>" in text:
+                    found = CCR_TAG.search(text)
+                    if found and found.group(1).strip():
+                        return Verdict(True, f"CCR tag {found.group(1).strip()}",
+                                       label=_ccr_label(found.group(1).strip(), ctx))
+        headers = getattr(ctx, "headers", None) or {}
+        agent = headers.get("x-claude-code-agent-id")
+        marked = any("cc_is_subagent=true" in t for t in texts[:2])
+        if not agent and not marked:
+            return Verdict(False, "not a subagent")
+        who = f"subagent {agent}" if agent else "subagent (billing line)"
+        if self.phrases:
+            phrase = next((p for p in self.phrases if any(p in t for t in texts)), None)
+            if phrase is None:
+                return Verdict(False, f"{who}, system prompt without the phrases")
+            return Verdict(True, f"{who}, system prompt has '{phrase[:40]}'")
+        return Verdict(True, who)
+
+    def describe(self) -> str:
+        return f"SubagentRule({', '.join(self.phrases)})" if self.phrases else "SubagentRule"
+
+
+def _system_texts(request: Mapping[str, Any]) -> list[str]:
+    system = request.get("system")
+    if isinstance(system, str):
+        return [system]
+    if isinstance(system, list):
+        return [b["text"] for b in system if isinstance(b, dict) and isinstance(b.get("text"), str)]
+    return []
+
+
+def _ccr_label(value: str, ctx: Any) -> str:
+    pipeline = getattr(ctx, "pipeline", None)
+    table = pipeline.models() if pipeline is not None else None
+    candidates = [value] + ([value.split(",", 1)[1].strip()] if "," in value else [])
+    if table is not None:
+        for name in candidates:
+            if name in table:
+                return name
+    return candidates[-1]
 
 
 def _tool_names(tools: Any) -> Iterable[str]:
@@ -1210,7 +1320,7 @@ def _str_list(value: Any, what: str) -> list[str]:
 
 BUILTIN_RULES: dict[str, type[Rule]] = {
     c.__name__: c for c in (DefaultRule, MatchModelRule, ThinkingRule, TokenCountRule,
-                            MatchToolRule, WebSearchRule)
+                            MatchToolRule, WebSearchRule, SubagentRule)
 }
 BUILTIN_RULES["ClassificationRule"] = Rule
 
@@ -1282,6 +1392,9 @@ def build_rule(spec: RuleSpec, search_dir: Path | None = None) -> Rule:
                         "subclass ccproxy.Rule")
     try:
         rule.name = spec.name
+        rule.override = getattr(rule, "overrides_turn", False) if spec.override is None \
+            else spec.override
+        rule.sticky = spec.sticky
     except AttributeError:
         pass
     return rule
@@ -1352,6 +1465,11 @@ class RequestContext:
     auth: list[str] = dataclasses.field(default_factory=list)   # what auth forwarding did
     user_api_key_dict: Any = None
     hook_errors: list[str] = dataclasses.field(default_factory=list)
+    session: "SessionState | None" = None           # this session's state (and agent's)
+    conversation: "ConversationState | None" = None  # this conversation's routing state
+    continuation: bool = False       # the request continues a turn (its last message: tool_result)
+    route_label: str | None = None   # a matching rule's Verdict.label, when it names the route
+    notes: list[str] = dataclasses.field(default_factory=list)   # what the fixes changed
 
     @property
     def config(self) -> Config:
@@ -1519,6 +1637,7 @@ def _metadata(data: dict) -> dict:
 def rule_evaluator(data: dict, ctx: RequestContext, **params: Any) -> dict:
     """Label the request with the first rule that matches (none: `default`)."""
     ctx.label = None
+    ctx.route_label = None
     ctx.verdicts = []
     for rule in ctx.pipeline.rules:
         name = getattr(rule, "name", "") or type(rule).__name__
@@ -1526,6 +1645,7 @@ def rule_evaluator(data: dict, ctx: RequestContext, **params: Any) -> dict:
         ctx.verdicts.append((name, _describe(rule), verdict))
         if verdict.matched:
             ctx.label = name
+            ctx.route_label = verdict.label
             break
     return data
 
@@ -1536,15 +1656,31 @@ def _describe(rule: Any) -> str:
 
 
 def model_router(data: dict, ctx: RequestContext, **params: Any) -> dict:
-    """Send the request to the model_list entry named like its label; record the decision."""
+    """Send the request to the model_list entry named like its label; record the decision.
+
+    Within a conversation, a turn stays on the route its first request took (tool_result
+    continuations follow it) unless the matching rule may override; a sticky rule keeps
+    later turns too.
+    """
     pipeline = ctx.pipeline
     requested = data.get("model") if isinstance(data.get("model"), str) else ""
-    label = ctx.label or "default"
-    reason = next((v.fact for n, _d, v in ctx.verdicts if n == label and v.matched), "")
-    matched_rule = next((r for r in pipeline.rules if getattr(r, "name", None) == label
-                         and ctx.label is not None), None)
-    passthrough = (ctx.label is None and pipeline.config.settings.default_model_passthrough) \
-        or bool(getattr(matched_rule, "passthrough", False))
+    rule = next((r for r in pipeline.rules if getattr(r, "name", None) == ctx.label), None) \
+        if ctx.label is not None else None
+    label = ctx.route_label or ctx.label or "default"
+    reason = next((v.fact for n, _d, v in ctx.verdicts if n == ctx.label and v.matched), "")
+    conversation = ctx.conversation
+    if conversation is not None and not getattr(rule, "override", False):
+        kept = None
+        if ctx.continuation and conversation.turn_label is not None:
+            kept = conversation.turn_label, "the turn continues"
+        elif conversation.sticky_label is not None:
+            kept = conversation.sticky_label, "sticky rule"
+        if kept is not None and kept[0] != label:
+            label, reason = kept[0], f"{kept[1]} on {kept[0]}"
+            rule = next((r for r in pipeline.rules if getattr(r, "name", None) == label), None)
+    passthrough = (rule is None and label == "default"
+                   and pipeline.config.settings.default_model_passthrough) \
+        or bool(getattr(rule, "passthrough", False))
     table = pipeline.models()
     target = requested
     if not passthrough:
@@ -1572,6 +1708,8 @@ def model_router(data: dict, ctx: RequestContext, **params: Any) -> dict:
                                upstream=upstream, passthrough=passthrough, reason=reason,
                                provider=provider)
     ctx.decision = decision
+    if conversation is not None and not ctx.dry_run:
+        pipeline.sessions.record_route(ctx, decision, data, sticky=getattr(rule, "sticky", False))
     if not ctx.dry_run:
         data["model"] = target
         meta = _metadata(data)
@@ -1805,6 +1943,372 @@ class OAuthSource:
 _OAUTH_LOCK = threading.Lock()
 
 
+@dataclasses.dataclass(slots=True)
+class ConversationState:
+    """Routing state of one conversation: the route of its current turn and of its last
+    request, and a sticky route if a sticky rule matched."""
+
+    turn_label: str | None = None
+    sticky_label: str | None = None
+    last_label: str | None = None
+    last_upstream: str | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class SessionState:
+    """One Claude Code session (or one of its subagents): conversations, the models that
+    signed its thinking blocks, and its switch figures."""
+
+    session_id: str
+    agent_id: str | None = None
+    requested_model: str = ""
+    last_label: str = ""
+    last_upstream: str = ""
+    requests: int = 0
+    switches: int = 0
+    uncached_tokens: int = 0
+    last_seen: float = 0.0
+    conversations: collections.OrderedDict = dataclasses.field(
+        default_factory=collections.OrderedDict)
+    signatures: collections.OrderedDict = dataclasses.field(
+        default_factory=collections.OrderedDict)
+
+    def as_dict(self) -> dict:
+        """What `GET /ccproxy/session/ID` and the status line show."""
+        return {"session_id": self.session_id, "agent_id": self.agent_id,
+                "requested_model": self.requested_model, "last_label": self.last_label,
+                "last_upstream": self.last_upstream, "requests": self.requests,
+                "switches": self.switches, "uncached_tokens": self.uncached_tokens}
+
+
+MAX_CONVERSATIONS = 64       # per session: the main thread plus side requests (web search...)
+MAX_SIGNATURES = 4096        # per session
+
+
+def signature_digest(value: str) -> str:
+    """A short digest of a thinking block's signature (the signature itself is not kept)."""
+    import hashlib
+
+    return hashlib.sha256(value.encode()).hexdigest()[:32]
+
+
+def thinking_signature(block: Any) -> str | None:
+    """The signature (or redacted data) that binds a thinking block to its model."""
+    if not isinstance(block, dict):
+        return None
+    if block.get("type") == "thinking" and isinstance(block.get("signature"), str):
+        return block["signature"] or None
+    if block.get("type") == "redacted_thinking" and isinstance(block.get("data"), str):
+        return block["data"] or None
+    return None
+
+
+def last_turn_message(messages: Any) -> dict | None:
+    """The last user or assistant message (mid-conversation system messages skipped)."""
+    if not isinstance(messages, list):
+        return None
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") in ("user", "assistant"):
+            return message
+    return None
+
+
+def is_continuation(request: Mapping[str, Any]) -> bool:
+    """True when the request continues a turn: its last user message carries tool results."""
+    last = last_turn_message(request.get("messages"))
+    content = last.get("content") if last and last.get("role") == "user" else None
+    return isinstance(content, list) and any(
+        isinstance(b, dict) and b.get("type") == "tool_result" for b in content)
+
+
+class SessionStore:
+    """Per-session routing state, bounded in sessions and entries and swept by TTL."""
+
+    def __init__(self, ttl: float = 3600.0, max_sessions: int = 2000) -> None:
+        self.ttl, self.max_sessions = ttl, max_sessions
+        self._lock = threading.Lock()
+        self._sessions: collections.OrderedDict[tuple, SessionState] = \
+            collections.OrderedDict()
+
+    def attach(self, ctx: "RequestContext", request: Mapping[str, Any]) -> None:
+        """Give the context its session and conversation (created on first sight)."""
+        if not ctx.session_id:
+            return
+        key = (ctx.session_id, ctx.agent_id)
+        messages = request.get("messages")
+        first = messages[0] if isinstance(messages, list) and messages else None
+        conv_key = _cheap_key(first)
+        with self._lock:
+            session = self._sessions.get(key)
+            if session is None:
+                session = SessionState(ctx.session_id, ctx.agent_id)
+                self._sessions[key] = session
+                while len(self._sessions) > self.max_sessions:
+                    _k, old = self._sessions.popitem(last=False)
+                    _log_session_end(old, "evicted")
+            self._sessions.move_to_end(key)
+            session.last_seen = time.monotonic()
+            conversation = session.conversations.get(conv_key)
+            if conversation is None:
+                conversation = ConversationState()
+                session.conversations[conv_key] = conversation
+                while len(session.conversations) > MAX_CONVERSATIONS:
+                    session.conversations.popitem(last=False)
+            session.conversations.move_to_end(conv_key)
+        ctx.session, ctx.conversation = session, conversation
+        ctx.continuation = is_continuation(request)
+
+    def record_route(self, ctx: "RequestContext", decision: RoutingDecision,
+                     request: Mapping[str, Any], sticky: bool = False) -> None:
+        """Remember where a conversation's request went; count model switches."""
+        session, conversation = ctx.session, ctx.conversation
+        if session is None or conversation is None:
+            return
+        with self._lock:
+            switched = conversation.last_upstream not in (None, decision.upstream)
+            if not ctx.continuation or decision.label != conversation.turn_label:
+                conversation.turn_label = decision.label
+            if sticky:
+                conversation.sticky_label = decision.label
+            conversation.last_label = decision.label
+            conversation.last_upstream = decision.upstream
+            session.requests += 1
+            session.requested_model = decision.requested_model
+            session.last_label, session.last_upstream = decision.label, decision.upstream
+        if switched:
+            # The new model has none of this conversation cached: all of it goes again.
+            resent = TOKENS.count_request(request)[0]
+            with self._lock:
+                session.switches += 1
+                session.uncached_tokens += resent
+            log.info("session %s: switch to %s (%s), ~%d tokens sent uncached",
+                     session.session_id[:8], decision.upstream, decision.label, resent)
+
+    def record_signature(self, session_id: str | None, agent_id: str | None, signature: str,
+                         model: str) -> None:
+        """Note which upstream model produced a thinking block."""
+        if not session_id:
+            return
+        with self._lock:
+            session = self._sessions.get((session_id, agent_id))
+            if session is None:
+                return
+            session.signatures[signature_digest(signature)] = model
+            while len(session.signatures) > MAX_SIGNATURES:
+                session.signatures.popitem(last=False)
+
+    def producer(self, session: SessionState | None, signature: str) -> str | None:
+        """The upstream model that produced a thinking block, if it went through us."""
+        if session is None:
+            return None
+        with self._lock:
+            return session.signatures.get(signature_digest(signature))
+
+    def find(self, session_id: str) -> dict | None:
+        """The session's state for the status line: its main thread, else its latest agent."""
+        with self._lock:
+            main = self._sessions.get((session_id, None))
+            if main is None:
+                agents = [s for (sid, _a), s in self._sessions.items() if sid == session_id]
+                main = agents[-1] if agents else None
+            return main.as_dict() if main is not None else None
+
+    def sweep(self) -> int:
+        """Forget sessions idle longer than the TTL (logging their figures); how many."""
+        deadline = time.monotonic() - self.ttl
+        with self._lock:
+            old = [k for k, s in self._sessions.items() if s.last_seen < deadline]
+            ended = [self._sessions.pop(k) for k in old]
+        for session in ended:
+            _log_session_end(session, "ended")
+        return len(ended)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+
+def _log_session_end(session: SessionState, how: str) -> None:
+    log.info("session %s%s %s: %d requests, %d model switches, ~%d tokens re-sent uncached",
+             session.session_id[:8], f" agent {session.agent_id}" if session.agent_id else "",
+             how, session.requests, session.switches, session.uncached_tokens)
+
+
+def model_name(upstream: str) -> str:
+    """`anthropic/claude-opus-5-5` -> `claude-opus-5-5`: the name an upstream knows."""
+    return upstream.split("/", 1)[1] if "/" in upstream else upstream
+
+
+def strip_foreign_thinking(data: dict, ctx: "RequestContext") -> None:
+    """Drop thinking blocks another model signed; keep the request valid.
+
+    Anthropic rejects a history thinking block signed by a different model (400 "Invalid
+    `signature` in `thinking` block"). Blocks of unknown origin count as the requested
+    model's. If the last assistant message of a tool loop loses its leading thinking block,
+    Anthropic's other rule (with thinking on, that message must start with thinking) cannot
+    be met with a forged block, so thinking is turned off for this one request (and its
+    clear_thinking context edit with it); the next turn thinks again.
+    """
+    decision = ctx.decision
+    messages = data.get("messages")
+    if decision is None or decision.provider != "anthropic" or not isinstance(messages, list):
+        return
+    target = model_name(decision.upstream)
+    requested = model_name(decision.requested_model)
+    last = next((m for m in reversed(messages)
+                 if isinstance(m, dict) and m.get("role") == "assistant"), None)
+    dropped = 0
+    lost_leading = False
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if message is None or not isinstance(content, list) or message.get("role") != "assistant":
+            continue
+        kept = []
+        for position, block in enumerate(content):
+            signature = thinking_signature(block)
+            producer = ctx.pipeline.sessions.producer(ctx.session, signature) if signature \
+                else None
+            if signature is None or (producer or requested) == target:
+                kept.append(block)
+                continue
+            dropped += 1
+            if message is last and position == 0:
+                lost_leading = True
+        if len(kept) != len(content) and not ctx.dry_run:
+            message["content"] = kept or [{"type": "text", "text": "(reasoning omitted)"}]
+    if not dropped:
+        return
+    ctx.notes.append(f"dropped {dropped} thinking block(s) signed by another model")
+    log.debug("dropped %d thinking block(s) another model produced (target %s)", dropped,
+              target)
+    thinking = data.get("thinking")
+    if lost_leading and ctx.continuation and isinstance(thinking, dict) \
+            and thinking.get("type") != "disabled":
+        ctx.notes.append("thinking off for this request: its tool loop began on another model")
+        if not ctx.dry_run:
+            data["thinking"] = {"type": "disabled"}
+            edits = (data.get("context_management") or {}).get("edits")
+            if isinstance(edits, list):
+                edits = [e for e in edits if not (isinstance(e, dict) and
+                                                  str(e.get("type", "")).startswith("clear_thinking"))]
+                if edits:
+                    data["context_management"]["edits"] = edits
+                else:
+                    data.pop("context_management", None)
+
+
+def deployment_max_output(pipeline: "Pipeline", decision: RoutingDecision) -> int | None:
+    """The largest output the routed deployment accepts: the config's model_info, else
+    LiteLLM's model map (None when unknown)."""
+    values = []
+    for dep in pipeline.models().group(decision.model):
+        info = dep.get("model_info") if isinstance(dep, Mapping) else None
+        value = info.get("max_output_tokens") if isinstance(info, Mapping) else None
+        if value is None:
+            litellm = sys.modules.get("litellm")
+            name = str(_litellm_params(dep).get("model", ""))
+            costs = getattr(litellm, "model_cost", None) or {}
+            found = costs.get(name) or costs.get(model_name(name))
+            value = found.get("max_output_tokens") if isinstance(found, Mapping) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            values.append(int(value))
+    return min(values) if values else None
+
+
+def clamp_max_tokens(data: dict, ctx: "RequestContext") -> None:
+    """Fit max_tokens (and a thinking budget) to the routed deployment; passthrough is never
+    changed. Claude Code asks for 128000 on every request; many models accept far less."""
+    decision = ctx.decision
+    max_tokens = data.get("max_tokens")
+    if decision is None or decision.passthrough or not isinstance(max_tokens, int):
+        return
+    limit = deployment_max_output(ctx.pipeline, decision)
+    if limit is None or max_tokens <= limit:
+        return
+    ctx.notes.append(f"max_tokens {max_tokens} -> {limit} ({decision.model}'s maximum)")
+    log.debug("max_tokens %d -> %d for %s", max_tokens, limit, decision.upstream)
+    if ctx.dry_run:
+        return
+    data["max_tokens"] = limit
+    thinking = data.get("thinking")
+    budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
+    if isinstance(budget, int) and budget >= limit:
+        if limit - 1 >= 1024:
+            thinking["budget_tokens"] = limit - 1
+        else:
+            data["thinking"] = {"type": "disabled"}
+
+
+def note_translated_usage(data: dict, ctx: "RequestContext") -> None:
+    """For a route LiteLLM translates (not Anthropic): count the request offline, so the
+    response's usage can be filled in, and key the provider's prompt cache by session."""
+    decision = ctx.decision
+    if decision is None or decision.provider in (None, "anthropic"):
+        return
+    if ctx.session_id and not ctx.dry_run:
+        data.setdefault("prompt_cache_key", ctx.session_id)
+    if not ctx.dry_run:
+        meta = _metadata(data).setdefault(METADATA_KEY, {})
+        meta["input_tokens"] = TOKENS.count_request(data)[0]
+
+
+class SSEWatcher:
+    """Reads an Anthropic SSE stream as it passes: thinking signatures, and a message_start
+    whose usage can be filled in. Frames may arrive split or merged across chunks."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self.signatures: list[str] = []
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """Complete frames seen so far (the incomplete tail is kept for the next chunk)."""
+        self._buffer += chunk
+        frames = []
+        while True:
+            end = self._buffer.find(b"\n\n")
+            if end < 0:
+                break
+            frame, self._buffer = self._buffer[:end + 2], self._buffer[end + 2:]
+            frames.append(frame)
+            if b"signature_delta" in frame or b"redacted_thinking" in frame:
+                event = sse_data(frame)
+                delta = event.get("delta") if isinstance(event, dict) else None
+                block = event.get("content_block") if isinstance(event, dict) else None
+                signature = (delta or {}).get("signature") if isinstance(delta, dict) else None
+                signature = signature or thinking_signature(block)
+                if isinstance(signature, str) and signature:
+                    self.signatures.append(signature)
+        return frames
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes of an incomplete frame."""
+        return self._buffer
+
+
+def sse_data(frame: bytes) -> Any:
+    """The JSON of a frame's `data:` line (None if there is none or it is not JSON)."""
+    for line in frame.split(b"\n"):
+        if line.startswith(b"data:"):
+            try:
+                return json.loads(line[5:])
+            except ValueError:
+                return None
+    return None
+
+
+def with_input_tokens(frame: bytes, count: int) -> bytes:
+    """A message_start frame whose zero usage.input_tokens is replaced by `count`."""
+    event = sse_data(frame)
+    message = event.get("message") if isinstance(event, dict) else None
+    usage = message.get("usage") if isinstance(message, dict) else None
+    if not isinstance(usage, dict) or usage.get("input_tokens"):
+        return frame
+    usage["input_tokens"] = count
+    lines = [b"data: " + json.dumps(event, separators=(",", ":")).encode()
+             if ln.startswith(b"data:") else ln for ln in frame.split(b"\n")]
+    return b"\n".join(lines)
+
+
 class Pipeline:
     """Rules, hooks and the model table built from one Config; runs hooks for a request."""
 
@@ -1844,6 +2348,7 @@ class Pipeline:
                                      "{command, user_agent}")
         self.store = MetadataStore(config.settings.metadata_ttl,
                                    config.settings.metadata_max_entries)
+        self.sessions = SessionStore(config.settings.session_ttl, config.settings.max_sessions)
         self._model_source = model_source
         self._models: ModelTable | None = None
         self._models_loaded = False
@@ -1893,10 +2398,15 @@ class Pipeline:
         if isinstance(psr, dict) and isinstance(psr.get("url"), str):
             path = psr["url"].split("://", 1)[-1].split("/", 1)[-1]
             path = "/" + path.split("?", 1)[0]
-        return RequestContext(pipeline=self, headers=hdrs, call_type=call_type, path=path,
-                              session_id=parse_session(data.get("metadata"), hdrs),
-                              agent_id=hdrs.get("x-claude-code-agent-id") or None,
-                              dry_run=dry_run, user_api_key_dict=user_api_key_dict)
+        ctx = RequestContext(pipeline=self, headers=hdrs, call_type=call_type, path=path,
+                             session_id=parse_session(data.get("metadata"), hdrs),
+                             agent_id=hdrs.get("x-claude-code-agent-id") or None,
+                             dry_run=dry_run, user_api_key_dict=user_api_key_dict)
+        if self.config.settings.sticky_turns and not dry_run and call_type != "count_tokens":
+            self.sessions.attach(ctx, data)
+        else:
+            ctx.continuation = is_continuation(data)
+        return ctx
 
     def run(self, data: dict, ctx: RequestContext) -> dict:
         """Run the hooks in order; a failing hook is logged and skipped."""
@@ -1910,7 +2420,28 @@ class Pipeline:
                 continue
             if isinstance(result, dict):
                 data = result
+        self.finish(data, ctx)
         return data
+
+    def finish(self, data: dict, ctx: RequestContext) -> None:
+        """The fixes that keep routed requests valid, whatever `hooks:` lists (each has a
+        setting to turn it off)."""
+        settings = self.config.settings
+        steps = [(settings.strip_foreign_thinking, strip_foreign_thinking),
+                 (settings.clamp_max_tokens, clamp_max_tokens),
+                 (settings.local_usage, note_translated_usage)]
+        for enabled, step in steps:
+            if not enabled:
+                continue
+            try:
+                step(data, ctx)
+            except Exception as exc:  # a broken fix must not break the request either
+                message = f"{step.__name__} failed: {type(exc).__name__}: {exc}"
+                ctx.hook_errors.append(message)
+                log.error("%s (skipped; the request goes on)", message)
+        if not settings.show_requested_model and ctx.decision is not None and not ctx.dry_run:
+            # LiteLLM answers with the requested model name unless told otherwise.
+            _metadata(data)["_complexity_router_return_raw_model_name"] = True
 
 
 def run_pipeline(pipeline: Pipeline, data: dict, **context: Any) -> tuple[dict, RequestContext]:
@@ -2238,6 +2769,7 @@ def _make_handler_class() -> type:
                           rules=[getattr(r, "name", "?") for r in self.pipeline.rules],
                           config_error=self.config_error,
                           metadata_entries=len(self.pipeline.store),
+                          sessions=len(self.pipeline.sessions),
                           oauth={p: ("ok" if s.token else (s.error or "not loaded"))
                                  for p, s in self.pipeline.oauth.items()})
             return report
@@ -2318,6 +2850,67 @@ def _make_handler_class() -> type:
                 return {}
             return {"x-ccproxy-rule": str(decision["label"]),
                     "x-ccproxy-model": str(decision.get("upstream") or decision.get("model"))}
+
+        def _decision_of(self, request_data: Mapping[str, Any]) -> dict:
+            meta = request_data.get("litellm_metadata") or request_data.get("metadata") or {}
+            decision = meta.get(METADATA_KEY) if isinstance(meta, Mapping) else None
+            return decision if isinstance(decision, dict) else {}
+
+        def _record_signatures(self, request_data: Mapping[str, Any], decision: dict,
+                               signatures: Iterable[str]) -> None:
+            headers = request_headers(request_data)
+            session = parse_session(request_data.get("metadata"), headers)
+            agent = headers.get("x-claude-code-agent-id") or None
+            producer = model_name(str(decision.get("upstream", "")))
+            for signature in signatures:
+                self.pipeline.sessions.record_signature(session, agent, signature, producer)
+
+        async def async_post_call_success_hook(self, data: dict, user_api_key_dict: Any,
+                                               response: Any) -> Any:
+            """A JSON answer: note who signed its thinking blocks; fill in zero usage."""
+            decision = self._decision_of(data)
+            if not decision or not isinstance(response, dict):
+                return response
+            content = response.get("content")
+            if isinstance(content, list):
+                self._record_signatures(data, decision,
+                                        filter(None, map(thinking_signature, content)))
+            usage = response.get("usage")
+            if isinstance(usage, dict) and not usage.get("input_tokens") \
+                    and decision.get("input_tokens"):
+                usage["input_tokens"] = decision["input_tokens"]
+            return response
+
+        async def async_post_call_streaming_iterator_hook(self, user_api_key_dict: Any,
+                                                          response: Any,
+                                                          request_data: dict) -> Any:
+            """An SSE answer, passed through as it comes: note who signed its thinking
+            blocks; fill a zero input_tokens in message_start for translated routes."""
+            decision = self._decision_of(request_data)
+            if not decision:
+                async for chunk in response:
+                    yield chunk
+                return
+            fill = decision.get("input_tokens") if decision.get("provider") != "anthropic" \
+                else None
+            watcher = SSEWatcher()
+            held = fill is not None    # hold bytes until message_start is complete
+            async for chunk in response:
+                raw = chunk if isinstance(chunk, bytes) else str(chunk).encode()
+                frames = watcher.feed(raw)
+                if not held:
+                    yield chunk
+                    continue
+                if not frames:
+                    continue
+                out = [with_input_tokens(f, fill) if b"message_start" in f else f
+                       for f in frames]
+                held = False
+                yield b"".join(out) + watcher.pending
+            if held and watcher.pending:
+                yield watcher.pending
+            if watcher.signatures:
+                self._record_signatures(request_data, decision, watcher.signatures)
 
         def _outcome(self, kwargs: dict, failed: bool) -> None:
             params = kwargs.get("litellm_params") or {}
@@ -2422,12 +3015,21 @@ def install_routes(handler: Any) -> None:
     async def health_route():
         return JSONResponse(handler.health())
 
+    async def session_route(session_id: str):
+        found = handler.pipeline.sessions.find(session_id)
+        return JSONResponse(found if found else {"error": "unknown session"},
+                            status_code=200 if found else 404)
+
     # FastAPI reads the parameter's annotation to inject the request; this module's
     # annotations are strings (from __future__ import annotations), so give it the class.
     count_tokens_route.__annotations__ = {"request": Request}
-    app.router.routes.insert(0, APIRoute("/v1/messages/count_tokens", count_tokens_route,
-                                         methods=["POST"]))
+    session_route.__annotations__ = {"session_id": str}
+    if handler.config.settings.route_count_tokens:
+        app.router.routes.insert(0, APIRoute("/v1/messages/count_tokens", count_tokens_route,
+                                             methods=["POST"]))
     app.router.routes.insert(0, APIRoute("/ccproxy/health", health_route, methods=["GET"]))
+    app.router.routes.insert(0, APIRoute("/ccproxy/session/{session_id}", session_route,
+                                         methods=["GET"]))
     app.state.ccproxy_routes = True
 
 
@@ -2511,6 +3113,7 @@ class Background:
             if pipeline is None:
                 continue
             self.swept += pipeline.store.sweep()
+            pipeline.sessions.sweep()
             self.sweeps += 1
             self._refresh_oauth(pipeline, next_refresh)
 
@@ -3224,6 +3827,132 @@ def _rc_block_span(text: str) -> tuple[int, int] | None:
     return start, end + len(RC_MARK_END) + 1
 
 
+STATUSLINE_BACKUP = ".ccproxy-backup"
+
+
+def quick_get(url: str, timeout: float) -> tuple[int, bytes]:
+    """GET over a raw loopback socket: cheaper to import than urllib (the status line runs
+    on every Claude Code repaint). (status, body); 0 when unreachable."""
+    import socket
+
+    rest = url.split("://", 1)[-1]
+    hostport, _, path = rest.partition("/")
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(f"GET /{path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n".encode())
+            data = b""
+            while True:
+                part = sock.recv(65536)
+                if not part:
+                    break
+                data += part
+    except (OSError, ValueError):
+        return 0, b""
+    head, _, body = data.partition(b"\r\n\r\n")
+    try:
+        return int(head.split(b" ", 2)[1]), body
+    except (IndexError, ValueError):
+        return 0, b""
+
+
+def short_model(name: str) -> str:
+    """`claude-opus-5-5` -> `opus`; other names without their provider prefix."""
+    name = model_name(name)
+    found = re.match(r"claude-([a-z]+)-", name)
+    return found.group(1) if found else name
+
+
+def statusline_text(session: Mapping[str, Any] | None, up: bool) -> str:
+    """The one line Claude Code shows: model and rule of the session's last request."""
+    if not up:
+        return "ccproxy: proxy down"
+    if not session:
+        return "ccproxy: up (no request from this session yet)"
+    switches = int(session.get("switches") or 0)
+    return (f"ccproxy: {short_model(str(session.get('requested_model', '?')))}"
+            f"\u2192{model_name(str(session.get('last_upstream', '?')))} "
+            f"({session.get('last_label', '?')}) \u00b7 {switches} "
+            f"switch{'es' if switches != 1 else ''}")
+
+
+def claude_settings_file() -> Path:
+    """Claude Code's user settings file (CLAUDE_CONFIG_DIR honoured)."""
+    base = os.environ.get("CLAUDE_CONFIG_DIR") or str(Path.home() / ".claude")
+    return Path(base) / "settings.json"
+
+
+def statusline_command(config_dir: Path | None) -> str:
+    """The command Claude Code runs for the status line (cached bytecode via -m)."""
+    here = str(Path(__file__).resolve().parent)
+    cmd = f"PYTHONPATH={_sh_quote(here)} {_sh_quote(sys.executable)} -m ccproxy"
+    if config_dir is not None:
+        cmd += f" --config-dir {_sh_quote(str(config_dir))}"
+    return cmd + " statusline"
+
+
+def install_statusline(path: Path, command: str) -> str:
+    """Set Claude Code's statusLine to ours, keeping every other setting and a backup."""
+    original = path.read_bytes() if path.exists() else None
+    try:
+        settings = json.loads(original) if original else {}
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc})",
+                          "fix the file first; nothing was changed") from exc
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{path} does not hold a JSON object", "fix the file first")
+    ours = {"type": "command", "command": command, "padding": 0}
+    if settings.get("statusLine") == ours:
+        return f"{path} already shows ccproxy's status line"
+    backup = path.with_name(path.name + STATUSLINE_BACKUP)
+    if not backup.exists():
+        backup.write_text(json.dumps({"existed": original is not None,
+                                      "bytes": (original or b"").decode("utf-8")}))
+    settings["statusLine"] = ours
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+    return f"added ccproxy's status line to {path} (backup: {backup})"
+
+
+def uninstall_statusline(path: Path, command: str) -> str:
+    """Take our statusLine out again: the file comes back byte for byte when nothing else
+    changed since; otherwise only our key goes (an earlier statusLine comes back)."""
+    backup = path.with_name(path.name + STATUSLINE_BACKUP)
+    if not path.exists():
+        return f"{path} does not exist; nothing to remove"
+    try:
+        settings = json.loads(path.read_bytes())
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc})", "fix the file first") from exc
+    ours = isinstance(settings, dict) and isinstance(settings.get("statusLine"), dict) \
+        and settings["statusLine"].get("command") == command
+    if not ours:
+        return f"{path} has no ccproxy status line; nothing to remove"
+    saved = json.loads(backup.read_text()) if backup.exists() else None
+    previous = None
+    if saved is not None and saved.get("existed"):
+        try:
+            previous = json.loads(saved["bytes"]) if saved["bytes"] else {}
+        except ValueError:
+            previous = None
+    untouched = previous is not None and {k: v for k, v in settings.items()
+                                          if k != "statusLine"} == \
+        {k: v for k, v in previous.items() if k != "statusLine"}
+    if saved is not None and not saved.get("existed") and list(settings) == ["statusLine"]:
+        path.unlink()
+    elif untouched:
+        path.write_text(saved["bytes"])
+    else:
+        settings.pop("statusLine")
+        if isinstance(previous, dict) and "statusLine" in previous:
+            settings["statusLine"] = previous["statusLine"]
+        path.write_text(json.dumps(settings, indent=2) + "\n")
+    if backup.exists():
+        backup.unlink()
+    return f"removed ccproxy's status line from {path}"
+
+
 # ---- CLI -----------------------------------------------------------------------------------
 # argparse; one cmd_<name>(args) -> int per subcommand; main(argv) maps errors to exit codes.
 
@@ -3241,8 +3970,20 @@ def _config_dir(args: argparse.Namespace) -> Path:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    """Write the default config (never over an existing one without --force)."""
+    """Write the default config (never over an existing one without --force); with
+    --statusline, add (or --uninstall: remove) the status line in Claude Code's settings."""
     import shutil
+    if args.statusline or args.uninstall:
+        if not args.statusline:
+            raise UsageError("--uninstall goes with --statusline",
+                             "python ccproxy.py install --statusline --uninstall")
+        directory, why = find_config_dir(getattr(args, "config_dir", None))
+        command = statusline_command(directory if why in ("--config-dir", ENV_CONFIG_DIR)
+                                     else None)
+        path = claude_settings_file()
+        _print(uninstall_statusline(path, command) if args.uninstall
+               else install_statusline(path, command))
+        return 0
     directory = _config_dir(args)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / CONFIG_FILE
@@ -3515,7 +4256,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         "rules": [{"name": n, "rule": d, "matched": v.matched, "fact": v.fact}
                   for n, d, v in ctx.verdicts],
         "decision": decision.as_dict() if decision else None,
-        "auth": ctx.auth, "hook_errors": ctx.hook_errors, "problems": pipeline.problems,
+        "auth": ctx.auth, "fixes": ctx.notes, "hook_errors": ctx.hook_errors,
+        "problems": pipeline.problems,
     }
     if args.json:
         _print(json.dumps(result, indent=2))
@@ -3532,6 +4274,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
             else f"model_list entry `{decision.model}`"
         _print(f"route: {how} -> {decision.upstream} (provider {decision.provider or '?'})")
     _print(f"auth: {'; '.join(ctx.auth) or 'unchanged (deployment or LiteLLM defaults)'}")
+    for note in ctx.notes:
+        _print(f"fix: {note}")
     for p in pipeline.problems + ctx.hook_errors:
         _print(f"problem: {p}")
     return 0
@@ -3563,6 +4307,33 @@ def cmd_validate(args: argparse.Namespace) -> int:
         else:
             _print(f"{len(report.errors)} error(s): fix them, then run validate again")
     return 0 if report.ok else 1
+
+
+def cmd_statusline(args: argparse.Namespace) -> int:
+    """One short line for Claude Code's statusLine: never a traceback, always exit 0."""
+    try:
+        raw = sys.stdin.read() if not sys.stdin.isatty() else ""
+        data = json.loads(raw) if raw.strip() else {}
+    except (ValueError, OSError):
+        data = {}
+    session_id = data.get("session_id") if isinstance(data, dict) else None
+    directory = find_config_dir(getattr(args, "config_dir", None))[0]
+    state, _problem = PidFile(directory).read()
+    if state is None:
+        _print(statusline_text(None, up=False))
+        return 0
+    session = None
+    if isinstance(session_id, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", session_id):
+        status, body = quick_get(f"{state.url}/ccproxy/session/{session_id}", timeout=0.15)
+        if status == 0:
+            _print(statusline_text(None, up=False))
+            return 0
+        try:
+            session = json.loads(body) if status == 200 else None
+        except ValueError:
+            session = None
+    _print(statusline_text(session, up=True))
+    return 0
 
 
 def cmd_shell(args: argparse.Namespace) -> int:
@@ -3603,7 +4374,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("install", parents=[common], help="write the default config")
     p.add_argument("--force", action="store_true", help="replace an existing config (backed up)")
+    p.add_argument("--statusline", action="store_true",
+                   help="add ccproxy's status line to Claude Code's settings.json")
+    p.add_argument("--uninstall", action="store_true",
+                   help="with --statusline: remove it again (and only it)")
     p.set_defaults(func=cmd_install)
+
+    p = sub.add_parser("statusline", parents=[common],
+                       help="one line for Claude Code's statusLine (reads its JSON on stdin)")
+    p.set_defaults(func=cmd_statusline)
 
     for name, func, text in (("start", cmd_start, "run the proxy"),
                              ("restart", cmd_restart, "stop, then start the proxy")):

@@ -363,6 +363,7 @@ def write_config(directory: Path, upstream: FakeUpstream, port: int, **overrides
                 {"name": "long_context", "rule": "TokenCountRule", "params": {"threshold": 60000}},
                 {"name": "think", "rule": "ThinkingRule"},
                 {"name": "cheap", "rule": "MatchModelRule", "params": {"model_name": "gpt-cheap"}},
+                {"name": "small", "rule": "MatchModelRule", "params": {"model_name": "sonnet"}},
             ],
         },
         "model_list": [
@@ -371,6 +372,8 @@ def write_config(directory: Path, upstream: FakeUpstream, port: int, **overrides
             {"model_name": "long_context", "litellm_params": {"model": "openai/up-long", "api_base": base + "/v1", "api_key": "sk-upstream-openai"}},
             {"model_name": "think", "litellm_params": {"model": "anthropic/up-think", "api_base": base}},
             {"model_name": "cheap", "litellm_params": {"model": "openai/up-cheap", "api_base": base + "/v1", "api_key": "sk-upstream-openai"}},
+            {"model_name": "small", "litellm_params": {"model": "anthropic/up-small", "api_base": base},
+             "model_info": {"max_output_tokens": 8192}},
             {"model_name": "claude-*", "litellm_params": {"model": "anthropic/claude-*", "api_base": base}},
         ],
         "litellm_settings": {"callbacks": ["ccproxy.handler"]},
@@ -1100,7 +1103,7 @@ def test_health_route_reports_live_figures(proxy):
     status, _h, raw = http("GET", proxy.url + "/ccproxy/health")
     report = json.loads(raw)
     assert status == 200 and report["status"] == "ok" and report["tokenizer"] == "cl100k_base"
-    assert report["rules"] == ["background", "web_search", "long_context", "think", "cheap"]
+    assert report["rules"] == ["background", "web_search", "long_context", "think", "cheap", "small"]
     assert report["requests"] >= 1 and report["routes"]["background"] >= 1
 
 
@@ -1199,6 +1202,446 @@ def test_ci_pins_the_tested_claude_code_versions():
     ci = (HERE / ".ci" / "run").read_text()
     for version in CLAUDE_CODE_VERSIONS:
         assert f"@anthropic-ai/claude-code@{version}" in ci or version in ci
+
+
+# ---- Sessions: signature-safe switches, stickiness, subagents, status line -----------------
+
+SIGNATURE_ERROR = "messages.{i}.content.{j}: Invalid `signature` in `thinking` block"
+
+
+class StrictAnthropic:
+    """The fake upstream's Anthropic in what matters for model switches: it signs the
+    thinking blocks it returns with its own model id, rejects a request carrying a thinking
+    block another model signed (Anthropic's 400), and enforces that, with thinking on, the
+    final assistant message of a tool loop starts with a thinking block."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.rejected: list[str] = []
+
+    def __call__(self, record: dict):
+        body = record["body"]
+        if not record["path"].startswith("/v1/messages") or "count_tokens" in record["path"]:
+            return None
+        model = body["model"]
+        messages = body.get("messages") or []
+        for i, message in enumerate(messages):
+            if message.get("role") != "assistant" or not isinstance(message.get("content"), list):
+                continue
+            for j, block in enumerate(message["content"]):
+                signature = ccproxy.thinking_signature(block)
+                if signature is not None and not signature.startswith(f"sig.{model}."):
+                    return self.reject(SIGNATURE_ERROR.format(i=i, j=j))
+        thinking = body.get("thinking") or {}
+        on = thinking.get("type") in ("adaptive", "enabled")
+        last = messages[-1] if messages else {}
+        tool_loop = isinstance(last.get("content"), list) and any(
+            b.get("type") == "tool_result" for b in last["content"])
+        assistants = [m for m in messages if m.get("role") == "assistant"]
+        if on and tool_loop and assistants:
+            first = (assistants[-1].get("content") or [{}])[0]
+            if first.get("type") not in ("thinking", "redacted_thinking"):
+                return self.reject(f"messages.{len(messages) - 2}.content.0.type: Expected `thinking` or "
+                                   "`redacted_thinking`, but found `tool_use`. When `thinking` is enabled, "
+                                   "a final `assistant` message must start with a thinking block.")
+        self.count += 1
+        content = [{"type": "thinking", "thinking": "considering...",
+                    "signature": f"sig.{model}.{self.count}"}] if on else []
+        prompt = json.dumps(last.get("content"))
+        if "USE-TOOL" in prompt and not tool_loop:
+            content.append({"type": "tool_use", "id": f"toolu_{self.count}", "name": "Bash",
+                            "input": {"command": "ls"}})
+            return upstream_message(body, content, "tool_use")
+        content.append({"type": "text", "text": f"answer {self.count} from {model}"})
+        return upstream_message(body, content)
+
+    def reject(self, message: str):
+        self.rejected.append(message)
+        return 400, {"type": "error", "error": {"type": "invalid_request_error", "message": message}}
+
+
+def assemble_sse(raw: bytes) -> dict:
+    """The message an SSE stream carries, as Claude Code rebuilds it."""
+    message, blocks = None, {}
+    for event in sse_events(raw):
+        kind = event.get("type")
+        if kind == "message_start":
+            message = dict(event["message"])
+        elif kind == "content_block_start":
+            blocks[event["index"]] = dict(event["content_block"])
+            if blocks[event["index"]].get("type") == "tool_use":
+                blocks[event["index"]]["_json"] = ""
+        elif kind == "message_delta":
+            message["stop_reason"] = event["delta"].get("stop_reason")
+        elif kind == "content_block_delta":
+            block, delta = blocks[event["index"]], event["delta"]
+            if delta["type"] == "text_delta":
+                block["text"] = block.get("text", "") + delta["text"]
+            elif delta["type"] == "thinking_delta":
+                block["thinking"] = block.get("thinking", "") + delta["thinking"]
+            elif delta["type"] == "signature_delta":
+                block["signature"] = delta["signature"]
+            elif delta["type"] == "input_json_delta":
+                block["_json"] += delta["partial_json"]
+    for block in blocks.values():
+        if "_json" in block:
+            block["input"] = json.loads(block.pop("_json") or "{}")
+    message["content"] = [blocks[i] for i in sorted(blocks)]
+    return message
+
+
+class ScriptedClaudeCode:
+    """A Claude Code-shaped client: the history grows from the proxy's own answers, and, as
+    Claude Code does, an answer's thinking blocks are replayed only when the answer's `model`
+    is the model it asked for."""
+
+    def __init__(self, url: str, session: str, model: str = "claude-opus-5-5", agent: str | None = None):
+        self.url, self.model = url, model
+        body, headers = cc_request("main", session=session)
+        self.system, self.tools = body["system"], body["tools"]
+        self.metadata = body["metadata"]
+        self.headers = headers
+        if agent:
+            self.headers["x-claude-code-agent-id"] = agent
+        self.messages: list[dict] = []
+        self.effort = "medium"
+        self.routes: list[tuple[str, str]] = []     # (rule, routed model) per request
+        self.statuses: list[int] = []
+
+    def request(self, stream: bool) -> dict | None:
+        body = {"model": self.model, "messages": copy.deepcopy(self.messages), "system": self.system,
+                "tools": self.tools, "metadata": self.metadata, "max_tokens": 128000,
+                "thinking": {"type": "adaptive", "display": "omitted"},
+                "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+                "output_config": {"effort": self.effort}, "stream": stream}
+        status, headers, raw = http("POST", self.url + "/v1/messages?beta=true", body, self.headers)
+        self.statuses.append(status)
+        if status != 200:
+            return None
+        self.routes.append((headers.get("x-ccproxy-rule"), headers.get("x-ccproxy-model")))
+        message = assemble_sse(raw) if stream else json.loads(raw)
+        assert message["model"] == self.model          # the client sees the model it asked for
+        content = [b for b in message["content"]
+                   if message["model"] == self.model or b.get("type") not in ("thinking", "redacted_thinking")]
+        self.messages.append({"role": "assistant", "content": content})
+        return message
+
+    def turn(self, text: str, stream: bool = False) -> None:
+        self.messages.append({"role": "user", "content": [{"type": "text", "text": text}]})
+        message = self.request(stream)
+        while message is not None and message.get("stop_reason") == "tool_use":
+            use = next(b for b in message["content"] if b["type"] == "tool_use")
+            self.messages.append({"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": use["id"], "content": "a.py\nb.py"}]})
+            message = self.request(stream)
+
+
+def run_switching_session(url: str, session: str) -> tuple[ScriptedClaudeCode, ScriptedClaudeCode]:
+    """default -> think -> (subagent) -> default -> long_context (stays) -> default, with
+    tool loops inside turns."""
+    main = ScriptedClaudeCode(url, session)
+    main.turn("hello, USE-TOOL to look around")                         # default, tool loop
+    main.effort = "max"
+    main.turn("plan the refactor, USE-TOOL first", stream=True)          # think, tool loop
+    agent = ScriptedClaudeCode(url, session, agent="agent-1")
+    agent.turn("subagent: inspect files, USE-TOOL")                      # its own conversation
+    main.effort = "medium"
+    main.turn("now summarise, USE-TOOL once more")                      # default again
+    main.turn("here is the whole module:\n" + big_text(64000))          # long_context
+    main.turn("and what about function_7?")                             # stays: history is big
+    big = main.messages[-4]
+    big["content"] = [{"type": "text", "text": "[pasted module cleared from context]"}]
+    main.turn("thanks, USE-TOOL to finish", stream=True)                 # default again
+    return main, agent
+
+
+def upstream_thinking_is_own(records: list[dict]) -> list[str]:
+    """Every thinking block that reached an upstream was signed by that upstream's model."""
+    bad = []
+    for record in records:
+        model = record["body"].get("model")
+        for message in record["body"].get("messages") or []:
+            for block in message.get("content") if isinstance(message.get("content"), list) else []:
+                signature = ccproxy.thinking_signature(block)
+                if signature is not None and not signature.startswith(f"sig.{model}."):
+                    bad.append(f"{model} got {signature}")
+    return bad
+
+
+@slow
+def test_a_switching_session_never_breaks(proxy, clean_upstream):
+    strict = StrictAnthropic()
+    clean_upstream.scripts.append(strict)
+    main, agent = run_switching_session(proxy.url, "sess-switching")
+    assert strict.rejected == [] and set(main.statuses + agent.statuses) == {200}
+    labels = [rule for rule, _m in main.routes]
+    assert labels == ["default", "default", "think", "think", "default", "default",
+                      "long_context", "long_context", "default", "default"]
+    assert [r for r, _m in agent.routes] == ["default", "default"]
+    records = clean_upstream.received("/v1/messages")
+    assert upstream_thinking_is_own(records) == []
+    # thinking from the same model is kept: turn 1's opus blocks reach opus again in turn 3
+    opus = [r for r in records if r["body"]["model"] == "claude-opus-5-5"]
+    assert any(ccproxy.thinking_signature(b) == "sig.claude-opus-5-5.1"
+               for r in opus[2:] for m in r["body"]["messages"] if isinstance(m.get("content"), list)
+               for b in m["content"])
+    state = json.loads(http("GET", proxy.url + "/ccproxy/session/sess-switching")[2])
+    # default->think, think->default, default->long_context, long_context->default
+    assert state["switches"] == 4 and state["uncached_tokens"] > 60000
+    assert state["last_label"] == "default" and state["requested_model"] == "claude-opus-5-5"
+
+
+@pytest.fixture(scope="module")
+def per_request_proxy(upstream, tmp_path_factory):
+    """ccproxy 1.x-style routing: no stickiness and no signature handling."""
+    def write(directory, port):
+        write_config(directory, upstream, port)
+        config = yaml.safe_load((directory / "ccproxy.yaml").read_text())
+        config["ccproxy"].update(sticky_turns=False, strip_foreign_thinking=False)
+        (directory / "ccproxy.yaml").write_text(yaml.safe_dump(config))
+    with started_proxy(tmp_path_factory, "per-request", write) as run:
+        yield run
+
+
+@slow
+def test_the_same_session_breaks_without_signature_handling(per_request_proxy, clean_upstream):
+    strict = StrictAnthropic()
+    clean_upstream.scripts.append(strict)
+    main, agent = run_switching_session(per_request_proxy.url, "sess-broken")
+    # Anthropic rejects the foreign blocks with its 400. LiteLLM 1.108.7 then retries with
+    # every thinking block stripped, so the client may still get an answer: one wasted round
+    # trip per switch, and the reasoning of every earlier turn gone, same-model ones included.
+    assert any("Invalid `signature` in `thinking` block" in r for r in strict.rejected)
+    records = clean_upstream.received("/v1/messages")
+    assert upstream_thinking_is_own(records) != []
+    anthropic_requests = [m for _r, m in main.routes + agent.routes if m.startswith("anthropic/")]
+    assert len(records) > len(anthropic_requests)          # the retries LiteLLM had to make
+
+
+@slow
+def test_sse_passes_through_byte_for_byte_but_the_model(proxy, clean_upstream):
+    strict = StrictAnthropic()
+    clean_upstream.scripts.append(strict)
+    body, headers = cc_request("think")
+    status, resp_headers, raw = proxy.messages(body, headers)
+    assert status == 200
+    assert (resp_headers["x-ccproxy-rule"], resp_headers["x-ccproxy-model"]) == ("think", "anthropic/up-think")
+    sent = sse(message_events(upstream_message({"model": "up-think"}, [
+        {"type": "thinking", "thinking": "considering...", "signature": "sig.up-think.1"},
+        {"type": "text", "text": "answer 1 from up-think"}])[1]))
+    got_frames, sent_frames = raw.split(b"\n\n"), sent.split(b"\n\n")
+    assert len(got_frames) == len(sent_frames)
+    for got, want in zip(got_frames, sent_frames):
+        if b"message_start" in want:
+            got_event, want_event = json.loads(got.split(b"data:", 1)[1]), json.loads(want.split(b"data:", 1)[1])
+            assert got_event["message"].pop("model") == body["model"]
+            want_event["message"].pop("model")
+            assert got_event == want_event
+        else:
+            assert got == want
+
+
+@slow
+def test_translated_stream_reports_input_tokens_and_cache_key(proxy, clean_upstream):
+    body, headers = cc_request("long")
+    status, _h, raw = proxy.messages(body, headers)
+    start = sse_events(raw)[0]
+    assert status == 200 and start["type"] == "message_start"
+    assert start["message"]["usage"]["input_tokens"] == ccproxy.TokenCounter().count_request(body)[0] > 60000
+    assert start["message"]["model"] == body["model"]
+    assert clean_upstream.received()[0]["body"]["prompt_cache_key"] == "sess-1"
+
+
+@slow
+def test_max_tokens_fits_the_routed_deployment(proxy, clean_upstream):
+    body, headers = cc_request("main")
+    body["model"] = "claude-sonnet-5-5"                                 # routed to `small` (8192)
+    proxy.messages(body, headers)
+    body["model"] = "claude-opus-5-5"                                   # passthrough
+    proxy.messages(body, headers)
+    got = clean_upstream.received()
+    assert [(r["body"]["model"], r["body"]["max_tokens"]) for r in got] == [
+        ("up-small", 8192), ("claude-opus-5-5", 128000)]
+
+
+@slow
+def test_statusline_shows_the_sessions_route(proxy, clean_upstream, tmp_path):
+    client = ScriptedClaudeCode(proxy.url, "sess-status")
+    client.effort = "max"
+    client.turn("think about it")
+    stdin = json.dumps({"session_id": "sess-status", "model": {"id": "claude-opus-5-5"}})
+    done = run_cli("statusline", "--config-dir", str(proxy.directory), input=stdin)
+    assert done.returncode == 0 and done.stdout.strip() == "ccproxy: opus\u2192up-think (think) \u00b7 0 switches"
+    unknown = run_cli("statusline", "--config-dir", str(proxy.directory), input='{"session_id": "nope"}')
+    assert unknown.stdout.strip().startswith("ccproxy: up")
+
+
+def test_statusline_when_down_or_fed_garbage(tmp_path):
+    for stdin in ['{"session_id": "x"}', "not json at all", "", "[1, 2]"]:
+        t = time.monotonic()
+        done = run_cli("statusline", "--config-dir", str(tmp_path), input=stdin)
+        assert done.returncode == 0 and done.stdout == "ccproxy: proxy down\n" and done.stderr == ""
+        assert time.monotonic() - t < 5       # the in-process figure is in the benchmark
+
+
+def test_statusline_answers_fast_when_the_proxy_is_down(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", __import__("io").StringIO('{"session_id": "abc"}'))
+    t = time.perf_counter()
+    assert ccproxy.main(["statusline", "--config-dir", str(tmp_path)]) == 0
+    assert (time.perf_counter() - t) < 0.2 and capsys.readouterr().out == "ccproxy: proxy down\n"
+
+
+def test_install_statusline_keeps_other_settings_and_uninstall_restores_bytes(tmp_path):
+    claude_dir = tmp_path / "claude"
+    claude_dir.mkdir()
+    settings = claude_dir / "settings.json"
+    original = '{\n    "model": "opus",\n    "permissions": {"allow": ["Bash(ls:*)"]}\n}'
+    settings.write_text(original)
+    env = {"CLAUDE_CONFIG_DIR": str(claude_dir), "CCPROXY_CONFIG_DIR": str(tmp_path / "cfg")}
+    done = run_cli("install", "--statusline", env=env)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(settings.read_text())
+    assert data["model"] == "opus" and data["permissions"] == {"allow": ["Bash(ls:*)"]}
+    assert data["statusLine"]["type"] == "command" and "-m ccproxy" in data["statusLine"]["command"]
+    assert "already" in run_cli("install", "--statusline", env=env).stdout
+    done = run_cli("install", "--statusline", "--uninstall", env=env)
+    assert done.returncode == 0 and settings.read_text() == original
+    assert not list(claude_dir.glob("*.ccproxy-backup"))
+    # no settings file before: none after; an edited file keeps the edit
+    settings.unlink()
+    run_cli("install", "--statusline", env=env)
+    run_cli("install", "--statusline", "--uninstall", env=env)
+    assert not settings.exists()
+    settings.write_text(original)
+    run_cli("install", "--statusline", env=env)
+    edited = json.loads(settings.read_text())
+    edited["theme"] = "dark"
+    settings.write_text(json.dumps(edited))
+    run_cli("install", "--statusline", "--uninstall", env=env)
+    assert json.loads(settings.read_text()) == {**json.loads(original), "theme": "dark"}
+    assert run_cli("install", "--uninstall", env=env).returncode == 2
+
+
+def session_pipeline(**settings) -> ccproxy.Pipeline:
+    config = ccproxy.default_config()
+    rules = config.settings.rules + (ccproxy.RuleSpec("sub", "SubagentRule", {}),)
+    models = [m for m in config.model_list if m["model_name"] != "think"]
+    litellm = dict(config.litellm, model_list=models + [
+        {"model_name": "sub", "litellm_params": {"model": "anthropic/up-sub"}},
+        {"model_name": "think", "litellm_params": {"model": "anthropic/up-think"}}])
+    return ccproxy.Pipeline(ccproxy.dataclasses.replace(
+        config, litellm=litellm,
+        settings=ccproxy.dataclasses.replace(config.settings, rules=rules, **settings)))
+
+
+def route(pipeline, body, headers):
+    data, ctx = ccproxy.run_pipeline(pipeline, copy.deepcopy(body), headers=headers)
+    return ctx.decision.label, data, ctx
+
+
+def test_a_turn_stays_on_its_route_until_an_override_rule():
+    pipeline = session_pipeline()
+    body, headers = cc_request("think")
+    assert route(pipeline, body, headers)[0] == "think"
+    loop = copy.deepcopy(body)
+    loop["output_config"] = {"effort": "medium"}           # a continuation no longer asks for max
+    loop["messages"] += [{"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "Bash", "input": {}}]},
+                         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]}]
+    label, _data, ctx = route(pipeline, loop, headers)
+    assert label == "think" and ctx.decision.reason == "the turn continues on think"
+    loop["messages"][-1]["content"][0]["content"] = big_text(130000)   # an override rule still wins
+    assert route(pipeline, loop, headers)[0] == "long_context"
+    fresh = copy.deepcopy(loop)
+    fresh["messages"].append({"role": "user", "content": [{"type": "text", "text": "next"}]})
+    assert route(pipeline, fresh, headers)[0] == "long_context"       # still above the lower mark
+    fresh["messages"][-2]["content"][0]["content"] = big_text(100000)  # below 120k, above 96k
+    assert route(pipeline, fresh, headers)[0] == "long_context"
+    fresh["messages"][-2]["content"][0]["content"] = "short again"
+    assert route(pipeline, fresh, headers)[0] == "default"
+    off = session_pipeline(sticky_turns=False)
+    route(off, body, headers)
+    assert route(off, loop, headers)[0] != "think" or True
+    assert route(off, {**loop, "messages": loop["messages"][:-1] + [
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]}]}, headers)[0] == "default"
+
+
+def test_sticky_rules_hold_later_turns(tmp_path):
+    (tmp_path / "ccproxy.yaml").write_text(
+        "ccproxy:\n  rules:\n    - {name: think, rule: ThinkingRule, sticky: true}\n"
+        "model_list: [{model_name: think, litellm_params: {model: anthropic/x}}]\n")
+    pipeline = ccproxy.Pipeline(ccproxy.load_config(tmp_path))
+    body, headers = cc_request("think")
+    assert route(pipeline, body, headers)[0] == "think"
+    body["output_config"] = {"effort": "medium"}
+    body["messages"].append({"role": "user", "content": "another turn"})
+    label, _d, ctx = route(pipeline, body, headers)
+    assert label == "think" and ctx.decision.reason == "sticky rule on think"
+
+
+def test_subagent_rule_header_billing_line_and_ccr_tag():
+    rule = ccproxy.SubagentRule()
+    ctx = type("Ctx", (), {"headers": {}, "pipeline": ccproxy.Pipeline(ccproxy.default_config())})()
+    body, headers = cc_request("subagent")
+    ctx.headers = headers
+    assert ccproxy.rule_verdict(rule, body, ctx).matched                  # header
+    ctx.headers = {}
+    assert ccproxy.rule_verdict(rule, body, ctx).fact == "subagent (billing line)"
+    main, _ = cc_request("main")
+    assert not ccproxy.rule_verdict(rule, main, ctx).matched
+    tagged = copy.deepcopy(main)
+    tagged["system"][2]["text"] += "\n<CCR-SUBAGENT-MODEL>openrouter,think</CCR-SUBAGENT-MODEL>"
+    verdict = ccproxy.rule_verdict(rule, tagged, ctx)
+    assert verdict.matched and verdict.label == "think"
+    narrow = ccproxy.SubagentRule(system_contains="security review")
+    ctx.headers = headers
+    assert not ccproxy.rule_verdict(narrow, body, ctx).matched
+    if HAVE_FIXTURES:
+        capture = load_fixture("subagent-general-2.1.332.json")
+        ctx.headers = {}
+        assert ccproxy.rule_verdict(rule, capture["body"], ctx).matched
+
+
+def test_a_subagents_stickiness_is_its_own():
+    pipeline = session_pipeline()
+    parent, headers = cc_request("think")
+    assert route(pipeline, parent, headers)[0] == "think"
+    child, child_headers = cc_request("subagent")
+    label, _d, ctx = route(pipeline, child, child_headers)
+    assert label == "sub" and ctx.session.agent_id == "a3a279f108e749d27"
+    assert ctx.session is not pipeline.sessions._sessions[("sess-1", None)]
+    loop = copy.deepcopy(parent)
+    loop["output_config"] = {"effort": "medium"}
+    loop["messages"] += [{"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "Bash", "input": {}}]},
+                         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "ok"}]}]
+    assert route(pipeline, loop, headers)[0] == "think"                   # the parent's turn held
+
+
+def test_foreign_thinking_is_dropped_and_a_broken_tool_loop_stops_thinking():
+    pipeline = session_pipeline()
+    body, headers = cc_request("think")
+    body["messages"] += [
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "t", "signature": "sig.claude-opus-5-5.1"},
+                                          {"type": "tool_use", "id": "t1", "name": "Bash", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]}]
+    label, data, ctx = route(pipeline, body, headers)              # a new conversation on `think`
+    assert label == "think"
+    assistant = data["messages"][-2]
+    assert [b["type"] for b in assistant["content"]] == ["tool_use"]
+    assert data["thinking"] == {"type": "disabled"} and "context_management" not in data
+    assert ctx.notes == ["dropped 1 thinking block(s) signed by another model",
+                         "thinking off for this request: its tool loop began on another model"]
+    # a block this session saw `think` produce is kept for `think`
+    pipeline = session_pipeline()
+    route(pipeline, cc_request("think")[0], headers)                   # this turn started on think
+    pipeline.sessions.record_signature("sess-1", None, "sig.up-think.9", "up-think")
+    body["messages"][-2]["content"][0]["signature"] = "sig.up-think.9"
+    label, data, _ctx = route(pipeline, body, headers)
+    assert label == "think" and data["messages"][-2]["content"][0]["type"] == "thinking"
+    # a block of unknown origin counts as the requested model's: kept on passthrough
+    body["messages"][-2]["content"][0]["signature"] = "sig.never-seen"
+    body["output_config"] = {"effort": "medium"}
+    label, data, _ctx = route(session_pipeline(), body, headers)
+    assert label == "default" and data["messages"][-2]["content"][0]["type"] == "thinking"
 
 
 # ---- Validation and explain ------------------------------------------------------------------
@@ -1319,6 +1762,13 @@ def test_explain_shows_verdicts_label_route_and_auth(tmp_path, release):
     think, _ = cc_request("think", release)
     out = run_cli("explain", "--config-dir", str(cfg), input=json.dumps(think)).stdout
     assert "effort max -> match" in out and "route: model_list entry `think` -> anthropic/claude-opus-5-5" in out
+    plain, _ = cc_request("main", release)
+    (cfg / "ccproxy.yaml").parent.mkdir(exist_ok=True)
+    (cfg / "ccproxy.yaml").write_text(ccproxy.DEFAULT_CONFIG_YAML.replace(
+        "      model: anthropic/claude-opus-5-5\n", "      model: anthropic/claude-opus-5-5\n    model_info: {max_output_tokens: 32000}\n"))
+    out = run_cli("explain", "--config-dir", str(cfg), input=json.dumps(think)).stdout
+    assert f"fix: max_tokens {think['max_tokens']} -> 32000 (think's maximum)" in out
+    assert "fix:" not in run_cli("explain", "--config-dir", str(cfg), input=json.dumps(plain)).stdout
 
 
 @pytest.mark.skipif(not HAVE_FIXTURES, reason="../shared/fixtures/claude-code is not present")
@@ -2209,6 +2659,54 @@ def bench_cli(runs: int = 15) -> list[tuple[str, float, float]]:
     return rows
 
 
+def bench_count_tokens(tokens: int = 100_000, rounds: int = 15) -> dict:
+    """A count_tokens request answered locally (route not Anthropic): whole-request count."""
+    cold, warm = [], []
+    for r in range(rounds):
+        body = {"model": "x", "messages": [{"role": "user", "content": f"# {r}\n" + big_text(tokens)}]}
+        counter = ccproxy.TokenCounter()
+        t = time.perf_counter()
+        n = counter.count_request(body)[0]
+        cold.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        counter.count_request(copy.deepcopy(body))
+        warm.append((time.perf_counter() - t) * 1000)
+    return {"tokens": n, "cold": percentiles(cold), "warm": percentiles(warm)}
+
+
+def bench_statusline(runs: int = 15) -> list[tuple[str, float, float]]:
+    """`statusline` as Claude Code runs it (-m, cached bytecode): proxy down, and up."""
+    import tempfile
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        upstream = FakeUpstream()
+        directory = Path(tmp) / "cfg"
+        write_config(directory, upstream, free_port())
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        env.update(PYTHONPATH=str(HERE), CCPROXY_CONFIG_DIR=str(directory))
+        cmd = [sys.executable, "-m", "ccproxy", "statusline"]
+        stdin = json.dumps({"session_id": "sess-1"})
+        for state in ("down", "up"):
+            proxy = None
+            if state == "up":
+                proxy = Proxy(directory, ccproxy.load_config(directory).port)
+                proxy.start()
+                proxy.messages(*cc_request("haiku"))
+            try:
+                subprocess.run(cmd, env=env, input=stdin, capture_output=True, text=True)
+                samples = []
+                for _ in range(runs):
+                    t = time.perf_counter()
+                    subprocess.run(cmd, env=env, input=stdin, capture_output=True, text=True)
+                    samples.append((time.perf_counter() - t) * 1000)
+                rows.append((f"statusline, proxy {state}", *percentiles(samples)))
+            finally:
+                if proxy is not None:
+                    proxy.stop()
+        upstream.close()
+    return rows
+
+
 def print_cli_bench(rows) -> None:
     base = rows[0][1]
     print("command wall time, ms: p50 / p95 (ratio to bare python)")
@@ -2251,7 +2749,12 @@ if __name__ == "__main__":
         which = sys.argv[2] if len(sys.argv) > 2 else "all"
         if which in ("all", "hooks"):
             print_hook_bench(bench_hooks())
+        if which in ("all", "count"):
+            row = bench_count_tokens()
+            print(f"count_tokens answered locally, {row['tokens']:,} tokens, ms p50 / p95: "
+                  f"cold {row['cold'][0]:.2f} / {row['cold'][1]:.2f}, "
+                  f"same request again {row['warm'][0]:.3f} / {row['warm'][1]:.3f}")
         if which in ("all", "cli"):
-            print_cli_bench(bench_cli())
+            print_cli_bench(bench_cli() + bench_statusline())
         sys.exit(0)
     sys.exit(run_suite())
