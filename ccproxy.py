@@ -1641,7 +1641,14 @@ def rule_evaluator(data: dict, ctx: RequestContext, **params: Any) -> dict:
     ctx.verdicts = []
     for rule in ctx.pipeline.rules:
         name = getattr(rule, "name", "") or type(rule).__name__
-        verdict = rule_verdict(rule, data, ctx)
+        try:
+            verdict = rule_verdict(rule, data, ctx)
+        except Exception as exc:  # a broken custom rule is skipped, the others still decide
+            problem = f"rule {name} failed: {type(exc).__name__}: {exc}"
+            ctx.hook_errors.append(problem)
+            ctx.pipeline.warn_once(f"rule:{name}:{type(exc).__name__}",
+                                   f"{problem} (skipped; logged once)")
+            verdict = Verdict(False, f"failed: {type(exc).__name__}")
         ctx.verdicts.append((name, _describe(rule), verdict))
         if verdict.matched:
             ctx.label = name
@@ -2122,6 +2129,13 @@ class SessionStore:
         for session in ended:
             _log_session_end(session, "ended")
         return len(ended)
+
+    def totals(self) -> dict:
+        """Switches and uncached tokens over the sessions remembered now."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        return {"sessions": len(sessions), "switches": sum(s.switches for s in sessions),
+                "uncached_tokens": sum(s.uncached_tokens for s in sessions)}
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -2769,7 +2783,7 @@ def _make_handler_class() -> type:
                           rules=[getattr(r, "name", "?") for r in self.pipeline.rules],
                           config_error=self.config_error,
                           metadata_entries=len(self.pipeline.store),
-                          sessions=len(self.pipeline.sessions),
+                          sessions=self.pipeline.sessions.totals(),
                           oauth={p: ("ok" if s.token else (s.error or "not loaded"))
                                  for p, s in self.pipeline.oauth.items()})
             return report
@@ -4174,6 +4188,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if isinstance(live, dict):
         routes = ", ".join(f"{k} {v}" for k, v in sorted(live.get("routes", {}).items()))
         _print(f"requests: {live.get('requests', 0)}" + (f" ({routes})" if routes else ""))
+        sessions = live.get("sessions")
+        if isinstance(sessions, dict):
+            _print(f"sessions: {sessions.get('sessions', 0)}, model switches "
+                   f"{sessions.get('switches', 0)}, ~{sessions.get('uncached_tokens', 0):,} "
+                   "tokens re-sent uncached")
     return 0 if report["running"] else 1
 
 
