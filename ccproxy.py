@@ -33,8 +33,9 @@ __all__ = [
     "CCProxyError", "ConfigError", "RuleError", "OAuthError", "ProcessError",
     "Config", "load_config", "count_tokens", "count_request_tokens",
     "Rule", "Verdict", "ClassificationRule", "DefaultRule", "MatchModelRule", "ThinkingRule",
-    "TokenCountRule", "MatchToolRule", "WebSearchRule",
-    "RequestContext", "RoutingDecision", "run_pipeline", "route_request",
+    "TokenCountRule", "MatchToolRule", "WebSearchRule", "SubagentRule",
+    "RequestContext", "RoutingDecision", "Pipeline", "run_pipeline", "route_request",
+    "validate_config", "SessionStore",
     "rule_evaluator", "model_router", "forward_oauth", "forward_apikey", "extract_session_id",
     "capture_headers", "CCProxyHandler", "handler", "main",
 ]

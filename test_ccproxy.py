@@ -348,8 +348,10 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 240, input: st
                           timeout=timeout, env=full_env, input=input, cwd=cwd)
 
 
-def write_config(directory: Path, upstream: FakeUpstream, port: int, **overrides) -> Path:
-    """A one-file ccproxy.yaml whose model_list points at the fake upstream."""
+def write_config(directory: Path, upstream: FakeUpstream, port: int, settings: dict | None = None,
+                 **overrides) -> Path:
+    """A one-file ccproxy.yaml whose model_list points at the fake upstream; `settings` go
+    into its `ccproxy:` section, other keyword arguments replace top-level sections."""
     base = upstream.url
     config = {
         "litellm": {"host": "127.0.0.1", "port": port, "num_workers": 1},
@@ -380,6 +382,7 @@ def write_config(directory: Path, upstream: FakeUpstream, port: int, **overrides
     }
     for key, value in overrides.items():
         config[key] = value
+    config["ccproxy"].update(settings or {})
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "ccproxy.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -1067,14 +1070,11 @@ def responses_proxy(upstream, tmp_path_factory):
     """ccproxy.openai_chat_completions: false gives LiteLLM's Responses API back for openai/."""
     def write(directory, port):
         base = upstream.url
-        write_config(directory, upstream, port, model_list=[
+        write_config(directory, upstream, port, settings={"openai_chat_completions": False, "rules": []},
+                     model_list=[
             {"model_name": "resp", "litellm_params": {"model": "openai/up-resp", "api_base": base + "/v1", "api_key": "sk-up"}},
             {"model_name": "chat", "litellm_params": {"model": "custom_openai/up-chat", "api_base": base + "/v1", "api_key": "sk-up"}},
         ])
-        config = yaml.safe_load((directory / "ccproxy.yaml").read_text())
-        config["ccproxy"]["openai_chat_completions"] = False
-        config["ccproxy"]["rules"] = []
-        (directory / "ccproxy.yaml").write_text(yaml.safe_dump(config))
     with started_proxy(tmp_path_factory, "responses", write) as run:
         yield run
 
@@ -1408,10 +1408,8 @@ def test_a_switching_session_never_breaks(proxy, clean_upstream):
 def per_request_proxy(upstream, tmp_path_factory):
     """ccproxy 1.x-style routing: no stickiness and no signature handling."""
     def write(directory, port):
-        write_config(directory, upstream, port)
-        config = yaml.safe_load((directory / "ccproxy.yaml").read_text())
-        config["ccproxy"].update(sticky_turns=False, strip_foreign_thinking=False)
-        (directory / "ccproxy.yaml").write_text(yaml.safe_dump(config))
+        write_config(directory, upstream, port,
+                     settings={"sticky_turns": False, "strip_foreign_thinking": False})
     with started_proxy(tmp_path_factory, "per-request", write) as run:
         yield run
 
@@ -1810,9 +1808,7 @@ def oauth_proxy(upstream, tmp_path_factory):
     token_file.write_text(OAUTH_TOKEN_1 + "\n")
 
     def write(directory, port):
-        write_config(directory, upstream, port)
-        config = yaml.safe_load((directory / "ccproxy.yaml").read_text())
-        config["ccproxy"].update({
+        write_config(directory, upstream, port, settings={
             "hooks": ["rule_evaluator", "model_router", "forward_apikey", "forward_oauth"],
             "oauth_timeout": 1, "oauth_refresh_interval": 3600,
             "oat_sources": {
@@ -1821,7 +1817,6 @@ def oauth_proxy(upstream, tmp_path_factory):
                 "gemini": "sleep 30",
                 "deepseek": "true",
             }})
-        (directory / "ccproxy.yaml").write_text(yaml.safe_dump(config))
     with started_proxy(tmp_path_factory, "oauth", write) as run:
         run.token_file = token_file
         yield run
@@ -2100,10 +2095,7 @@ def test_detached_lifecycle_race_status_logs_restart_stop(tmp_path, upstream):
 def test_foreground_start_with_proxy_key(tmp_path, upstream):
     directory = tmp_path / "cfg"
     port = free_port()
-    write_config(directory, upstream, port)
-    config = yaml.safe_load((directory / "ccproxy.yaml").read_text())
-    config["ccproxy"]["proxy_key"] = True
-    (directory / "ccproxy.yaml").write_text(yaml.safe_dump(config))
+    write_config(directory, upstream, port, settings={"proxy_key": True})
     env = dict(os.environ, **cli_env(directory))
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "start"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
