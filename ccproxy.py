@@ -37,7 +37,7 @@ __all__ = [
     "RequestContext", "RoutingDecision", "Pipeline", "run_pipeline", "route_request",
     "validate_config", "SessionStore",
     "rule_evaluator", "model_router", "forward_oauth", "forward_apikey", "extract_session_id",
-    "capture_headers", "CCProxyHandler", "handler", "main",
+    "capture_headers", "CCProxyHandler", "main",
 ]
 
 # ---- Imports -------------------------------------------------------------------------------
