@@ -47,6 +47,7 @@ __all__ = [
 import argparse
 import bisect
 import collections
+import contextvars
 import dataclasses
 import fcntl
 import importlib
@@ -1949,6 +1950,10 @@ class OAuthSource:
 
 
 _OAUTH_LOCK = threading.Lock()
+# Set by ccproxy's /v1/messages route for the request it serves: the failure hook marks it
+# for one retry once it has fetched a fresh OAuth token after an upstream 401.
+_OAUTH_RETRY: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ccproxy_oauth_retry",
+                                                                         default=None)
 
 
 @dataclasses.dataclass(slots=True)
@@ -2959,9 +2964,11 @@ def _make_handler_class() -> type:
 
             ok = await asyncio.to_thread(source.refresh_after_401,
                                          self.config.settings.oauth_timeout)
+            slot = _OAUTH_RETRY.get()
+            if ok and slot is not None:
+                slot["retry"] = True
             log.warning("upstream answered 401 for the oauth token of %s; %s", provider,
-                        "fetched a fresh one for the next requests" if ok
-                        else f"refreshing failed ({source.error})")
+                        "fetched a fresh one" if ok else f"refreshing failed ({source.error})")
 
         async def async_log_success_event(self, kwargs: dict, response_obj: Any,
                                           start_time: Any, end_time: Any) -> None:
@@ -3005,7 +3012,7 @@ def install_routes(handler: Any) -> None:
     app = getattr(proxy_server, "app", None)
     if app is None or getattr(app.state, "ccproxy_routes", False):
         return
-    from fastapi import Depends, Request
+    from fastapi import Depends, Request, Response
     from fastapi.responses import JSONResponse
     from fastapi.routing import APIRoute
     from litellm.proxy.auth.user_api_key_auth import user_api_key_auth
@@ -3030,6 +3037,26 @@ def install_routes(handler: Any) -> None:
     async def health_route():
         return JSONResponse(handler.health())
 
+    async def messages_route(fastapi_response, request,
+                             user_api_key_dict=Depends(user_api_key_auth)):
+        # An upstream 401 for a token from oat_sources: the failure hook has fetched a fresh
+        # token by the time LiteLLM's endpoint returns; send the same request once more.
+        from litellm.proxy.anthropic_endpoints import endpoints as anthropic_endpoints
+
+        slot = {"retry": False}
+        token = _OAUTH_RETRY.set(slot)
+        try:
+            result = await anthropic_endpoints.anthropic_response(fastapi_response, request,
+                                                                  user_api_key_dict)
+            if slot["retry"] and getattr(result, "status_code", 200) == 401:
+                log.info("retrying the request once with the fresh oauth token")
+                slot["retry"] = False
+                result = await anthropic_endpoints.anthropic_response(
+                    fastapi_response, request, user_api_key_dict)
+            return result
+        finally:
+            _OAUTH_RETRY.reset(token)
+
     async def session_route(session_id: str):
         found = handler.pipeline.sessions.find(session_id)
         return JSONResponse(found if found else {"error": "unknown session"},
@@ -3039,6 +3066,9 @@ def install_routes(handler: Any) -> None:
     # annotations are strings (from __future__ import annotations), so give it the class.
     count_tokens_route.__annotations__ = {"request": Request}
     session_route.__annotations__ = {"session_id": str}
+    messages_route.__annotations__ = {"fastapi_response": Response, "request": Request}
+    if handler.pipeline.oauth:
+        app.router.routes.insert(0, APIRoute("/v1/messages", messages_route, methods=["POST"]))
     if handler.config.settings.route_count_tokens:
         app.router.routes.insert(0, APIRoute("/v1/messages/count_tokens", count_tokens_route,
                                              methods=["POST"]))

@@ -1867,14 +1867,23 @@ def test_upstream_401_refreshes_the_oauth_token(oauth_proxy, clean_upstream):
     oauth_proxy.token_file.write_text(OAUTH_TOKEN_2 + "\n")      # the CLI renewed it meanwhile
     body, headers = cc_request("main")
     headers.pop("x-api-key")
+    status, _h, raw = oauth_proxy.messages(body, headers)          # streaming, as Claude Code
+    assert status == 200, raw[:300]                    # retried once with the fresh token
+    assert [r["headers"]["authorization"] for r in clean_upstream.received()] == [
+        f"Bearer {OAUTH_TOKEN_1}", f"Bearer {OAUTH_TOKEN_2}"]
     body["stream"] = False
-    first = oauth_proxy.messages(body, headers)
-    assert first[0] == 401
-    second = oauth_proxy.messages(body, headers)
-    assert second[0] == 200, second[2][:300]
-    assert clean_upstream.received()[-1]["headers"]["authorization"] == f"Bearer {OAUTH_TOKEN_2}"
+    status, _h, raw = oauth_proxy.messages(body, headers)
+    assert status == 200 and clean_upstream.received()[-1]["headers"]["authorization"] == f"Bearer {OAUTH_TOKEN_2}"
     log = oauth_proxy.log()
     assert "upstream answered 401 for the oauth token of anthropic; fetched a fresh one" in log
+    assert "retrying the request once with the fresh oauth token" in log
+    # a token that stays bad is not retried forever: one retry, then the client gets the 401
+    clean_upstream.clear()
+    clean_upstream.scripts.append(lambda r: (401, {"type": "error", "error": {
+        "type": "authentication_error", "message": "revoked"}}))
+    oauth_proxy.token_file.write_text("sk-ant-oat01-third\n")
+    status, _h, _raw = oauth_proxy.messages(body, headers)
+    assert status == 401 and len(clean_upstream.received()) == 2
     for secret in (OAUTH_TOKEN_1, OAUTH_TOKEN_2, CLIENT_KEY):
         assert secret not in log
     status = run_cli("status", "--json", "--config-dir", str(oauth_proxy.directory))
