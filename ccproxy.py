@@ -1985,6 +1985,7 @@ class SessionState:
         default_factory=collections.OrderedDict)
     signatures: collections.OrderedDict = dataclasses.field(
         default_factory=collections.OrderedDict)
+    producers: set = dataclasses.field(default_factory=set)   # models that signed any block
 
     def as_dict(self) -> dict:
         """What `GET /ccproxy/session/ID` and the status line show."""
@@ -2107,6 +2108,7 @@ class SessionStore:
             if session is None:
                 return
             session.signatures[signature_digest(signature)] = model
+            session.producers.add(model)
             while len(session.signatures) > MAX_SIGNATURES:
                 session.signatures.popitem(last=False)
 
@@ -2174,6 +2176,9 @@ def strip_foreign_thinking(data: dict, ctx: "RequestContext") -> None:
         return
     target = model_name(decision.upstream)
     requested = model_name(decision.requested_model)
+    producers = ctx.session.producers if ctx.session is not None else set()
+    if target == requested and producers <= {target}:
+        return      # every block in this session came from (or counts as) the target model
     last = next((m for m in reversed(messages)
                  if isinstance(m, dict) and m.get("role") == "assistant"), None)
     dropped = 0
@@ -2185,8 +2190,8 @@ def strip_foreign_thinking(data: dict, ctx: "RequestContext") -> None:
         kept = []
         for position, block in enumerate(content):
             signature = thinking_signature(block)
-            producer = ctx.pipeline.sessions.producer(ctx.session, signature) if signature \
-                else None
+            producer = ctx.pipeline.sessions.producer(ctx.session, signature) \
+                if signature and producers else None
             if signature is None or (producer or requested) == target:
                 kept.append(block)
                 continue

@@ -2816,8 +2816,11 @@ def bench_request(chars: int, seed: str = "") -> dict:
         chunk = min(12000, max(500, chars // 40))
         text = f"# {seed} file {i}\n" + big_text(chunk // 4)[:chunk]
         body["messages"] += [
-            {"role": "assistant", "content": [{"type": "tool_use", "id": f"toolu_{i}", "name": "Read",
-                                               "input": {"file_path": f"/src/{seed}mod{i}.py"}}]},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": f"I should read module {i} next.",
+                 "signature": f"sig.claude-opus-5-5.{seed}{i}" + "x" * 300},
+                {"type": "tool_use", "id": f"toolu_{i}", "name": "Read",
+                 "input": {"file_path": f"/src/{seed}mod{i}.py"}}]},
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"toolu_{i}",
                                           "content": [{"type": "text", "text": text}]}]}]
         i += 1
