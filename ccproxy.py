@@ -1598,7 +1598,6 @@ def provider_of(params: Mapping[str, Any]) -> str | None:
             except (ValueError, TypeError, AttributeError, _litellm_error()):
                 provider = None
         if provider is None:
-            head = model.split("/", 1)[0] if "/" in model else ""
             provider = head or ("anthropic" if model.startswith("claude") else None)
     _PROVIDER_CACHE[key] = provider
     return provider
@@ -2580,9 +2579,10 @@ def shadow_warning(rule: Any) -> str | None:
 
 def shell_syntax_error(command: str) -> str | None:
     """`bash -n` on a command: the first error line, or None (nothing is executed)."""
+    import shutil
     import subprocess
 
-    shell = shutil_which("bash") or "/bin/sh"
+    shell = shutil.which("bash") or "/bin/sh"
     try:
         done = subprocess.run([shell, "-n", "-c", command], capture_output=True, text=True,
                               timeout=5)
@@ -2591,13 +2591,6 @@ def shell_syntax_error(command: str) -> str | None:
     if done.returncode == 0:
         return None
     return next((ln.strip() for ln in done.stderr.splitlines() if ln.strip()), "syntax error")
-
-
-def shutil_which(name: str) -> str | None:
-    """shutil.which, imported when needed."""
-    import shutil
-
-    return shutil.which(name)
 
 
 def _provider_names() -> list[str]:
@@ -3399,16 +3392,30 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    """A small GET with the standard library: (status, body); status 0 if unreachable."""
-    import urllib.error
-    import urllib.request
+    """GET over a plain socket, for the proxy's own loopback routes: cheaper to import than
+    urllib (the status line runs on every Claude Code repaint). (status, body); 0 when
+    unreachable."""
+    import socket
 
+    rest = url.split("://", 1)[-1]
+    hostport, _, path = rest.partition("/")
+    host, _, port = hostport.rpartition(":")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-    except (urllib.error.URLError, OSError, ValueError):
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(f"GET /{path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n".encode())
+            data = b""
+            while True:
+                part = sock.recv(65536)
+                if not part:
+                    break
+                data += part
+    except (OSError, ValueError):
+        return 0, b""
+    head, _, body = data.partition(b"\r\n\r\n")
+    try:
+        return int(head.split(b" ", 2)[1]), body
+    except (IndexError, ValueError):
         return 0, b""
 
 
@@ -3878,33 +3885,6 @@ def _rc_block_span(text: str) -> tuple[int, int] | None:
 
 
 STATUSLINE_BACKUP = ".ccproxy-backup"
-
-
-def quick_get(url: str, timeout: float) -> tuple[int, bytes]:
-    """GET over a raw loopback socket: cheaper to import than urllib (the status line runs
-    on every Claude Code repaint). (status, body); 0 when unreachable."""
-    import socket
-
-    rest = url.split("://", 1)[-1]
-    hostport, _, path = rest.partition("/")
-    host, _, port = hostport.rpartition(":")
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
-            sock.settimeout(timeout)
-            sock.sendall(f"GET /{path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n".encode())
-            data = b""
-            while True:
-                part = sock.recv(65536)
-                if not part:
-                    break
-                data += part
-    except (OSError, ValueError):
-        return 0, b""
-    head, _, body = data.partition(b"\r\n\r\n")
-    try:
-        return int(head.split(b" ", 2)[1]), body
-    except (IndexError, ValueError):
-        return 0, b""
 
 
 def short_model(name: str) -> str:
@@ -4379,7 +4359,7 @@ def cmd_statusline(args: argparse.Namespace) -> int:
         return 0
     session = None
     if isinstance(session_id, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", session_id):
-        status, body = quick_get(f"{state.url}/ccproxy/session/{session_id}", timeout=0.15)
+        status, body = http_get(f"{state.url}/ccproxy/session/{session_id}", timeout=0.15)
         if status == 0:
             _print(statusline_text(None, up=False))
             return 0

@@ -1366,6 +1366,14 @@ def run_switching_session(url: str, session: str) -> tuple[ScriptedClaudeCode, S
     return main, agent
 
 
+def strict_session(url: str, upstream: FakeUpstream, session: str):
+    """The switching session against an upstream that enforces Anthropic's thinking rules."""
+    strict = StrictAnthropic()
+    upstream.scripts.append(strict)
+    main, agent = run_switching_session(url, session)
+    return strict, main, agent
+
+
 def upstream_thinking_is_own(records: list[dict]) -> list[str]:
     """Every thinking block that reached an upstream was signed by that upstream's model."""
     bad = []
@@ -1381,9 +1389,7 @@ def upstream_thinking_is_own(records: list[dict]) -> list[str]:
 
 @slow
 def test_a_switching_session_never_breaks(proxy, clean_upstream):
-    strict = StrictAnthropic()
-    clean_upstream.scripts.append(strict)
-    main, agent = run_switching_session(proxy.url, "sess-switching")
+    strict, main, agent = strict_session(proxy.url, clean_upstream, "sess-switching")
     assert strict.rejected == [] and set(main.statuses + agent.statuses) == {200}
     labels = [rule for rule, _m in main.routes]
     assert labels == ["default", "default", "think", "think", "default", "default",
@@ -1416,9 +1422,7 @@ def per_request_proxy(upstream, tmp_path_factory):
 
 @slow
 def test_the_same_session_breaks_without_signature_handling(per_request_proxy, clean_upstream):
-    strict = StrictAnthropic()
-    clean_upstream.scripts.append(strict)
-    main, agent = run_switching_session(per_request_proxy.url, "sess-broken")
+    strict, main, agent = strict_session(per_request_proxy.url, clean_upstream, "sess-broken")
     # Anthropic rejects the foreign blocks with its 400. LiteLLM 1.108.7 then retries with
     # every thinking block stripped, so the client may still get an answer: one wasted round
     # trip per switch, and the reasoning of every earlier turn gone, same-model ones included.
