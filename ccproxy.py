@@ -115,6 +115,11 @@ CLAUDE_CODE_DEFAULT_BUDGET = 31999
 # Claude Code's baseline context (system prompt + tool definitions) is about this many tokens.
 CLAUDE_CODE_BASELINE_TOKENS = 19000
 WEB_SEARCH_TOOL_PREFIX = "web_search"
+PROXY_KEY_FILE = "proxy.key"            # the proxy key, in the config dir (mode 0600)
+PROXY_KEY_HEADER = "x-ccproxy-key"      # where clients send it
+PROXY_KEY_ENV = "CCPROXY_PROXY_KEY"     # how `start` hands it to the LiteLLM process
+INSTANCE_ENV = "CCPROXY_INSTANCE"       # a per-start nonce every proxy process inherits
+HEALTH_PATH = "/ccproxy/health"
 
 DEFAULT_HOOKS = ("rule_evaluator", "model_router", "forward_apikey", "extract_session_id")
 
@@ -291,6 +296,7 @@ class Settings:
     clamp_max_tokens: bool = True
     session_ttl: float = 3600.0
     max_sessions: int = 2000
+    allowed_origins: tuple[str, ...] = ()   # browser origins let through (README, "Security")
 
 
 SETTINGS_KEYS = {f.name for f in dataclasses.fields(Settings)} | {"handler", "metrics_enabled",
@@ -393,10 +399,10 @@ def node_line(node: Any, *path: Any) -> int | None:
 def find_config_dir(explicit: str | os.PathLike | None = None) -> tuple[Path, str]:
     """Where the config lives, and why: explicit/env > LiteLLM's config dir > ~/.ccproxy."""
     if explicit:
-        return Path(explicit).expanduser(), "--config-dir"
+        return Path(explicit).expanduser().absolute(), "--config-dir"
     env = os.environ.get(ENV_CONFIG_DIR)
     if env:
-        return Path(env).expanduser(), ENV_CONFIG_DIR
+        return Path(env).expanduser().absolute(), ENV_CONFIG_DIR
     started = litellm_started_config()
     if started is not None:
         return started.parent, "LiteLLM --config"
@@ -583,6 +589,10 @@ def parse_settings(section: Mapping[str, Any], problems: ConfigProblems) -> Sett
                                f"`{key}` must be a non-negative number, got {value!r}")
                 continue
             value = type(default)(value)
+        elif key == "allowed_origins":
+            value = parse_origins(value, problems)
+            if value is None:
+                continue
         elif key == "oat_sources":
             if value is None:
                 value = {}
@@ -595,6 +605,27 @@ def parse_settings(section: Mapping[str, Any], problems: ConfigProblems) -> Sett
     if "rules" in section:
         values["rules"] = parse_rules(section.get("rules"), problems)
     return dataclasses.replace(base, **values)
+
+
+ORIGIN_PATTERN = re.compile(r"(?i)https?://[^/\s*]+")
+
+
+def parse_origins(value: Any, problems: ConfigProblems) -> tuple[str, ...] | None:
+    """`allowed_origins`: exact browser origins (`scheme://host[:port]`); no wildcard."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(o, str) for o in items):
+        problems.error(("ccproxy", "allowed_origins"),
+                       "`allowed_origins` must be a list of origins like http://localhost:3000")
+        return None
+    bad = [o for o in items if not ORIGIN_PATTERN.fullmatch(o.strip().rstrip("/"))]
+    if bad:
+        problems.error(("ccproxy", "allowed_origins"),
+                       f"not an origin: {bad[0]!r} (write scheme://host[:port], no path and no "
+                       "wildcard: each listed site can spend your credentials)")
+        return None
+    return tuple(o.strip().rstrip("/").lower() for o in items)
 
 
 def parse_hooks(hooks: Any, problems: ConfigProblems) -> tuple[HookSpec, ...]:
@@ -657,6 +688,83 @@ def parse_rules(rules: Any, problems: ConfigProblems) -> tuple[RuleSpec, ...]:
         params, args = parse_params(item.get("params"))
         out.append(RuleSpec(name, path, params, args, problems.where(keys), **flags))
     return tuple(out)
+
+
+def is_loopback(host: str) -> bool:
+    """True for a host name or address that only this machine can reach."""
+    import ipaddress
+    name = host.strip().strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def unprotected_bind(config: Config) -> bool:
+    """True when the proxy would listen beyond this machine with no key to check."""
+    return not is_loopback(config.host) and not config.settings.proxy_key \
+        and not master_key_setting(config)
+
+
+def master_key_setting(config: Config) -> Any:
+    """LiteLLM's `general_settings.master_key` as written (a literal or os.environ/NAME)."""
+    general = config.litellm.get("general_settings") or {}
+    return general.get("master_key") if isinstance(general, dict) else None
+
+
+def proxy_key(config: Config, create: bool = False) -> str | None:
+    """The proxy key clients send in `x-ccproxy-key` (None when `proxy_key` is off).
+
+    Kept in `proxy.key` (mode 0600) in the config dir; `create` makes one if missing.
+    """
+    import secrets
+    if not config.settings.proxy_key or config.directory is None:
+        return None
+    path = config.directory / PROXY_KEY_FILE
+    try:
+        key = path.read_text().strip()
+    except FileNotFoundError:
+        key = ""
+    except OSError as exc:
+        raise ProcessError(f"cannot read {path}: {exc.strerror}",
+                           "fix its permissions or delete it to get a new key") from exc
+    if not key and create:
+        key = "sk-ccproxy-" + secrets.token_urlsafe(32)
+        make_private_dir(config.directory)
+        write_private(path, key + "\n")
+    return key or None
+
+
+def make_private_dir(directory: Path) -> None:
+    """Create a config dir (0700: it holds keys, logs and PID files) if it is missing."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def write_private(path: Path, text: str | bytes) -> None:
+    """Write a file that may hold a secret: created 0600 under a fresh temporary name (never
+    readable by others, not even for a moment), then renamed over `path` in one step."""
+    import secrets
+    data = text.encode() if isinstance(text, str) else text
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def open_private_append(path: Path) -> int:
+    """A file descriptor appending to a file that may hold secrets (the log): created 0600,
+    and an older file that others could read is made private before anything is written."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    if os.fstat(fd).st_mode & 0o077:
+        os.fchmod(fd, 0o600)
+    return fd
 
 
 # ---- Tokens --------------------------------------------------------------------------------
@@ -1433,6 +1541,21 @@ def redact(name: str, value: Any) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
+# What a credential looks like in free text: provider key prefixes, bearer values, JWTs, and
+# long unbroken runs of key characters (a token a command printed to stderr, say).
+SECRET_PATTERN = re.compile(
+    r"(?i)\b(?:bearer|basic)\s+\S+"
+    r"|\b(?:sk|pk|rk|ak|xox[abp])[-_][A-Za-z0-9_\-]{6,}"
+    r"|\beyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-.]+"
+    r"|(?<![A-Za-z0-9_\-+/=.])[A-Za-z0-9_\-+/=.]{32,}")
+
+
+def redact_secrets(text: str) -> str:
+    """Free text (a command's stderr, an error message) with anything credential-like
+    replaced by `<redacted>`: the one place that decides what may be shown or logged."""
+    return SECRET_PATTERN.sub("<redacted>", text)
+
+
 @dataclasses.dataclass(slots=True)
 class RoutingDecision:
     """Where one request went and why."""
@@ -1745,12 +1868,46 @@ def _add_provider_headers(data: dict, provider: str, headers: Mapping[str, str])
     """
     entry = {"custom_llm_provider": provider, "extra_headers": dict(headers)}
     current = data.get("provider_specific_header")
-    if current is None:
-        data["provider_specific_header"] = entry
-    elif isinstance(current, dict):
+    if isinstance(current, dict):
         data["provider_specific_header"] = [current, entry]
+    elif isinstance(current, list):
+        data["provider_specific_header"] = current + [entry]
     else:
-        data["provider_specific_header"] = list(current) + [entry]
+        data["provider_specific_header"] = entry
+
+
+def provider_headers(data: Mapping[str, Any], provider: str) -> dict[str, str]:
+    """The extra headers hooks scoped to `provider` (see _add_provider_headers)."""
+    current = data.get("provider_specific_header")
+    entries = [current] if isinstance(current, dict) else \
+        list(current) if isinstance(current, list) else []
+    out: dict[str, str] = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("extra_headers"), dict):
+            continue
+        providers = str(entry.get("custom_llm_provider", "")).split(",")
+        if provider in (p.strip() for p in providers):
+            out.update(entry["extra_headers"])
+    return out
+
+
+def client_credential(ctx: RequestContext) -> dict[str, str]:
+    """The credential the client sent for the upstream: its Authorization or its x-api-key
+    (one of them, Authorization first), or nothing."""
+    for name in ("authorization", "x-api-key"):
+        if ctx.headers.get(name):
+            return {name: ctx.headers[name]}
+    return {}
+
+
+def _forward_client_credential(data: dict, ctx: RequestContext) -> None:
+    """Forward the client's own credential to the routed Anthropic deployment, once."""
+    credential = client_credential(ctx)
+    name = next(iter(credential), "")
+    ctx.auth.append(f"client {'Authorization' if name == 'authorization' else name} forwarded")
+    if not ctx.dry_run and not any(k in provider_headers(data, "anthropic")
+                                   for k in ("authorization", "x-api-key")):
+        _add_provider_headers(data, "anthropic", credential)
 
 
 def forward_apikey(data: dict, ctx: RequestContext, **params: Any) -> dict:
@@ -1763,38 +1920,35 @@ def forward_apikey(data: dict, ctx: RequestContext, **params: Any) -> dict:
         return data
     if _deployments_have_key(ctx):
         ctx.auth.append("deployment api_key (client credentials not forwarded)")
-        return data
-    api_key = ctx.headers.get("x-api-key")
-    bearer = ctx.headers.get("authorization")
-    if api_key:
-        ctx.auth.append("client x-api-key forwarded")
-        if not ctx.dry_run:
-            _add_provider_headers(data, "anthropic", {"x-api-key": api_key})
-    elif bearer:
-        ctx.auth.append("client Authorization forwarded")
-        if not ctx.dry_run:
-            _add_provider_headers(data, "anthropic", {"authorization": bearer})
+    elif client_credential(ctx):
+        _forward_client_credential(data, ctx)
     return data
 
 
 def forward_oauth(data: dict, ctx: RequestContext, **params: Any) -> dict:
     """Send a cached OAuth token (from `oat_sources`) to the provider it belongs to.
 
-    The client's own Authorization header wins; the token goes only to requests routed to
-    that provider, as `Authorization: Bearer ...` (plus the source's user_agent, if set).
+    Credentials go exactly where they belong: a deployment with its own api_key keeps it; a
+    credential the client sent is never replaced (and goes only to Anthropic, like
+    forward_apikey's); otherwise the provider's token goes, as `Authorization: Bearer ...`
+    (plus the source's user_agent, if set), scoped to that provider.
     """
     decision = ctx.decision
     provider = decision.provider if decision else None
     if not provider:
         return data
     source = ctx.pipeline.oauth.get(provider)
-    if source is None:
+    if _deployments_have_key(ctx):
+        ctx.auth.append(f"deployment api_key (no oauth token or client credential for "
+                        f"{provider})")
         return data
-    if ctx.headers.get("authorization"):
-        ctx.auth.append(f"client Authorization kept (oauth token for {provider} not used)")
-        if not ctx.dry_run and provider == "anthropic" and not _deployments_have_key(ctx):
-            _add_provider_headers(data, provider,
-                                  {"authorization": ctx.headers["authorization"]})
+    if client_credential(ctx):
+        if source is not None:
+            ctx.auth.append(f"client credential kept (oauth token for {provider} not used)")
+        if provider == "anthropic":
+            _forward_client_credential(data, ctx)
+        return data
+    if source is None:
         return data
     token = source.token
     if not token:
@@ -1910,7 +2064,8 @@ class OAuthSource:
     command: str
     user_agent: str | None = None
     token: str | None = None
-    error: str | None = None
+    error: str | None = None        # short, safe to show anywhere ("exit code 3")
+    detail: str = ""                # the command's first stderr line, redacted: logs only
     failures: int = 0
     loaded_at: float = 0.0
 
@@ -1927,18 +2082,22 @@ class OAuthSource:
         token = done.stdout.strip()
         if done.returncode != 0:
             first = next((ln for ln in done.stderr.splitlines() if ln.strip()), "")
-            return self._failed(f"exit code {done.returncode}" + (f": {first.strip()}"
-                                                                  if first else ""))
+            return self._failed(f"exit code {done.returncode}", redact_secrets(first.strip()))
         if not token:
             return self._failed("printed nothing")
-        self.token, self.error, self.failures = token, None, 0
+        self.token, self.error, self.detail, self.failures = token, None, "", 0
         self.loaded_at = time.time()
         return True
 
-    def _failed(self, why: str) -> bool:
-        self.error = why
+    def _failed(self, why: str, detail: str = "") -> bool:
+        self.error, self.detail = why, detail[:200]
         self.failures += 1
         return False
+
+    @property
+    def problem(self) -> str:
+        """The failure with the command's (redacted) stderr line, for log lines."""
+        return f"{self.error}: {self.detail}" if self.detail else str(self.error)
 
     def refresh_after_401(self, timeout: float, min_age: float = 2.0) -> bool:
         """Reload after the upstream rejected the token; concurrent 401s reload once."""
@@ -2519,6 +2678,7 @@ def validate_config(config: Config, pipeline: Pipeline | None = None) -> Validat
         report.errors.append(f"{ccproblems.where(('ccproxy', 'default_model_passthrough'))}: "
                              "default_model_passthrough is false but model_list has no "
                              "`default` entry; add one or turn passthrough on")
+    report.warnings += readable_secret_warnings(config)
     for i, rule in enumerate(pipeline.rules):
         warning = shadow_warning(rule)
         if warning:
@@ -2532,8 +2692,7 @@ def validate_config(config: Config, pipeline: Pipeline | None = None) -> Validat
         if not known_provider(provider):
             report.errors.append(f"{where}: oat_sources.{provider}: LiteLLM knows no provider "
                                  f"`{provider}`{_did_you_mean(provider, _provider_names())}")
-    if config.host not in LOOPBACK_HOSTS and not config.settings.proxy_key \
-            and not _master_key(config):
+    if unprotected_bind(config):
         report.errors.append(f"{ccproblems.where(('litellm', 'host'))}: host {config.host} is "
                              "reachable from other machines but no proxy key is set; set "
                              "`ccproxy.proxy_key: true` or bind to 127.0.0.1")
@@ -2549,6 +2708,23 @@ def validate_config(config: Config, pipeline: Pipeline | None = None) -> Validat
             report.errors.append(f"{lproblems.where(('model_list', i))}: a model_list entry "
                                  "needs model_name and litellm_params.model")
     return report
+
+
+def readable_secret_warnings(config: Config) -> list[str]:
+    """A config file that holds a literal key (not `os.environ/...`) but others may read."""
+    literal = any(isinstance(v, str) and v and not v.startswith("os.environ/")
+                  for dep in config.model_list for k, v in _litellm_params(dep).items()
+                  if k in ("api_key", "aws_secret_access_key", "vertex_credentials"))
+    out = []
+    for path in config.files if literal else ():
+        try:
+            mode = path.stat().st_mode & 0o777
+        except OSError:
+            continue
+        if mode & 0o077:
+            out.append(f"{path}: holds a literal api_key but others can read it (mode "
+                       f"{mode:o}); run: chmod 600 {path}")
+    return out
 
 
 def pipeline_rule(pipeline: Pipeline, name: str) -> Any:
@@ -2723,6 +2899,7 @@ def _make_handler_class() -> type:
             load_oauth_sources(self.pipeline, required=config.settings.oauth_required)
             BACKGROUND.start(self.pipeline)
             self._http: Any = None
+            self.guarded = False
             install_routes(self)
 
         async def count_tokens(self, body: dict, headers: Mapping[str, str],
@@ -2760,11 +2937,14 @@ def _make_handler_class() -> type:
                    "anthropic-version": headers.get("anthropic-version", "2023-06-01")}
             if headers.get("anthropic-beta"):
                 out["anthropic-beta"] = headers["anthropic-beta"]
-            auth = provider_headers(data, "anthropic")
-            if not auth:
+            forwarded = {k: v for k, v in provider_headers(data, "anthropic").items() if v}
+            if "authorization" in forwarded:      # one credential upstream, never two
+                forwarded.pop("x-api-key", None)
+            if not any(k in forwarded for k in ("authorization", "x-api-key")):
                 key = _secret(params.get("api_key")) or os.environ.get("ANTHROPIC_API_KEY")
-                auth = {"x-api-key": key} if key else {}
-            out.update({k: v for k, v in auth.items() if v})
+                if key:
+                    forwarded["x-api-key"] = key
+            out.update(forwarded)
             if self._http is None:
                 self._http = httpx.AsyncClient(timeout=60.0)
             url = f"{base}/v1/messages/count_tokens" + (f"?{query}" if query else "")
@@ -2784,6 +2964,7 @@ def _make_handler_class() -> type:
             """ccproxy's live figures for GET /ccproxy/health and `status`."""
             report = self.stats.snapshot()
             report.update(status="ok", version=__version__,
+                          instance=os.environ.get(INSTANCE_ENV, ""), guarded=self.guarded,
                           rules=[getattr(r, "name", "?") for r in self.pipeline.rules],
                           config_error=self.config_error,
                           metadata_entries=len(self.pipeline.store),
@@ -2966,7 +3147,7 @@ def _make_handler_class() -> type:
             if ok and slot is not None:
                 slot["retry"] = True
             log.warning("upstream answered 401 for the oauth token of %s; %s", provider,
-                        "fetched a fresh one" if ok else f"refreshing failed ({source.error})")
+                        "fetched a fresh one" if ok else f"refreshing failed ({source.problem})")
 
         async def async_log_success_event(self, kwargs: dict, response_obj: Any,
                                           start_time: Any, end_time: Any) -> None:
@@ -2981,23 +3162,167 @@ def _make_handler_class() -> type:
     return CCProxyHandler
 
 
-def provider_headers(data: Mapping[str, Any], provider: str) -> dict[str, str]:
-    """The extra headers hooks scoped to `provider` (see _add_provider_headers)."""
-    current = data.get("provider_specific_header")
-    entries = [current] if isinstance(current, dict) else list(current or [])
-    out: dict[str, str] = {}
-    for entry in entries:
-        providers = str(entry.get("custom_llm_provider", "")).split(",")
-        if provider in (p.strip() for p in providers):
-            out.update(entry.get("extra_headers") or {})
-    return out
-
-
 def _secret(value: Any) -> str | None:
     """A config secret: a literal, or `os.environ/NAME` as LiteLLM writes it."""
     if isinstance(value, str) and value.startswith("os.environ/"):
         return os.environ.get(value.split("/", 1)[1]) or None
     return value if isinstance(value, str) and value else None
+
+
+LIVENESS_PATHS = frozenset({"/health/liveliness", "/health/liveness"})
+
+
+def host_of(hostport: str) -> str:
+    """The host part of a Host header: `[::1]:4000` -> `::1`, `localhost:4000` -> `localhost`."""
+    if hostport.startswith("["):
+        return hostport[1:].split("]", 1)[0]
+    return hostport.rsplit(":", 1)[0] if hostport.count(":") == 1 else hostport
+
+
+def key_matches(presented: str | None, key: str) -> bool:
+    """A presented key, bare or as `Bearer <key>`, equals `key` (in constant time)."""
+    import hmac
+    if not presented:
+        return False
+    value = presented.strip()
+    if value[:7].lower() == "bearer ":
+        value = value[7:].strip()
+    return hmac.compare_digest(value.encode(), key.encode())
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class AccessPolicy:
+    """Who may use the proxy; RequestGuard asks it about every HTTP request.
+
+    Browsers: a request with an `Origin` (or `Sec-Fetch-Site: cross-site|same-site`) is a web
+    page's, refused unless its origin is listed. Keys: with ccproxy's proxy key every route
+    but liveness needs it; with only LiteLLM's master key, ccproxy's own routes need it (LiteLLM
+    checks its routes itself). Without any key, only this machine is answered: a loopback
+    peer that names a loopback host (a page on a rebound DNS name names its own).
+    """
+
+    allowed_origins: frozenset[str] = frozenset()
+    proxy_key: str | None = None
+    master_key: str | None = None
+    key_header: str | None = None        # LiteLLM's litellm_key_header_name, if set
+
+    @classmethod
+    def from_config(cls, config: Config) -> "AccessPolicy":
+        """The policy for a config; the proxy key from `start`'s environment or its file."""
+        general = config.litellm.get("general_settings")
+        header = general.get("litellm_key_header_name") if isinstance(general, dict) else None
+        key = (os.environ.get(PROXY_KEY_ENV) or proxy_key(config)) \
+            if config.settings.proxy_key else None
+        return cls(allowed_origins=frozenset(config.settings.allowed_origins),
+                   proxy_key=key, master_key=_secret(master_key_setting(config)),
+                   key_header=str(header).lower() if header else None)
+
+    def refusal(self, path: str, headers: Mapping[str, str],
+                peer: str | None) -> tuple[int, str, str] | None:
+        """(status, Anthropic error type, message) for a request to refuse, else None."""
+        origin = headers.get("origin")
+        site = headers.get("sec-fetch-site", "").lower()
+        if (origin is not None or site in ("cross-site", "same-site")) \
+                and (origin or "").lower() not in self.allowed_origins:
+            return 403, "permission_error", (
+                f"ccproxy refuses requests from web pages (origin {origin or site!r}): a page "
+                "could spend your credentials; list a trusted origin in "
+                "ccproxy.allowed_origins to allow it")
+        if not (self.proxy_key or self.master_key):
+            host = host_of(headers.get("host") or "localhost")
+            if not (peer and is_loopback(peer) and is_loopback(host)):
+                return 403, "permission_error", (
+                    "ccproxy without a proxy key answers only clients on this machine that "
+                    "address it as 127.0.0.1 or localhost; set ccproxy.proxy_key: true to "
+                    "serve others")
+            return None
+        if path in LIVENESS_PATHS:
+            return None
+        if self.proxy_key:
+            if not key_matches(headers.get(PROXY_KEY_HEADER), self.proxy_key):
+                return 401, "authentication_error", (
+                    f"missing or wrong proxy key: send it in the {PROXY_KEY_HEADER} header "
+                    f"(`python ccproxy.py run claude` and the shell integration do)")
+        elif self.master_key and path.startswith("/ccproxy/"):
+            names = ("authorization", "x-api-key", "x-litellm-api-key", self.key_header)
+            if not any(key_matches(headers.get(n), self.master_key) for n in names if n):
+                return 401, "authentication_error", (
+                    "ccproxy's routes need LiteLLM's master key (Authorization: Bearer <key>)")
+        return None
+
+
+class RequestGuard:
+    """The outermost ASGI layer of the proxy: applies an AccessPolicy to every HTTP request
+    before LiteLLM sees it, and keeps wildcard CORS headers off every answer."""
+
+    def __init__(self, app: Any, policy: AccessPolicy) -> None:
+        self.app, self.policy = app, policy
+        self._logged: set[tuple[int, str]] = set()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers") or ()}
+        client = scope.get("client")
+        refusal = self.policy.refusal(str(scope.get("path", "")), headers,
+                                      client[0] if client else None)
+        if refusal is not None:
+            await self._refuse(refusal, headers.get("origin") or (client or ["?"])[0], send)
+            return
+        if self.policy.proxy_key:      # LiteLLM reads its key header only as `Bearer <key>`
+            scope = dict(scope, headers=[
+                (k, f"Bearer {self.policy.proxy_key}".encode()
+                 if k.lower() == PROXY_KEY_HEADER.encode() else v)
+                for k, v in scope.get("headers") or ()])
+        origin = headers.get("origin")
+
+        async def send_without_wildcard(message: dict) -> None:
+            if message.get("type") == "http.response.start":
+                kept = [(k, v) for k, v in message.get("headers") or ()
+                        if k.lower() not in (b"access-control-allow-origin",
+                                             b"access-control-allow-credentials")]
+                if origin:             # an allowed origin: named exactly, never `*`
+                    kept += [(b"access-control-allow-origin", origin.encode("latin-1")),
+                             (b"vary", b"Origin")]
+                message = dict(message, headers=kept)
+            await send(message)
+
+        await self.app(scope, receive, send_without_wildcard)
+
+    async def _refuse(self, refusal: tuple[int, str, str], who: str, send: Any) -> None:
+        status, kind, message = refusal
+        if len(self._logged) < 256 and (status, who) not in self._logged:
+            self._logged.add((status, who))
+            log.warning("refused a request (%d %s) from %s: %s", status, kind,
+                        redact_secrets(who)[:100], message.split(":")[0])
+        body = json.dumps({"type": "error", "error": {"type": kind, "message": message}}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def install_guard(app: Any, policy: AccessPolicy) -> bool:
+    """Put RequestGuard in front of LiteLLM's app (outside its CORS middleware); True if done.
+
+    Starlette 1.x builds `app.middleware_stack` on the app's first ASGI call, which is the
+    lifespan start-up that loads this callback (LiteLLM 1.108.7); wrap the built stack then,
+    or register the guard as the outermost middleware while it is not built yet.
+    """
+    if getattr(app.state, "ccproxy_guard", False):
+        return True
+    if not hasattr(app, "middleware_stack"):
+        log.error("cannot guard the proxy (LiteLLM's app has no middleware_stack): browser "
+                  "requests and the proxy key are NOT checked by ccproxy")
+        return False
+    if app.middleware_stack is None:
+        app.add_middleware(RequestGuard, policy=policy)
+    else:
+        app.middleware_stack = RequestGuard(app.middleware_stack, policy)
+    app.state.ccproxy_guard = True
+    return True
 
 
 def install_routes(handler: Any) -> None:
@@ -3008,7 +3333,10 @@ def install_routes(handler: Any) -> None:
     """
     proxy_server = sys.modules.get("litellm.proxy.proxy_server")
     app = getattr(proxy_server, "app", None)
-    if app is None or getattr(app.state, "ccproxy_routes", False):
+    if app is None:
+        return
+    handler.guarded = install_guard(app, AccessPolicy.from_config(handler.config))
+    if getattr(app.state, "ccproxy_routes", False):
         return
     from fastapi import Depends, Request, Response
     from fastapi.responses import JSONResponse
@@ -3070,7 +3398,7 @@ def install_routes(handler: Any) -> None:
     if handler.config.settings.route_count_tokens:
         app.router.routes.insert(0, APIRoute("/v1/messages/count_tokens", count_tokens_route,
                                              methods=["POST"]))
-    app.router.routes.insert(0, APIRoute("/ccproxy/health", health_route, methods=["GET"]))
+    app.router.routes.insert(0, APIRoute(HEALTH_PATH, health_route, methods=["GET"]))
     app.router.routes.insert(0, APIRoute("/ccproxy/session/{session_id}", session_route,
                                          methods=["GET"]))
     app.state.ccproxy_routes = True
@@ -3086,7 +3414,7 @@ def load_oauth_sources(pipeline: Pipeline, required: bool) -> list[str]:
         if source.load(pipeline.config.settings.oauth_timeout):
             log.info("oauth token for %s loaded", provider)
         else:
-            message = (f"oauth source for {provider} failed ({source.error}); requests to "
+            message = (f"oauth source for {provider} failed ({source.problem}); requests to "
                        f"{provider} keep the client's own auth")
             failures.append(message)
             log.warning("%s", message)
@@ -3173,7 +3501,7 @@ class Background:
             next_refresh[provider] = now + self.retry_delay(source, interval)
             if not ok:
                 log.warning("oauth refresh for %s failed (%s); keeping the last good token",
-                            provider, source.error)
+                            provider, source.problem)
 
 
 BACKGROUND = Background()
@@ -3202,11 +3530,8 @@ LOG_FILE = "ccproxy.log"
 LOCK_FILE = "ccproxy.lock"
 GENERATED_CONFIG = ".ccproxy-litellm.yaml"
 PROXY_MODULE = "litellm.proxy.proxy_cli"
-LIVENESS_PATH = "/health/liveliness"
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
-PROXY_KEY_FILE = "proxy.key"
-PROXY_KEY_HEADER = "x-ccproxy-key"
-PROXY_KEY_ENV = "CCPROXY_PROXY_KEY"
+# LiteLLM refuses to start without a master key unless this is set (auth/master_key_boot_check.py)
+WEAK_KEY_PERMIT_ENV = "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY"
 
 
 @dataclasses.dataclass(slots=True, frozen=True)
@@ -3218,11 +3543,24 @@ class ProxyState:
     started: float
     config_dir: str
     command: tuple[str, ...] = ()
+    start_ticks: int | None = None      # the process's start time (/proc), against PID reuse
+    instance: str = ""                  # the start's nonce, in every proxy process's environment
+    pgid: int | None = None             # its own process group (detached starts): all workers
+    orphans: tuple[int, ...] = ()       # workers left serving after the main process died
 
     def as_dict(self) -> dict:
-        """JSON form stored in the PID file."""
+        """JSON form stored in the PID file ("pid" first: the shell snippets read it)."""
         return {"pid": self.pid, "url": self.url, "started": self.started,
-                "config_dir": self.config_dir, "command": list(self.command)}
+                "config_dir": self.config_dir, "command": list(self.command),
+                "start_ticks": self.start_ticks, "instance": self.instance, "pgid": self.pgid}
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (field 3, the state, first)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
 
 def pid_alive(pid: int) -> bool:
@@ -3235,11 +3573,43 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    stat = Path(f"/proc/{pid}/stat")
+    stat = _proc_stat(pid)
+    return stat is None or stat[0] != "Z"
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When a process started (clock ticks since boot, /proc field 22); None if unknown."""
+    stat = _proc_stat(pid)
     try:
-        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+        return int(stat[19]) if stat else None
+    except (IndexError, ValueError):
+        return None
+
+
+def process_instance(pid: int) -> str | None:
+    """The INSTANCE_ENV value in a process's environment ("" if unset); None if unreadable."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    prefix = f"{INSTANCE_ENV}=".encode()
+    return next((v[len(prefix):].decode(errors="replace") for v in raw.split(b"\0")
+                 if v.startswith(prefix)), "")
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of a process group, from /proc ([] without /proc)."""
+    members = []
+    try:
+        entries = list(Path("/proc").iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        if entry.name.isdigit():
+            stat = _proc_stat(int(entry.name))
+            if stat and len(stat) > 2 and stat[0] != "Z" and stat[2] == str(pgid):
+                members.append(int(entry.name))
+    return members
 
 
 def process_cmdline(pid: int) -> list[str] | None:
@@ -3260,27 +3630,56 @@ def process_cmdline(pid: int) -> list[str] | None:
         else None
 
 
-def is_our_proxy(pid: int, state: ProxyState | None = None) -> bool:
-    """True if `pid` is a LiteLLM proxy that ccproxy started (guards against PID reuse)."""
+def cmdline_config_dir(cmd: list[str]) -> Path | None:
+    """The directory of the `--config` file a LiteLLM command line names."""
+    for i, arg in enumerate(cmd):
+        if arg in ("--config", "-c") and i + 1 < len(cmd):
+            return Path(cmd[i + 1]).expanduser().resolve().parent
+        if arg.startswith("--config="):
+            return Path(arg.split("=", 1)[1]).expanduser().resolve().parent
+    return None
+
+
+def is_our_proxy(pid: int, state: ProxyState, directory: Path) -> bool:
+    """True if `pid` is the LiteLLM proxy that ccproxy started for `directory`: the same
+    process (start time, nonce, command line), never one reusing its PID or another
+    config dir's proxy."""
     if not pid_alive(pid):
         return False
     cmd = process_cmdline(pid)
-    if not cmd:
+    if not cmd or not any(PROXY_MODULE in part for part in cmd):
         return False
-    if not any(PROXY_MODULE in part for part in cmd):
+    if state.command and cmd != list(state.command):
         return False
-    return state is None or not state.command or cmd == list(state.command)
+    ticks = process_start_ticks(pid)
+    if state.start_ticks is not None and ticks is not None and ticks != state.start_ticks:
+        return False
+    if state.instance and process_instance(pid) not in (None, state.instance):
+        return False
+    return cmdline_config_dir(cmd) == directory.resolve()
+
+
+def orphaned_workers(state: ProxyState) -> list[int]:
+    """Processes of a detached proxy whose main process is gone (its workers, still serving
+    the port): the members of its process group that carry its nonce. A group's id is
+    never handed to a new process while the group has members."""
+    if state.pgid is None or pid_alive(state.pid):
+        return []
+    return [pid for pid in group_members(state.pgid)
+            if process_instance(pid) in (None, state.instance or "")]
 
 
 class PidFile:
     """The PID file of the proxy in one config dir: read, validate, write, clean up."""
 
     def __init__(self, directory: Path) -> None:
+        self.directory = directory
         self.path = directory / PID_FILE
 
     def read(self) -> tuple[ProxyState | None, str | None]:
-        """(state, problem): state when the file names a live ccproxy proxy; otherwise a
-        problem description when the file exists but is corrupt or stale."""
+        """(state, problem): state when the file names this dir's live proxy (or workers it
+        left behind: then `state.orphans` lists them); otherwise a problem description when
+        the file exists but is corrupt, stale or names another process."""
         try:
             text = self.path.read_text()
         except FileNotFoundError:
@@ -3289,28 +3688,34 @@ class PidFile:
             return None, f"PID file {self.path} unreadable ({exc.strerror})"
         try:
             data = json.loads(text) if text.strip().startswith("{") else {"pid": int(text)}
+            ticks, pgid = data.get("start_ticks"), data.get("pgid")
             state = ProxyState(pid=int(data["pid"]), url=str(data.get("url", "")),
                                started=float(data.get("started", 0)),
                                config_dir=str(data.get("config_dir", "")),
-                               command=tuple(data.get("command") or ()))
-        except (ValueError, KeyError, TypeError):
+                               command=tuple(str(c) for c in data.get("command") or ()),
+                               start_ticks=int(ticks) if ticks is not None else None,
+                               instance=str(data.get("instance") or ""),
+                               pgid=int(pgid) if pgid is not None else None)
+        except (ValueError, KeyError, TypeError, AttributeError):
             snippet = text.strip()[:40]
             return None, f"PID file {self.path} is corrupt ({snippet!r})" if snippet \
                 else f"PID file {self.path} is empty"
         if not pid_alive(state.pid):
+            orphans = orphaned_workers(state)
+            if orphans:
+                return dataclasses.replace(state, orphans=tuple(orphans)), (
+                    f"the proxy's main process {state.pid} is gone, but {len(orphans)} of its "
+                    f"worker processes (pid {', '.join(map(str, orphans))}) still serve "
+                    f"{state.url}")
             return None, f"stale PID file {self.path} (process {state.pid} is gone)"
-        if not is_our_proxy(state.pid, state):
-            return None, (f"PID file {self.path} names process {state.pid}, which is not a "
-                          "ccproxy proxy (PID reused)")
+        if not is_our_proxy(state.pid, state, self.directory):
+            return None, (f"PID file {self.path} names process {state.pid}, which is not "
+                          "this config dir's ccproxy proxy (PID reused, or another proxy)")
         return state, None
 
     def write(self, state: ProxyState) -> None:
         """Write atomically (0600)."""
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(state.as_dict(), f)
-        os.replace(tmp, self.path)
+        write_private(self.path, json.dumps(state.as_dict()))
 
     def remove(self) -> None:
         """Delete the file if present."""
@@ -3328,7 +3733,7 @@ class StartLock:
         self._fd: int | None = None
 
     def __enter__(self) -> "StartLock":
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._fd = open_private_append(self.path)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
@@ -3391,7 +3796,8 @@ def check_port_free(host: str, port: int) -> None:
                                "config") from exc
 
 
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+def http_get(url: str, timeout: float = 2.0,
+             headers: Mapping[str, str] | None = None) -> tuple[int, bytes]:
     """GET over a plain socket, for the proxy's own loopback routes: cheaper to import than
     urllib (the status line runs on every Claude Code repaint). (status, body); 0 when
     unreachable."""
@@ -3403,7 +3809,8 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
             sock.settimeout(timeout)
-            sock.sendall(f"GET /{path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n".encode())
+            extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+            sock.sendall(f"GET /{path} HTTP/1.0\r\nHost: {hostport}\r\n{extra}\r\n".encode())
             data = b""
             while True:
                 part = sock.recv(65536)
@@ -3417,31 +3824,6 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
         return int(head.split(b" ", 2)[1]), body
     except (IndexError, ValueError):
         return 0, b""
-
-
-def proxy_key(config: Config, create: bool = False) -> str | None:
-    """The proxy key clients send in `x-ccproxy-key` (None when `proxy_key` is off).
-
-    Kept in `proxy.key` (mode 0600) in the config dir; `create` makes one if missing.
-    """
-    import secrets
-    if not config.settings.proxy_key or config.directory is None:
-        return None
-    path = config.directory / PROXY_KEY_FILE
-    try:
-        key = path.read_text().strip()
-    except FileNotFoundError:
-        key = ""
-    except OSError as exc:
-        raise ProcessError(f"cannot read {path}: {exc.strerror}",
-                           "fix its permissions or delete it to get a new key") from exc
-    if not key and create:
-        key = "sk-ccproxy-" + secrets.token_urlsafe(32)
-        config.directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(key + "\n")
-    return key or None
 
 
 def client_environment(config: Config, env: Mapping[str, str]) -> dict[str, str]:
@@ -3468,7 +3850,7 @@ def litellm_config_for_start(config: Config) -> Path:
             and not config.settings.proxy_key:
         return config.litellm_file
     directory = config.directory or Path(DEFAULT_CONFIG_DIR).expanduser()
-    directory.mkdir(parents=True, exist_ok=True)
+    make_private_dir(directory)
     data = {k: v for k, v in config.litellm.items() if k not in ("ccproxy", "litellm")}
     litellm_settings = dict(settings) if isinstance(settings, dict) else {}
     if "ccproxy.handler" not in listed:
@@ -3485,7 +3867,7 @@ def litellm_config_for_start(config: Config) -> Path:
     text = ("# Generated by `ccproxy start` from "
             + (str(config.litellm_file) if config.litellm_file else "the built-in defaults")
             + "; edit that instead.\n" + _yaml().safe_dump(data, sort_keys=False))
-    path.write_text(text)
+    write_private(path, text)
     return path
 
 
@@ -3499,17 +3881,15 @@ def proxy_environment(config: Config) -> dict[str, str]:
         env[ENV_CONFIG_DIR] = str(config.directory)
     env.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     key = proxy_key(config, create=True)
+    env.pop(PROXY_KEY_ENV, None)
+    if not is_loopback(config.host):       # never inherit the permission beyond loopback
+        env.pop(WEAK_KEY_PERMIT_ENV, None)
     if key:
         env[PROXY_KEY_ENV] = key
-    elif not _master_key(config) and config.host in LOOPBACK_HOSTS:
-        env["LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY"] = "True"
+    elif not master_key_setting(config) and is_loopback(config.host):
+        env[WEAK_KEY_PERMIT_ENV] = "True"
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
-
-
-def _master_key(config: Config) -> Any:
-    general = config.litellm.get("general_settings") or {}
-    return general.get("master_key") if isinstance(general, dict) else None
 
 
 def importable_dir(config: Config) -> Path:
@@ -3545,11 +3925,66 @@ def proxy_command(config: Config, litellm_file: Path, extra: list[str]) -> list[
     return cmd + list(extra)
 
 
+SERVER_ARGS = {"--host": "host", "--port": "port", "--num_workers": "num_workers"}
+
+
+def apply_server_args(config: Config, extra: list[str]) -> tuple[Config, list[str]]:
+    """Take --host, --port and --num_workers out of the arguments for LiteLLM into the config,
+    so that the address checked, waited on and shown is the one LiteLLM binds."""
+    rest: list[str] = []
+    values: dict[str, Any] = {}
+    args = iter(extra)
+    for arg in args:
+        name, eq, value = arg.partition("=")
+        if name in ("--config", "-c"):
+            raise UsageError("LiteLLM's --config is chosen by ccproxy",
+                             "pass the config directory instead: --config-dir DIR")
+        if name not in SERVER_ARGS:
+            rest.append(arg)
+            continue
+        if not eq:
+            value = next(args, "")
+        field = SERVER_ARGS[name]
+        if field != "host":
+            try:
+                values[field] = int(value)
+            except ValueError:
+                raise UsageError(f"{name} needs a number, got {value!r}",
+                                 f"e.g. -- {name} 4001") from None
+        elif value:
+            values[field] = value
+        else:
+            raise UsageError("--host needs an address", "e.g. -- --host 127.0.0.1")
+    config = dataclasses.replace(config, **values)
+    if not 0 < config.port < 65536 or config.num_workers < 1:
+        raise UsageError(f"--port must be 1-65535 and --num_workers at least 1, got "
+                         f"{config.port} and {config.num_workers}", "e.g. -- --port 4001")
+    return config, rest
+
+
+def ccproxy_route_headers(config: Config) -> dict[str, str]:
+    """The key ccproxy's own routes (/ccproxy/...) ask of a client, as headers: the proxy
+    key, else LiteLLM's master key; none on a keyless (loopback) proxy."""
+    key = proxy_key(config)
+    if key:
+        return {PROXY_KEY_HEADER: key}
+    master = _secret(master_key_setting(config))
+    return {"authorization": f"Bearer {master}"} if master else {}
+
+
+def self_command(directory: Path | None) -> str:
+    """How the user runs this file again for the same config dir (for hints)."""
+    import shlex
+    cmd = f"python {shlex.quote(Path(__file__).name)}"
+    if directory is not None and directory != Path(DEFAULT_CONFIG_DIR).expanduser():
+        cmd += f" --config-dir {shlex.quote(str(directory))}"
+    return cmd
+
+
 def check_bind_security(config: Config) -> None:
     """Refuse a non-loopback bind without a master key: anyone reaching the port would
     spend the user's credentials."""
-    if config.host not in LOOPBACK_HOSTS and not config.settings.proxy_key \
-            and not _master_key(config):
+    if unprotected_bind(config):
         raise ProcessError(f"refusing to listen on {config.host} without a proxy key: anyone "
                            "who can reach the port would spend your credentials",
                            "set `ccproxy.proxy_key: true` (clients then need the key, which "
@@ -3574,25 +4009,40 @@ def tail_lines(path: Path, count: int) -> list[str]:
     return data.decode(errors="replace").splitlines()[-count:] if count > 0 else []
 
 
-def wait_until_live(proc: Any, url: str, timeout: float,
-                    out: Any = None) -> bool:
-    """Poll the liveness endpoint until it answers, the process dies, or time runs out."""
+def wait_until_live(proc: Any, url: str, timeout: float, instance: str,
+                    headers: Mapping[str, str] | None = None, out: Any = None) -> str:
+    """Poll ccproxy's health route until this start's own proxy answers with its nonce.
+
+    Returns "live", "exited", "timeout", or what answered instead (another proxy holding the
+    port, or LiteLLM without ccproxy's callback): a bare liveness check would take any
+    server on the port for ours.
+    """
     out = out or sys.stderr
     tty = hasattr(out, "isatty") and out.isatty()
     spinner = "|/-\\"
     deadline = time.monotonic() + timeout
     last_line = 0.0
     i = 0
+    outcome = "timeout"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            if tty:
-                out.write("\r\033[K")
-            return False
-        status, _ = http_get(url + LIVENESS_PATH, timeout=1.0)
+            outcome = "exited"
+            break
+        status, body = http_get(url + HEALTH_PATH, timeout=1.0, headers=headers)
         if status == 200:
-            if tty:
-                out.write("\r\033[K")
-            return True
+            try:
+                answered = json.loads(body).get("instance")
+            except (ValueError, AttributeError):
+                answered = None
+            outcome = "live" if answered == instance else \
+                f"another ccproxy proxy answers on {url} (not the one just started)"
+            break
+        if status in (401, 403, 404):
+            outcome = (f"another server answers on {url} ({status} from {HEALTH_PATH})"
+                       if status != 404 else
+                       f"LiteLLM answers on {url} without ccproxy's callback (404 from "
+                       f"{HEALTH_PATH}): another proxy, or ccproxy.handler failed to load")
+            break
         now = time.monotonic()
         if tty:
             out.write(f"\rstarting proxy on {url} {spinner[i % 4]}")
@@ -3605,32 +4055,40 @@ def wait_until_live(proc: Any, url: str, timeout: float,
         time.sleep(0.25)
     if tty:
         out.write("\r\033[K")
-    return False
+    return outcome
 
 
-def stop_process(pid: int, deadline: float = 10.0) -> str:
-    """SIGTERM the proxy's process group, wait, then SIGKILL; returns how it ended."""
+def stop_process(pid: int, deadline: float = 10.0, group: int | None = None) -> str:
+    """SIGTERM the proxy (its whole process group when it leads one, or `group`: workers
+    included), wait, then SIGKILL; returns how it ended."""
     import signal
-    try:
-        pgid = os.getpgid(pid)
-    except ProcessLookupError:
-        return "already gone"
-    target = pgid if pgid == pid else None
-    try:
-        os.killpg(target, signal.SIGTERM) if target else os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
+    if group is None:
+        try:
+            group = pid if os.getpgid(pid) == pid else None
+        except ProcessLookupError:
+            return "already gone"
+
+    def alive() -> bool:
+        return pid_alive(pid) or bool(group is not None and group_members(group))
+
+    def send(sig: int) -> bool:
+        try:
+            os.killpg(group, sig) if group is not None else os.kill(pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    if not send(signal.SIGTERM):
         return "already gone"
     end = time.monotonic() + deadline
     while time.monotonic() < end:
-        if not pid_alive(pid):
+        if not alive():
             return "stopped"
         time.sleep(0.1)
-    try:
-        os.killpg(target, signal.SIGKILL) if target else os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
+    if not send(signal.SIGKILL):
         return "stopped"
     end = time.monotonic() + 5
-    while time.monotonic() < end and pid_alive(pid):
+    while time.monotonic() < end and alive():
         time.sleep(0.05)
     return "killed (did not stop within the deadline)"
 
@@ -3937,8 +4395,8 @@ def install_statusline(path: Path, command: str) -> str:
         return f"{path} already shows ccproxy's status line"
     backup = path.with_name(path.name + STATUSLINE_BACKUP)
     if not backup.exists():
-        backup.write_text(json.dumps({"existed": original is not None,
-                                      "bytes": (original or b"").decode("utf-8")}))
+        write_private(backup, json.dumps({"existed": original is not None,
+                                          "bytes": (original or b"").decode("utf-8")}))
     settings["statusLine"] = ours
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=2) + "\n")
@@ -4015,7 +4473,7 @@ def cmd_install(args: argparse.Namespace) -> int:
                else install_statusline(path, command))
         return 0
     directory = _config_dir(args)
-    directory.mkdir(parents=True, exist_ok=True)
+    make_private_dir(directory)
     target = directory / CONFIG_FILE
     if target.exists() and not args.force:
         _print(f"{target} already exists; left unchanged "
@@ -4023,15 +4481,18 @@ def cmd_install(args: argparse.Namespace) -> int:
         return 0
     if target.exists():
         backup = target.with_name(f"{CONFIG_FILE}.{time.strftime('%Y%m%d-%H%M%S')}.bak")
-        shutil.copy2(target, backup)
+        write_private(backup, target.read_bytes())
         _print(f"backed up {target} to {backup}")
-    target.write_text(DEFAULT_CONFIG_YAML)
+    write_private(target, DEFAULT_CONFIG_YAML)
     _print(f"wrote {target}\nstart the proxy with: python {Path(__file__).name} start --detach")
     return 0
 
 
 def _prepare_start(args: argparse.Namespace) -> tuple[Config, Path, list[str], dict[str, str]]:
-    config = _config_for(args)
+    extra = list(getattr(args, "litellm_args", None) or [])
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    config, extra = apply_server_args(_config_for(args), extra)
     check_bind_security(config)
     pipeline = Pipeline(config)
     report = validate_config(config, pipeline)
@@ -4048,16 +4509,12 @@ def _prepare_start(args: argparse.Namespace) -> tuple[Config, Path, list[str], d
             _print(f"note: {legacy} (ccproxy 1.x's generated handler) is not needed any more: "
                    f"this file is the handler. It still works; you may delete it.", err=True)
     litellm_file = litellm_config_for_start(config)
-    extra = list(getattr(args, "litellm_args", None) or [])
-    if extra and extra[0] == "--":
-        extra = extra[1:]
     cmd = proxy_command(config, litellm_file, extra)
     env = proxy_environment(config)
     if env.get(PROXY_KEY_ENV):
         _print(f"proxy key on: clients send it in {PROXY_KEY_HEADER} "
                f"(key in {config.directory / PROXY_KEY_FILE})", err=True)
-    elif env.get("LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY") == "True" \
-            and "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY" not in os.environ:
+    elif env.get(WEAK_KEY_PERMIT_ENV) == "True" and WEAK_KEY_PERMIT_ENV not in os.environ:
         _print(f"no master key: allowed because the proxy listens on loopback only "
                f"({config.host})", err=True)
     return config, litellm_file, cmd, env
@@ -4066,41 +4523,48 @@ def _prepare_start(args: argparse.Namespace) -> tuple[Config, Path, list[str], d
 def cmd_start(args: argparse.Namespace) -> int:
     """Run LiteLLM's proxy with ccproxy's config, in the foreground or detached."""
     import subprocess
+    import secrets
     directory = _config_dir(args)
-    directory.mkdir(parents=True, exist_ok=True)
+    make_private_dir(directory)
     pidfile = PidFile(directory)
     with StartLock(directory):
         state, problem = pidfile.read()
+        if state is not None and state.orphans:
+            raise ProcessError(f"{problem}", f"stop them first: {self_command(directory)} stop")
         if state is not None:
             raise ProcessError(f"ccproxy is already running (pid {state.pid}, {state.url})",
-                               "stop it first: python ccproxy.py stop")
+                               f"stop it first: {self_command(directory)} stop")
         if problem:
             pidfile.remove()
             _print(f"{problem}; removed it", err=True)
         config, _litellm_file, cmd, env = _prepare_start(args)
         check_port_free(config.host, config.port)
+        instance = env[INSTANCE_ENV] = secrets.token_hex(16)
         if not args.detach:
             return _run_foreground(config, cmd, env, pidfile)
         log_path = directory / LOG_FILE
-        with open(log_path, "ab") as logf:
+        with os.fdopen(open_private_append(log_path), "ab") as logf:
             logf.write(f"\n==== ccproxy start {time.strftime('%Y-%m-%d %H:%M:%S')} ====\n"
                        .encode())
             logf.flush()
             proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        state = ProxyState(proc.pid, config.url, time.time(), str(directory), tuple(cmd))
-        pidfile.write(state)
-        if not wait_until_live(proc, config.url, args.timeout):
-            alive = proc.poll() is None
-            if alive:
-                stop_process(proc.pid, 5)
+        pidfile.write(ProxyState(proc.pid, config.url, time.time(), str(directory), tuple(cmd),
+                                 start_ticks=process_start_ticks(proc.pid), instance=instance,
+                                 pgid=proc.pid))
+        outcome = wait_until_live(proc, config.url, args.timeout, instance,
+                                  ccproxy_route_headers(config))
+        if outcome != "live":
+            if proc.poll() is None:
+                stop_process(proc.pid, 5, group=proc.pid)
             pidfile.remove()
             lines = tail_lines(log_path, 20)
-            why = "did not answer in time" if alive else f"exited with code {proc.returncode}"
+            why = {"timeout": "did not answer in time",
+                   "exited": f"exited with code {proc.returncode}"}.get(outcome, outcome)
             raise ProcessError(f"the proxy {why} during start-up; last lines of {log_path}:\n"
                                + "\n".join("  | " + ln for ln in lines),
                                "fix the problem above, then start again "
-                               "(python ccproxy.py logs shows the whole log)")
+                               f"({self_command(directory)} logs shows the whole log)")
         _print(f"ccproxy is running: {config.url} (pid {proc.pid}); log: {log_path}")
         return 0
 
@@ -4110,8 +4574,9 @@ def _run_foreground(config: Config, cmd: list[str], env: dict[str, str],
     import signal
     import subprocess
     proc = subprocess.Popen(cmd, env=env)
-    pidfile.write(ProxyState(proc.pid, config.url, time.time(),
-                             str(config.directory or ""), tuple(cmd)))
+    pidfile.write(ProxyState(proc.pid, config.url, time.time(), str(config.directory or ""),
+                             tuple(cmd), start_ticks=process_start_ticks(proc.pid),
+                             instance=env[INSTANCE_ENV]))
     try:
         return proc.wait()
     except KeyboardInterrupt:
@@ -4127,18 +4592,21 @@ def _run_foreground(config: Config, cmd: list[str], env: dict[str, str],
 
 def cmd_stop(args: argparse.Namespace) -> int:
     """Stop the detached proxy of this config dir."""
-    pidfile = PidFile(_config_dir(args))
+    directory = _config_dir(args)
+    pidfile = PidFile(directory)
     state, problem = pidfile.read()
     if state is None:
         if problem:
             pidfile.remove()
             _print(f"{problem}; removed it. Nothing to stop.")
         else:
-            _print("ccproxy is not running")
+            _print(f"ccproxy is not running (config dir {directory})")
         return 0
-    how = stop_process(state.pid, args.timeout)
+    how = stop_process(state.pid, args.timeout, group=state.pgid)
     pidfile.remove()
-    _print(f"ccproxy (pid {state.pid}) {how}")
+    what = f"the workers left by ccproxy (pid {', '.join(map(str, state.orphans))})" \
+        if state.orphans else f"ccproxy (pid {state.pid})"
+    _print(f"{what} {how}")
     return 0
 
 
@@ -4168,9 +4636,12 @@ def status_report(args: argparse.Namespace) -> dict:
         report["proxy_key"] = PROXY_KEY_HEADER if config.settings.proxy_key else None
     if problem:
         report["pid_file_problem"] = problem
-    if state is not None:
+    if state is not None and state.orphans:
+        report.update(running=False, orphans=list(state.orphans), url=state.url)
+    elif state is not None:
         report.update(pid=state.pid, url=state.url, uptime_s=round(time.time() - state.started))
-        status, body = http_get(state.url + "/ccproxy/health", timeout=1.0)
+        status, body = http_get(state.url + HEALTH_PATH, timeout=1.0,
+                                headers=ccproxy_route_headers(config) if config else None)
         if status == 200:
             try:
                 report["live"] = json.loads(body)
@@ -4359,7 +4830,12 @@ def cmd_statusline(args: argparse.Namespace) -> int:
         return 0
     session = None
     if isinstance(session_id, str) and re.fullmatch(r"[A-Za-z0-9_.-]{1,128}", session_id):
-        status, body = http_get(f"{state.url}/ccproxy/session/{session_id}", timeout=0.15)
+        try:   # the key file, not the config: the status line runs on every repaint
+            key = (directory / PROXY_KEY_FILE).read_text().strip()
+        except OSError:
+            key = ""
+        status, body = http_get(f"{state.url}/ccproxy/session/{session_id}", timeout=0.15,
+                                headers={PROXY_KEY_HEADER: key} if key else None)
         if status == 0:
             _print(statusline_text(None, up=False))
             return 0

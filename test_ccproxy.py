@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -1804,6 +1805,7 @@ def test_explain_rejects_bad_input(tmp_path):
 
 OAUTH_TOKEN_1 = "sk-ant-oat01-first-secret-token"
 OAUTH_TOKEN_2 = "sk-ant-oat01-second-secret-token"
+STDERR_TOKEN = "sk-ant-oat01-printed-on-stderr-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -1817,7 +1819,7 @@ def oauth_proxy(upstream, tmp_path_factory):
             "oauth_timeout": 1, "oauth_refresh_interval": 3600,
             "oat_sources": {
                 "anthropic": {"command": f"cat {token_file}", "user_agent": "ccproxy-test/1.0"},
-                "openai": "echo 'token store locked' >&2; exit 3",
+                "openai": f"echo 'token store locked: {STDERR_TOKEN}' >&2; exit 3",
                 "gemini": "sleep 30",
                 "deepseek": "true",
             }})
@@ -1829,14 +1831,16 @@ def oauth_proxy(upstream, tmp_path_factory):
 @slow
 def test_failing_oauth_sources_warn_once_each_and_the_proxy_still_serves(oauth_proxy):
     log = oauth_proxy.log()
-    assert "oauth source for openai failed (exit code 3: token store locked)" in log
+    assert "oauth source for openai failed (exit code 3: token store locked: <redacted>)" in log
+    assert STDERR_TOKEN not in log
     assert "oauth source for gemini failed (timed out after 1s)" in log
     assert "oauth source for deepseek failed (printed nothing)" in log
     assert log.count("oauth source for openai failed") == 1
     assert "oauth token for anthropic loaded" in log
-    health = json.loads(http("GET", oauth_proxy.url + "/ccproxy/health")[2])
-    assert health["oauth"] == {"anthropic": "ok", "openai": "exit code 3: token store locked",
-                               "gemini": "timed out after 1s", "deepseek": "printed nothing"}
+    raw = http("GET", oauth_proxy.url + "/ccproxy/health")[2]
+    assert json.loads(raw)["oauth"] == {"anthropic": "ok", "openai": "exit code 3",
+                                        "gemini": "timed out after 1s", "deepseek": "printed nothing"}
+    assert b"token store locked" not in raw and STDERR_TOKEN.encode() not in raw
 
 
 @slow
@@ -1935,6 +1939,396 @@ def test_background_refresh_backs_off_on_failure(tmp_path, monkeypatch):
     assert ccproxy.Background.retry_delay(source, 300) == min(300, 0.05 * 2 ** (source.failures - 1))
     source.failures = 0
     assert ccproxy.Background.retry_delay(source, 300) == 300
+
+
+# ---- Security: browsers, keys, credentials, files, processes ---------------------------------
+
+EVIL_ORIGIN = "http://evil.example"
+GOOD_ORIGIN = "http://localhost:5173"
+DEPLOYMENT_KEY = "sk-ant-api03-deployment-own-key-0123"
+OPENAI_DEPLOYMENT_KEY = "sk-upstream-openai"
+
+
+def raw_post(url: str, payload: bytes, headers: dict, method: str = "POST") -> tuple[int, dict, bytes]:
+    req = urllib.request.Request(url, data=payload if method == "POST" else None, method=method,
+                                 headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+def anthropic_error(raw: bytes) -> tuple[str, str]:
+    body = json.loads(raw)
+    assert body["type"] == "error" and "\n" not in body["error"]["message"]
+    return body["error"]["type"], body["error"]["message"]
+
+
+@slow
+def test_browser_requests_are_refused_before_the_upstream(proxy, clean_upstream):
+    body, headers = cc_request("main")
+    payload = json.dumps(body).encode()
+    for extra in ({"origin": EVIL_ORIGIN, "content-type": "text/plain"},
+                  {"origin": "null", "content-type": "text/plain"},
+                  {"sec-fetch-site": "cross-site", "content-type": "text/plain"},
+                  {"origin": "http://127.0.0.1:9", "sec-fetch-site": "same-site"}):
+        status, got_headers, raw = raw_post(proxy.url + "/v1/messages", payload, dict(headers, **extra))
+        assert status == 403 and anthropic_error(raw)[0] == "permission_error", (extra, raw)
+        assert "access-control-allow-origin" not in got_headers
+    status, got_headers, _raw = raw_post(proxy.url + "/v1/messages", b"", {
+        "origin": EVIL_ORIGIN, "access-control-request-method": "POST"}, method="OPTIONS")
+    assert status == 403 and "access-control-allow-origin" not in got_headers
+    for path in ("/ccproxy/health", "/ccproxy/session/sess-1", "/v1/models"):
+        status, got_headers, _raw = raw_post(proxy.url + path, b"", {"origin": EVIL_ORIGIN}, method="GET")
+        assert status == 403 and "access-control-allow-origin" not in got_headers
+    assert clean_upstream.received() == []
+    status, got_headers, raw = raw_post(proxy.url + "/v1/messages", payload, headers)   # no Origin
+    assert status == 200 and "access-control-allow-origin" not in got_headers, raw[:300]
+    assert len(clean_upstream.received()) == 1
+    assert "refused a request (403 permission_error) from http://evil.example" in proxy.log()
+
+
+@slow
+def test_a_page_on_a_rebound_name_or_another_host_is_refused(proxy, clean_upstream):
+    body, headers = cc_request("main")
+    for host in ("evil.example:%d" % proxy.port, "attacker.test:%d" % proxy.port):
+        status, _h, raw = raw_post(proxy.url + "/v1/messages", json.dumps(body).encode(),
+                                   dict(headers, host=host))
+        assert status == 403 and anthropic_error(raw)[0] == "permission_error"
+    status, _h, _raw = raw_post(proxy.url + "/ccproxy/health", b"", {"host": "evil.example"}, method="GET")
+    assert status == 403 and clean_upstream.received() == []
+    policy = ccproxy.AccessPolicy()
+    assert policy.refusal("/v1/messages", {"host": "localhost:4000"}, "10.0.0.7")[0] == 403
+    assert policy.refusal("/v1/messages", {"host": "[::1]:4000"}, "::1") is None
+    assert policy.refusal("/ccproxy/health", {"host": "127.0.0.1:4000"}, "127.0.0.1") is None
+
+
+BROWSER_PAGE = """<!doctype html><title>evil</title><pre id=out>running</pre><script>
+const proxy = %(proxy)s, body = JSON.stringify(%(body)s);
+async function attempt(mode) {
+  try {
+    const r = await fetch(proxy + "/v1/messages", {method: "POST", mode, body,
+                                                    headers: {"content-type": "text/plain"}});
+    return mode + ":" + r.type + ":" + r.status + ":" + (mode === "cors" ? await r.text() : "");
+  } catch (e) { return mode + ":error:" + e.name; }
+}
+(async () => {
+  const results = [await attempt("no-cors"), await attempt("cors")];
+  await fetch("/report", {method: "POST", body: JSON.stringify(results)});
+  document.getElementById("out").textContent = "done";
+})();
+</script>"""
+
+
+def chromium_binary() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    if os.environ.get("CI"):
+        pytest.fail("chromium is not installed (.ci/run installs the Debian package)")
+    pytest.skip("chromium is not installed")
+
+
+@slow
+def test_a_web_page_in_chromium_cannot_use_the_proxy(proxy, clean_upstream, tmp_path):
+    browser = chromium_binary()
+    body, _headers = cc_request("main")
+    reports: list = []
+
+    class Page(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            page = (BROWSER_PAGE % {"proxy": json.dumps(proxy.url), "body": json.dumps(body)}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "text/html")
+            self.send_header("content-length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+        def do_POST(self):
+            reports.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                               "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+                               "--virtual-time-budget=10000", "--dump-dom",
+                               f"http://127.0.0.1:{server.server_address[1]}/"],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "done" in done.stdout, done.stderr[-2000:]
+    assert reports == [["no-cors:opaque:0:", "cors:error:TypeError"]]
+    assert clean_upstream.received() == []          # nothing reached the upstream
+    assert "refused a request (403 permission_error) from http://127.0.0.1:" in proxy.log()
+
+
+OWNKEY_RULE = {"name": "ownkey", "rule": "MatchModelRule", "params": {"model_name": "ownkey"}}
+
+
+@pytest.fixture(scope="module")
+def keyed_proxy(upstream, tmp_path_factory):
+    """A proxy with the proxy key, an allowed origin, an OAuth source and a deployment that
+    has its own api_key: the security cases."""
+    token_file = tmp_path_factory.mktemp("keyed-token") / "token"
+    token_file.write_text(OAUTH_TOKEN_1 + "\n")
+
+    def write(directory, port):
+        path = write_config(directory, upstream, port, settings={
+            "proxy_key": True, "allowed_origins": [GOOD_ORIGIN],
+            "hooks": ["rule_evaluator", "model_router", "forward_apikey", "forward_oauth"],
+            "oat_sources": {"anthropic": f"cat {token_file}"}})
+        config = yaml.safe_load(path.read_text())
+        config["ccproxy"]["rules"].insert(0, OWNKEY_RULE)
+        config["model_list"].insert(0, {"model_name": "ownkey", "litellm_params": {
+            "model": "anthropic/up-ownkey", "api_base": upstream.url, "api_key": DEPLOYMENT_KEY}})
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        (directory / "ccproxy.log").write_text("an older log, readable by others\n")
+        (directory / "ccproxy.log").chmod(0o644)
+    with started_proxy(tmp_path_factory, "keyed", write) as run:
+        run.key = (run.directory / "proxy.key").read_text().strip()
+        yield run
+
+
+def with_key(headers: dict, key: str) -> dict:
+    return dict(headers, **{ccproxy.PROXY_KEY_HEADER: key})
+
+
+@slow
+def test_proxy_key_missing_or_wrong_is_401_and_bare_or_bearer_works(keyed_proxy, clean_upstream):
+    body, headers = cc_request("main")
+    for sent in (headers, with_key(headers, "sk-ccproxy-wrong"), with_key(headers, "Bearer nope")):
+        status, _h, raw = keyed_proxy.messages(body, sent)
+        kind, message = anthropic_error(raw)
+        assert status == 401 and kind == "authentication_error" and "x-ccproxy-key" in message
+    for path in ("/ccproxy/health", "/ccproxy/session/sess-1"):
+        assert http("GET", keyed_proxy.url + path)[0] == 401
+    assert http("GET", keyed_proxy.url + "/ccproxy/health",
+                headers={ccproxy.PROXY_KEY_HEADER: keyed_proxy.key})[0] == 200
+    assert clean_upstream.received() == []
+    for value in (keyed_proxy.key, f"Bearer {keyed_proxy.key}"):
+        status, _h, raw = keyed_proxy.messages(body, with_key(headers, value))
+        assert status == 200, raw[:300]
+    sent_up = json.dumps(clean_upstream.received())
+    assert keyed_proxy.key not in sent_up and ccproxy.PROXY_KEY_HEADER not in sent_up
+
+
+@slow
+def test_an_allowed_origin_is_answered_with_that_origin_only(keyed_proxy, clean_upstream):
+    body, headers = cc_request("main")
+    headers = with_key(headers, keyed_proxy.key)
+    status, got, raw = keyed_proxy.messages(body, dict(headers, origin=GOOD_ORIGIN))
+    assert status == 200, raw[:300]
+    assert got["access-control-allow-origin"] == GOOD_ORIGIN
+    status, got, raw = keyed_proxy.messages(body, dict(headers, origin=EVIL_ORIGIN))
+    assert status == 403 and "access-control-allow-origin" not in got
+
+
+# (request model, client credential) -> (upstream model, the credential headers it must get)
+CREDENTIAL_TABLE = [
+    ("claude-opus-5-5", {}, "claude-opus-5-5", {"authorization": f"Bearer {OAUTH_TOKEN_1}"}),
+    ("claude-opus-5-5", {"x-api-key": CLIENT_KEY}, "claude-opus-5-5", {"x-api-key": CLIENT_KEY}),
+    ("claude-opus-5-5", {"authorization": "Bearer sk-ant-oat01-client-own"}, "claude-opus-5-5",
+     {"authorization": "Bearer sk-ant-oat01-client-own"}),
+    ("claude-ownkey-5", {}, "up-ownkey", {"x-api-key": DEPLOYMENT_KEY}),
+    ("claude-ownkey-5", {"x-api-key": CLIENT_KEY}, "up-ownkey", {"x-api-key": DEPLOYMENT_KEY}),
+    ("gpt-cheap", {}, "up-cheap", {"authorization": f"Bearer {OPENAI_DEPLOYMENT_KEY}"}),
+    ("gpt-cheap", {"x-api-key": CLIENT_KEY}, "up-cheap", {"authorization": f"Bearer {OPENAI_DEPLOYMENT_KEY}"}),
+]
+
+
+@slow
+@pytest.mark.parametrize("model,client,upstream_model,expected", CREDENTIAL_TABLE)
+def test_credentials_go_exactly_where_they_belong(keyed_proxy, clean_upstream, model, client,
+                                                  upstream_model, expected):
+    body, headers = cc_request("main")
+    body.update(model=model, stream=False)
+    headers.pop("x-api-key")
+    headers = with_key(dict(headers, **client), keyed_proxy.key)
+    status, _h, raw = keyed_proxy.messages(body, headers)
+    assert status == 200, raw[:300]
+    got = clean_upstream.received()[-1]
+    assert got["body"]["model"] == upstream_model
+    credentials = {k: v for k, v in got["headers"].items()
+                   if k in ("authorization", "x-api-key") and v}
+    assert credentials == expected
+    others = {OAUTH_TOKEN_1, CLIENT_KEY, DEPLOYMENT_KEY, "sk-ant-oat01-client-own"} - set(
+        v.removeprefix("Bearer ") for v in expected.values())
+    assert not any(secret in json.dumps(got) for secret in others)
+
+
+@slow
+@pytest.mark.parametrize("client,expected", [
+    ({}, {"authorization": f"Bearer {OAUTH_TOKEN_1}"}),
+    ({"x-api-key": CLIENT_KEY}, {"x-api-key": CLIENT_KEY}),
+])
+def test_count_tokens_sends_one_credential(keyed_proxy, clean_upstream, client, expected):
+    body, headers = cc_request("main")
+    headers.pop("x-api-key")
+    status, _h, raw = keyed_proxy.messages(body, with_key(dict(headers, **client), keyed_proxy.key),
+                                           path="/v1/messages/count_tokens")
+    assert status == 200, raw[:300]
+    got = clean_upstream.received("count_tokens")[-1]["headers"]
+    assert {k: v for k, v in got.items() if k in ("authorization", "x-api-key") and v} == expected
+
+
+@slow
+def test_files_that_may_hold_secrets_are_private_and_outputs_hold_no_secret(keyed_proxy, clean_upstream):
+    directory = keyed_proxy.directory
+    body, headers = cc_request("main")
+    keyed_proxy.messages(body, with_key(headers, keyed_proxy.key))
+    for name in (".ccproxy-litellm.yaml", "proxy.key", "ccproxy.log", "ccproxy.pid", "ccproxy.lock"):
+        assert (directory / name).stat().st_mode & 0o777 == 0o600, name
+    assert "an older log" in keyed_proxy.log()             # kept, but made private
+    # the user's own file holds a literal key and is 0644: validate says so
+    assert "holds a literal api_key but others can read it (mode 644)" in keyed_proxy.start_output
+    generated = (directory / ".ccproxy-litellm.yaml").read_text()
+    assert DEPLOYMENT_KEY in generated          # why it must be private
+    outputs = [keyed_proxy.start_output, keyed_proxy.log(), (directory / "ccproxy.pid").read_text(),
+               run_cli("status", "--json", "--config-dir", str(directory)).stdout,
+               run_cli("status", "--config-dir", str(directory)).stdout,
+               http("GET", keyed_proxy.url + "/ccproxy/health",
+                    headers={ccproxy.PROXY_KEY_HEADER: keyed_proxy.key})[2].decode(),
+               http("GET", keyed_proxy.url + "/ccproxy/session/sess-1",
+                    headers={ccproxy.PROXY_KEY_HEADER: keyed_proxy.key})[2].decode()]
+    for secret in (keyed_proxy.key, OAUTH_TOKEN_1, CLIENT_KEY, DEPLOYMENT_KEY):
+        for text in outputs:
+            assert secret not in text
+
+
+def test_written_files_are_created_private(tmp_path, monkeypatch):
+    old = os.umask(0)
+    try:
+        ccproxy.write_private(tmp_path / "secret", "x")
+        fd = ccproxy.open_private_append(tmp_path / "log")
+        os.close(fd)
+        assert (tmp_path / "secret").stat().st_mode & 0o777 == 0o600
+        assert (tmp_path / "log").stat().st_mode & 0o777 == 0o600
+        assert [p.name for p in tmp_path.iterdir()] != [] and not list(tmp_path.glob(".*.tmp"))
+        directory = tmp_path / "cfg"
+        assert run_cli("install", "--config-dir", str(directory)).returncode == 0
+        assert run_cli("install", "--force", "--config-dir", str(directory)).returncode == 0
+        for path in directory.iterdir():
+            assert path.stat().st_mode & 0o777 == 0o600, path
+        assert directory.stat().st_mode & 0o777 == 0o700
+        settings = tmp_path / "claude" / "settings.json"
+        settings.parent.mkdir()
+        settings.write_text('{"env": {"ANTHROPIC_API_KEY": "sk-ant-in-settings"}}')
+        ccproxy.install_statusline(settings, "true")
+        backup = settings.with_name(settings.name + ccproxy.STATUSLINE_BACKUP)
+        assert backup.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_the_effective_bind_address_is_checked(tmp_path, monkeypatch):
+    directory = tmp_path / "cfg"
+    directory.mkdir()
+    (directory / "ccproxy.yaml").write_text("litellm: {host: 127.0.0.1}\n")
+    for extra in (["--host", "0.0.0.0"], ["--host=0.0.0.0"], ["--port", "4001", "--host", "::"]):
+        done = run_cli("start", "--detach", "--config-dir", str(directory), "--", *extra)
+        assert done.returncode == 1 and "refusing to listen on" in done.stderr, (extra, done.stderr)
+        assert not (directory / "ccproxy.pid").exists()
+    config = ccproxy.load_config(directory)
+    moved, rest = ccproxy.apply_server_args(config, ["--port=4011", "--debug", "--num_workers", "1"])
+    assert (moved.host, moved.port, rest) == ("127.0.0.1", 4011, ["--debug"])
+    for bad in (["--config", "x.yaml"], ["-c", "x.yaml"], ["--port", "many"], ["--port", "0"]):
+        with pytest.raises(ccproxy.UsageError):
+            ccproxy.apply_server_args(config, bad)
+    monkeypatch.setenv(ccproxy.WEAK_KEY_PERMIT_ENV, "True")
+    wide = dataclasses.replace(config, host="0.0.0.0", settings=dataclasses.replace(
+        config.settings, proxy_key=True))
+    assert ccproxy.WEAK_KEY_PERMIT_ENV not in ccproxy.proxy_environment(wide)
+    assert ccproxy.proxy_environment(config)[ccproxy.WEAK_KEY_PERMIT_ENV] == "True"
+
+
+def test_allowed_origins_are_validated(tmp_path):
+    (tmp_path / "ccproxy.yaml").write_text("ccproxy:\n  allowed_origins: ['*']\n")
+    done = run_cli("validate", "--config-dir", str(tmp_path))
+    assert done.returncode == 1 and "not an origin: '*'" in done.stdout
+    (tmp_path / "ccproxy.yaml").write_text("ccproxy:\n  allowed_origins: [HTTP://LocalHost:3000/]\n")
+    assert ccproxy.load_config(tmp_path).settings.allowed_origins == ("http://localhost:3000",)
+
+
+def test_credentials_in_free_text_are_redacted():
+    for secret in ("sk-ant-oat01-abcdef123456", "Bearer abc.def", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.sig",
+                   "A" * 40, "xoxb-1234567890"):
+        assert secret not in ccproxy.redact_secrets(f"failed: {secret} (locked)")
+    assert ccproxy.redact_secrets("exit code 3: keychain locked") == "exit code 3: keychain locked"
+
+
+@slow
+def test_stop_never_signals_another_config_dirs_proxy(proxy, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    state = ccproxy.PidFile(proxy.directory).read()[0]
+    for content in (str(state.pid), json.dumps({"pid": state.pid, "url": proxy.url}),
+                    json.dumps(dict(state.as_dict(), config_dir=str(other)))):
+        (other / "ccproxy.pid").write_text(content)
+        stop = run_cli("stop", "--config-dir", str(other))
+        assert stop.returncode == 0 and "not this config dir's ccproxy proxy" in stop.stdout, stop.stdout
+        assert ccproxy.pid_alive(state.pid)
+    assert http("GET", proxy.url + "/health/liveliness")[0] == 200
+
+
+@slow
+def test_workers_left_by_a_killed_main_process_are_seen_and_stopped(tmp_path, upstream):
+    directory = tmp_path / "cfg"
+    port = free_port()
+    write_config(directory, upstream, port)
+    config = yaml.safe_load((directory / "ccproxy.yaml").read_text())
+    config["litellm"]["num_workers"] = 2
+    (directory / "ccproxy.yaml").write_text(yaml.safe_dump(config))
+    assert run_cli("start", "--detach", "--config-dir", str(directory)).returncode == 0
+    try:
+        state = ccproxy.PidFile(directory).read()[0]
+        workers = [p for p in ccproxy.group_members(state.pgid) if p != state.pid]
+        assert workers, "LiteLLM started no worker processes"
+        os.kill(state.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while ccproxy.pid_alive(state.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        status = run_cli("status", "--config-dir", str(directory))
+        assert status.returncode == 1 and "worker processes" in status.stdout, status.stdout
+        again = run_cli("start", "--detach", "--config-dir", str(directory))
+        assert again.returncode == 1 and "stop them first" in again.stderr
+        stop = run_cli("stop", "--config-dir", str(directory))
+        assert stop.returncode == 0 and "workers left by ccproxy" in stop.stdout, stop.stdout
+        assert ccproxy.group_members(state.pgid) == []
+        assert ccproxy.http_get(f"http://127.0.0.1:{port}/health/liveliness")[0] == 0
+    finally:
+        state = ccproxy.PidFile(directory).read()[0]
+        if state is not None:
+            ccproxy.stop_process(state.pid, 5, group=state.pgid)
+
+
+@slow
+def test_concurrent_starts_on_one_port_in_two_dirs_report_one_success(tmp_path, upstream):
+    port = free_port()
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    for directory in dirs:
+        write_config(directory, upstream, port)
+    racers = [subprocess.Popen([sys.executable, str(SCRIPT), "start", "--detach", "--config-dir", str(d)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for d in dirs]
+    try:
+        results = [(p.wait(timeout=240), *p.communicate()) for p in racers]
+        assert sorted(r[0] for r in results) == [0, 1], results
+        winner = dirs[[r[0] for r in results].index(0)]
+        state = ccproxy.PidFile(winner).read()[0]
+        health = json.loads(http("GET", f"http://127.0.0.1:{port}/ccproxy/health")[2])
+        assert health["instance"] == state.instance and health["guarded"] is True
+    finally:
+        for directory in dirs:
+            run_cli("stop", "--config-dir", str(directory))
+    assert [ccproxy.PidFile(d).read()[0] for d in dirs] == [None, None]
 
 
 # ---- Process and CLI ------------------------------------------------------------------------
@@ -2087,7 +2481,7 @@ def test_detached_lifecycle_race_status_logs_restart_stop(tmp_path, upstream):
         report = json.loads(status.stdout)
         assert status.returncode == 0 and report["running"] and report["url"] == f"http://127.0.0.1:{port}"
         pid = report["pid"]
-        assert ccproxy.is_our_proxy(pid)
+        assert ccproxy.PidFile(directory).read()[0].pid == pid
         assert "live" in report and report["live"]["status"] == "ok"
         again = run_cli("start", "--detach", env=env)
         assert again.returncode == 1 and "already running" in again.stderr
