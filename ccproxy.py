@@ -3687,7 +3687,8 @@ class PidFile:
         except OSError as exc:
             return None, f"PID file {self.path} unreadable ({exc.strerror})"
         try:
-            data = json.loads(text) if text.strip().startswith("{") else {"pid": int(text)}
+            data: dict[str, Any] = json.loads(text) if text.strip().startswith("{") \
+                else {"pid": int(text)}
             ticks, pgid = data.get("start_ticks"), data.get("pgid")
             state = ProxyState(pid=int(data["pid"]), url=str(data.get("url", "")),
                                started=float(data.get("started", 0)),
@@ -3992,12 +3993,12 @@ def check_bind_security(config: Config) -> None:
                            "(README, \"Security\")")
 
 
-def tail_lines(path: Path, count: int) -> list[str]:
-    """The last `count` lines of a text file (reads from the end; fine for big logs)."""
+def tail_lines(path: Path, count: int, end: int | None = None) -> list[str]:
+    """The last `count` lines of a text file, or of its first `end` bytes (reads from the
+    end; fine for big logs)."""
     try:
         with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
+            size = f.seek(0, os.SEEK_END) if end is None else end
             block, data = 8192, b""
             while size > 0 and data.count(b"\n") <= count:
                 step = min(block, size)
@@ -4460,7 +4461,6 @@ def _config_dir(args: argparse.Namespace) -> Path:
 def cmd_install(args: argparse.Namespace) -> int:
     """Write the default config (never over an existing one without --force); with
     --statusline, add (or --uninstall: remove) the status line in Claude Code's settings."""
-    import shutil
     if args.statusline or args.uninstall:
         if not args.statusline:
             raise UsageError("--uninstall goes with --statusline",
@@ -4689,20 +4689,24 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if not path.exists():
         _print(f"no log at {path} (the proxy writes it when started with --detach)", err=True)
         return 1
-    for line in tail_lines(path, args.lines):
-        _print(line)
-    if not args.follow:
-        return 0
+    with open(path, "rb") as f:
+        # The tail ends where following starts: a line written meanwhile is printed once.
+        end = f.seek(0, os.SEEK_END)
+        for line in tail_lines(path, args.lines, end):
+            _print(line)
+        return _follow(f) if args.follow else 0
+
+
+def _follow(f: Any) -> int:
+    """Print what is appended to an open file until Ctrl-C."""
     try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            while True:
-                chunk = f.readline()
-                if chunk:
-                    sys.stdout.write(chunk.decode(errors="replace"))
-                    sys.stdout.flush()
-                else:
-                    time.sleep(0.2)
+        while True:
+            chunk = f.readline()
+            if chunk:
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+            else:
+                time.sleep(0.2)
     except KeyboardInterrupt:
         return 0
 

@@ -1208,6 +1208,30 @@ def test_real_claude_code_through_the_proxy(proxy, clean_upstream, tmp_path, ver
     assert all(r["headers"]["x-api-key"] == CLIENT_KEY for r in got if r["body"]["model"] != "up-long")
     if scenario == "tool":
         assert got[1]["body"]["messages"][-1]["content"][0]["type"] == "tool_result"
+    assert "refused a request" not in proxy.log()        # Claude Code sends no Origin
+
+
+@slow
+@pytest.mark.parametrize("version", CLAUDE_CODE_VERSIONS)
+def test_real_claude_code_through_a_keyed_proxy_with_run(keyed_proxy, clean_upstream, tmp_path, version):
+    """`ccproxy run claude` passes the proxy key; the guard lets Claude Code through."""
+    binary = claude_code_binary(version)
+    clean_upstream.scripts.append(claude_code_script)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE_"))}
+    env.update(HOME=str(home), ANTHROPIC_API_KEY=CLIENT_KEY, DISABLE_TELEMETRY="1",
+               CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC="1", DISABLE_AUTOUPDATER="1",
+               DISABLE_ERROR_REPORTING="1")
+    done = subprocess.run([sys.executable, str(SCRIPT), "run", "--config-dir", str(keyed_proxy.directory),
+                           "--", str(binary), "-p", "say hello"], env=env, capture_output=True,
+                          text=True, timeout=180, cwd=tmp_path, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-1000:]
+    default = CLAUDE_DEFAULT_MODEL[version]
+    assert f"answer from {default}" in done.stdout
+    got = clean_upstream.received("/v1/messages")
+    assert got and all(r["headers"]["x-api-key"] == CLIENT_KEY for r in got)
+    assert keyed_proxy.key not in json.dumps(got)
 
 
 def test_ci_pins_the_tested_claude_code_versions():
@@ -2419,7 +2443,7 @@ def test_pid_of_an_unrelated_live_process_is_never_signalled(tmp_path):
     try:
         (directory / "ccproxy.pid").write_text(json.dumps({"pid": sleeper.pid, "url": "http://x"}))
         stop = run_cli("stop", env=cli_env(directory))
-        assert stop.returncode == 0 and "not a ccproxy proxy" in stop.stdout
+        assert stop.returncode == 0 and "not this config dir's ccproxy proxy" in stop.stdout
         assert sleeper.poll() is None                     # still alive: not ours, not touched
         assert not (directory / "ccproxy.pid").exists()
     finally:
@@ -3390,7 +3414,8 @@ def run_suite() -> int:
                       "[report]\nshow_missing = true\nskip_covered = false\n")
         env = dict(os.environ, COVERAGE_RCFILE=str(rc))
         done = subprocess.run([sys.executable, "-m", "coverage", "run", "-m", "pytest", "-q",
-                               "-p", "no:cacheprovider", str(Path(__file__).resolve())],
+                               "-rs", "--timeout=600", "-p", "no:cacheprovider",
+                               str(Path(__file__).resolve())],
                               env=env, cwd=HERE)
         if done.returncode not in (0,):
             print(f"tests failed (pytest exit code {done.returncode}"
