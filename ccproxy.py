@@ -48,6 +48,7 @@ import argparse
 import bisect
 import collections
 import contextvars
+import copy
 import dataclasses
 import fcntl
 import importlib
@@ -120,6 +121,7 @@ PROXY_KEY_HEADER = "x-ccproxy-key"      # where clients send it
 PROXY_KEY_ENV = "CCPROXY_PROXY_KEY"     # how `start` hands it to the LiteLLM process
 INSTANCE_ENV = "CCPROXY_INSTANCE"       # a per-start nonce every proxy process inherits
 HEALTH_PATH = "/ccproxy/health"
+SESSION_PATH = "/ccproxy/session"
 
 DEFAULT_HOOKS = ("rule_evaluator", "model_router", "forward_apikey", "extract_session_id")
 
@@ -236,6 +238,484 @@ class UsageError(CCProxyError):
     exit_code = 2
 
 
+# ---- LiteLLM adapter -----------------------------------------------------------------------
+# Every contact with LiteLLM beyond its documented config, each with what it relies on, the
+# version it was checked on (LITELLM_CHECKED) and a check run at start. Only this section
+# imports litellm (lazily) or touches its internals; the sections below talk to these functions.
+
+LITELLM_CHECKED = "1.108.7"
+PROXY_MODULE = "litellm.proxy.proxy_cli"
+# LiteLLM refuses to start without a master key unless this is set (auth/master_key_boot_check.py)
+WEAK_KEY_PERMIT_ENV = "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY"
+# The proxy's own health checks run under this key alias (constants.py, the health account).
+HEALTH_CHECK_KEY = "litellm-internal-health-check"
+# A metadata flag: answer with the upstream model name, not the requested one (constants.py).
+RAW_MODEL_NAME_FLAG = "_complexity_router_return_raw_model_name"
+# Capabilities that make LiteLLM pass `thinking` and `output_config` to a model unchanged.
+THINKING_PASSTHROUGH = {"supports_adaptive_thinking": True, "supports_legacy_thinking": True,
+                        "thinking_always_on": False, "litellm_provider": "anthropic"}
+CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+# The hooks ccproxy defines on its CustomLogger, with the parameters it takes, in order.
+LITELLM_HOOKS = {
+    "async_pre_call_hook": ("user_api_key_dict", "cache", "data", "call_type"),
+    "async_post_call_response_headers_hook": ("data", "user_api_key_dict", "response"),
+    "async_post_call_success_hook": ("data", "user_api_key_dict", "response"),
+    "async_post_call_streaming_iterator_hook": ("user_api_key_dict", "response",
+                                                "request_data"),
+    "async_post_call_failure_deployment_hook": ("request_data", "exception", "call_type"),
+    "async_log_failure_event": ("kwargs", "response_obj", "start_time", "end_time"),
+}
+
+
+def import_litellm() -> Any:
+    """Import litellm (seconds) without letting it fetch its cost map from the internet."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    return litellm
+
+
+def _loaded(module: str) -> Any:
+    """An already imported module, or None (never imports: outside a proxy there is none)."""
+    return sys.modules.get(module)
+
+
+def _import(module: str) -> Any:
+    import_litellm()
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def litellm_error() -> type[BaseException]:
+    """LiteLLM's BadRequestError class (what get_llm_provider raises), or a stand-in."""
+    err = getattr(_loaded("litellm"), "BadRequestError", None)
+    return err if isinstance(err, type) and issubclass(err, BaseException) else LookupError
+
+
+def started_config_path() -> str | None:
+    """The config file of the LiteLLM proxy running in this process (proxy_server's
+    `user_config_file_path`), else its CONFIG_FILE_PATH; None outside a proxy."""
+    path = getattr(_loaded("litellm.proxy.proxy_server"), "user_config_file_path", None)
+    return path or os.environ.get("CONFIG_FILE_PATH") or None
+
+
+def bundled_tiktoken_dir() -> Path | None:
+    """LiteLLM's bundled tiktoken cache directory, found without importing litellm."""
+    import hashlib
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("litellm")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    folder = Path(spec.origin).parent / "litellm_core_utils" / "tokenizers"
+    cache_key = hashlib.sha1(CL100K_URL.encode()).hexdigest()
+    return folder if (folder / cache_key).is_file() else None
+
+
+def client_headers(data: Mapping[str, Any]) -> dict[str, str]:
+    """The client's headers (lower-case names), secrets included: LiteLLM puts the public
+    ones in `proxy_server_request.headers` and the raw ones in `secret_fields.raw_headers`."""
+    out: dict[str, str] = {}
+    psr = data.get("proxy_server_request")
+    if isinstance(psr, dict) and isinstance(psr.get("headers"), dict):
+        out.update({str(k).lower(): str(v) for k, v in psr["headers"].items()})
+    secret = data.get("secret_fields")
+    raw = secret.get("raw_headers") if hasattr(secret, "get") else \
+        getattr(secret, "raw_headers", None)
+    if isinstance(raw, Mapping):
+        out.update({str(k).lower(): str(v) for k, v in raw.items()})
+    return out
+
+
+def request_path(data: Mapping[str, Any]) -> str:
+    """The path the client called (from `proxy_server_request.url`), else /v1/messages."""
+    psr = data.get("proxy_server_request")
+    url = psr.get("url") if isinstance(psr, dict) else None
+    if not isinstance(url, str):
+        return "/v1/messages"
+    return "/" + url.split("://", 1)[-1].split("/", 1)[-1].split("?", 1)[0]
+
+
+def litellm_metadata(data: dict) -> dict:
+    """LiteLLM's own metadata dict for this request (created if missing).
+
+    On /v1/messages `metadata` is the client's Anthropic metadata (user_id) and must reach
+    the upstream untouched; LiteLLM keeps its own in `litellm_metadata`, whose keys reach the
+    callbacks as `litellm_params.metadata`. On /chat/completions LiteLLM's is `metadata`.
+    """
+    key = "litellm_metadata" if "litellm_metadata" in data or \
+        isinstance(data.get("metadata"), dict) and "user_id" in data["metadata"] \
+        else "metadata"
+    meta = data.get(key)
+    if not isinstance(meta, dict):
+        meta = {}
+        data[key] = meta
+    return meta
+
+
+def routing_metadata(data: Mapping[str, Any]) -> dict:
+    """ccproxy's entry in a request's LiteLLM metadata, or in a callback's kwargs
+    (`litellm_params.metadata`); {} when there is none."""
+    params = data.get("litellm_params")
+    candidates = [data.get("litellm_metadata"), data.get("metadata")]
+    if isinstance(params, Mapping):
+        candidates.insert(0, params.get("metadata"))
+    for meta in candidates:
+        ours = meta.get(METADATA_KEY) if isinstance(meta, Mapping) else None
+        if isinstance(ours, dict):
+            return ours
+    return {}
+
+
+def add_provider_headers(data: dict, provider: str, headers: Mapping[str, str]) -> None:
+    """Add headers that LiteLLM sends only when the call goes to `provider`.
+
+    LiteLLM scopes `provider_specific_header` entries by its own provider detection at call
+    time (ProviderSpecificHeaderUtils), so a header meant for Anthropic never reaches another
+    provider (e.g. a fallback).
+    """
+    entry = {"custom_llm_provider": provider, "extra_headers": dict(headers)}
+    current = data.get("provider_specific_header")
+    if isinstance(current, dict):
+        data["provider_specific_header"] = [current, entry]
+    elif isinstance(current, list):
+        data["provider_specific_header"] = current + [entry]
+    else:
+        data["provider_specific_header"] = entry
+
+
+def provider_headers(data: Mapping[str, Any], provider: str) -> dict[str, str]:
+    """The extra headers scoped to `provider` (see add_provider_headers)."""
+    current = data.get("provider_specific_header")
+    entries = [current] if isinstance(current, dict) else \
+        list(current) if isinstance(current, list) else []
+    out: dict[str, str] = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("extra_headers"), dict):
+            continue
+        providers = str(entry.get("custom_llm_provider", "")).split(",")
+        if provider in (p.strip() for p in providers):
+            out.update(entry["extra_headers"])
+    return out
+
+
+def answer_with_upstream_model_name(data: dict) -> None:
+    """Make LiteLLM answer with the upstream's model name instead of the requested one."""
+    litellm_metadata(data)[RAW_MODEL_NAME_FLAG] = True
+
+
+def is_health_check(kwargs: Mapping[str, Any]) -> bool:
+    """True for LiteLLM's own background health-check calls (not client requests)."""
+    params = kwargs.get("litellm_params")
+    meta = params.get("metadata") if isinstance(params, Mapping) else None
+    if not isinstance(meta, Mapping):
+        return False
+    tags = meta.get("tags")
+    return meta.get("user_api_key_alias") == HEALTH_CHECK_KEY or \
+        (isinstance(tags, list) and HEALTH_CHECK_KEY in tags)
+
+
+def live_model_list() -> list | None:
+    """The running LiteLLM router's model_list, or None before the router exists."""
+    router = getattr(_loaded("litellm.proxy.proxy_server"), "llm_router", None)
+    models = getattr(router, "model_list", None) if router is not None else None
+    return list(models) if isinstance(models, list) and models else None
+
+
+def known_max_output(model: str) -> int | None:
+    """A model's maximum output tokens from LiteLLM's model map (None when unknown or when
+    litellm is not loaded)."""
+    costs = getattr(_loaded("litellm"), "model_cost", None) or {}
+    found = costs.get(model) or costs.get(model.split("/", 1)[-1])
+    value = found.get("max_output_tokens") if isinstance(found, Mapping) else None
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and value > 0 else None
+
+
+def keep_thinking_as_sent(model: str) -> bool:
+    """Register an Anthropic model so LiteLLM passes `thinking` and `output_config` unchanged.
+
+    LiteLLM rewrites or drops them from the model's capabilities in its cost map, after every
+    hook (llms/anthropic/messages/native/transformation.py); a model it does not know loses
+    adaptive thinking and effort. True when it registered something.
+    """
+    litellm = import_litellm()
+    current = litellm.model_cost.get(model) or {}
+    if all(current.get(k) == v for k, v in THINKING_PASSTHROUGH.items()):
+        return False
+    litellm.register_model({model: dict(THINKING_PASSTHROUGH)})
+    return True
+
+
+def use_chat_completions_for_openai() -> None:
+    """An `openai/` deployment reached from /v1/messages is otherwise called on the Responses
+    API, which OpenAI-compatible servers rarely serve (_should_route_to_responses_api)."""
+    import_litellm().use_chat_completions_url_for_anthropic_messages = True
+
+
+def llm_provider(model: str, custom: Any, api_base: Any) -> str | None:
+    """LiteLLM's own provider detection for a deployment (None when it cannot tell)."""
+    try:
+        get_llm_provider = import_litellm().get_llm_provider
+    except ImportError:
+        return None
+    try:
+        return get_llm_provider(model=model, custom_llm_provider=custom, api_base=api_base)[1]
+    except (ValueError, TypeError, AttributeError, litellm_error()):
+        return None
+
+
+def provider_names() -> list[str]:
+    """Every provider name LiteLLM knows ([] when litellm is not installed)."""
+    try:
+        return [str(getattr(p, "value", p)) for p in import_litellm().provider_list]
+    except ImportError:
+        return []
+
+
+def custom_logger_base() -> type:
+    """LiteLLM's CustomLogger, the base class of callbacks (imported here: seconds)."""
+    import_litellm()
+    from litellm.integrations.custom_logger import CustomLogger
+
+    return CustomLogger
+
+
+def proxy_app() -> Any:
+    """The FastAPI app of the LiteLLM proxy running in this process, or None."""
+    return getattr(_loaded("litellm.proxy.proxy_server"), "app", None)
+
+
+def wrap_app(app: Any, middleware: type, **options: Any) -> bool:
+    """Put an ASGI middleware class in front of the app, outside LiteLLM's own (CORS too).
+
+    Starlette builds `app.middleware_stack` on the app's first ASGI call, which is the
+    lifespan start-up that loads this callback (LiteLLM 1.108.7, Starlette 1.x): wrap the
+    built stack then; before it is built, register it as the outermost middleware.
+    """
+    if not hasattr(app, "middleware_stack"):
+        return False
+    if app.middleware_stack is None:
+        app.add_middleware(middleware, **options)
+    else:
+        app.middleware_stack = middleware(app.middleware_stack, **options)
+    return True
+
+
+def add_routes(app: Any, routes: list[tuple[str, Callable[..., Any], str, bool]]) -> None:
+    """Add routes ahead of LiteLLM's (the first match wins): (path, endpoint, method,
+    authenticated). Authenticated endpoints get LiteLLM's key check as their
+    `user_api_key_dict` parameter; endpoints take the request as `request`."""
+    from fastapi import Depends, Request, Response
+    from fastapi.routing import APIRoute
+    from litellm.proxy.auth.user_api_key_auth import user_api_key_auth
+
+    for path, endpoint, method, authenticated in routes:
+        params = [inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                    annotation=Request),
+                  inspect.Parameter("fastapi_response", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                    annotation=Response)]
+        if authenticated:
+            params.append(inspect.Parameter("user_api_key_dict",
+                                            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                            default=Depends(user_api_key_auth)))
+        wrapper = _route_function(endpoint)
+        wrapper.__signature__ = inspect.Signature(params)   # what FastAPI reads
+        app.router.routes.insert(0, APIRoute(path, wrapper, methods=[method]))
+
+
+def _route_function(endpoint: Callable[..., Any]) -> Any:
+    async def route(request: Any, fastapi_response: Any, user_api_key_dict: Any = None) -> Any:
+        return await endpoint(request, fastapi_response, user_api_key_dict)
+    return route
+
+
+async def parsed_json_body(request: Any) -> Any:
+    """The request's JSON body: the copy LiteLLM's auth already parsed into
+    `scope["parsed_body"]` (accepted keys, body), else parsed here; None if not JSON."""
+    parsed = request.scope.get("parsed_body")
+    if isinstance(parsed, tuple) and len(parsed) == 2 and isinstance(parsed[1], dict):
+        return dict(parsed[1])
+    try:
+        return json.loads(await request.body() or b"{}")
+    except ValueError:
+        return None
+
+
+def json_response(body: Any, status: int = 200) -> Any:
+    """A JSON answer for a route added with add_routes."""
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(body, status_code=status)
+
+
+async def litellm_messages_endpoint(request: Any, fastapi_response: Any,
+                                    user_api_key_dict: Any) -> Any:
+    """LiteLLM's own POST /v1/messages endpoint, called as FastAPI would."""
+    from litellm.proxy.anthropic_endpoints import endpoints
+
+    return await endpoints.anthropic_response(fastapi_response, request, user_api_key_dict)
+
+
+# -- checks -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class Contact:
+    """One thing ccproxy relies on inside LiteLLM, and what stops working without it."""
+
+    name: str
+    relies_on: str
+    breaks: str
+    check: Callable[[], bool]
+
+
+def _params(fn: Any) -> list[str]:
+    try:
+        return list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def _has_source(obj: Any, text: str) -> bool:
+    try:
+        return obj is not None and text in inspect.getsource(obj)
+    except (OSError, TypeError):
+        return False
+
+
+def _check_hooks() -> bool:
+    base = custom_logger_base()
+    for name, wanted in LITELLM_HOOKS.items():
+        params = _params(getattr(base, name, None))[1:]
+        if params[:len(wanted)] != list(wanted):
+            return False
+    return True
+
+
+def _check_cli_flags() -> bool:
+    command = getattr(_import(PROXY_MODULE), "run_server", None)
+    names = {getattr(p, "name", "") for p in getattr(command, "params", ())}
+    return {"config", "host", "port", "num_workers", "debug", "detailed_debug"} <= names
+
+
+def _check_constant(module: str, name: str, value: str) -> Callable[[], bool]:
+    return lambda: getattr(_import(module), name, None) == value
+
+
+def _check_app() -> bool:
+    app = getattr(_import("litellm.proxy.proxy_server"), "app", None)
+    return app is not None and hasattr(app, "middleware_stack") \
+        and isinstance(getattr(getattr(app, "router", None), "routes", None), list)
+
+
+def _check_messages_endpoint() -> bool:
+    endpoints = _import("litellm.proxy.anthropic_endpoints.endpoints")
+    return _params(getattr(endpoints, "anthropic_response", None))[:3] == [
+        "fastapi_response", "request", "user_api_key_dict"]
+
+
+CONTACTS: tuple[Contact, ...] = (
+    Contact("callback hooks", "CustomLogger's async_pre_call_hook, response-headers, success, "
+            "streaming-iterator, failure-deployment and log hooks with these parameters; a hook "
+            "runs only when defined on the callback's own class",
+            "routing, x-ccproxy-* headers, thinking signatures, the OAuth retry", _check_hooks),
+    Contact("proxy app", "proxy_server.app: a Starlette app with middleware_stack and "
+            "router.routes", "the browser/key guard and ccproxy's routes (health, count_tokens, "
+            "sessions, the OAuth retry)", _check_app),
+    Contact("messages endpoint", "anthropic_endpoints.endpoints.anthropic_response(fastapi_"
+            "response, request, user_api_key_dict)", "the OAuth retry after an upstream 401",
+            _check_messages_endpoint),
+    Contact("key check", "auth.user_api_key_auth.user_api_key_auth, a FastAPI dependency that "
+            "honours litellm_key_header_name",
+            "count_tokens and the OAuth retry route (no key check)",
+            lambda: _has_source(getattr(_import("litellm.proxy.auth.user_api_key_auth"),
+                                        "user_api_key_auth", None), "litellm_key_header_name")
+            or _has_source(_import("litellm.proxy.auth.user_api_key_auth"),
+                           "litellm_key_header_name")),
+    Contact("parsed body", "the auth step caches the JSON body in request.scope['parsed_body'] "
+            "as (keys, body)", "count_tokens re-reads the body (slower, still works)",
+            lambda: _has_source(getattr(_import("litellm.proxy.common_utils.http_parsing_utils"),
+                                        "_safe_get_request_parsed_body", None), "parsed_body")),
+    Contact("client headers", "request data carries proxy_server_request.headers and "
+            "secret_fields.raw_headers", "forwarding the client's credentials; session ids "
+            "from headers", lambda: _has_source(_import("litellm.proxy.litellm_pre_call_utils"),
+                                               "raw_headers")),
+    Contact("litellm_metadata", "on /v1/messages LiteLLM keeps its metadata in "
+            "litellm_metadata and hands it to callbacks as litellm_params.metadata",
+            "x-ccproxy-* headers, failure counts, the OAuth retry",
+            lambda: _has_source(_import("litellm.proxy.litellm_pre_call_utils"),
+                                '"litellm_metadata"')),
+    Contact("provider headers", "provider_specific_header entries are sent only to their "
+            "provider (ProviderSpecificHeaderUtils)", "forwarding credentials (none is sent)",
+            lambda: hasattr(getattr(_import(
+                "litellm.litellm_core_utils.get_provider_specific_headers"),
+                "ProviderSpecificHeaderUtils", None), "get_provider_specific_headers")),
+    Contact("thinking capabilities", "litellm.model_cost and litellm.register_model with "
+            "supports_adaptive_thinking / supports_legacy_thinking",
+            "thinking and effort reach new Anthropic models as sent",
+            lambda: isinstance(getattr(import_litellm(), "model_cost", None), dict)
+            and callable(getattr(import_litellm(), "register_model", None))),
+    Contact("chat completions switch", "litellm.use_chat_completions_url_for_anthropic_"
+            "messages", "openai/ deployments from /v1/messages use the Responses API",
+            lambda: hasattr(import_litellm(), "use_chat_completions_url_for_anthropic_messages")),
+    Contact("provider detection", "litellm.get_llm_provider and litellm.provider_list",
+            "provider of deployments without a provider/ prefix; validate's provider names",
+            lambda: callable(getattr(import_litellm(), "get_llm_provider", None))
+            and bool(getattr(import_litellm(), "provider_list", None))),
+    Contact("raw model name flag", f"metadata key {RAW_MODEL_NAME_FLAG} "
+            "(constants.RETURN_RAW_MODEL_NAME_METADATA_KEY)",
+            "show_requested_model: false has no effect",
+            _check_constant("litellm.constants", "RETURN_RAW_MODEL_NAME_METADATA_KEY",
+                            RAW_MODEL_NAME_FLAG)),
+    Contact("health-check account", f"LiteLLM's own health checks run as {HEALTH_CHECK_KEY}",
+            "health checks count as client requests",
+            _check_constant("litellm.constants", "LITTELM_INTERNAL_HEALTH_SERVICE_ACCOUNT_NAME",
+                            HEALTH_CHECK_KEY)),
+    Contact("router model list", "proxy_server.llm_router.model_list",
+            "routing follows the config file, not models added at run time",
+            lambda: hasattr(_import("litellm.proxy.proxy_server"), "llm_router")),
+    Contact("config path", "proxy_server.user_config_file_path",
+            "finding ccproxy.yaml beside a config LiteLLM was started with directly",
+            lambda: hasattr(_import("litellm.proxy.proxy_server"), "user_config_file_path")),
+    Contact("bundled tokenizer", "litellm_core_utils/tokenizers holds cl100k_base",
+            "offline token counts (tiktoken would download the file)",
+            lambda: bundled_tiktoken_dir() is not None),
+    Contact("proxy command line", f"python -m {PROXY_MODULE} --config --host --port "
+            "--num_workers --debug --detailed_debug", "`ccproxy start`", _check_cli_flags),
+    Contact("keyless loopback", f"{WEAK_KEY_PERMIT_ENV} lets the proxy start without a master "
+            "key", "`ccproxy start` without a proxy key",
+            lambda: _has_source(_import("litellm.proxy.auth.master_key_boot_check"),
+                                WEAK_KEY_PERMIT_ENV)),
+)
+
+
+def check_contacts() -> list[tuple[Contact, bool]]:
+    """Run every contact check; a check that raises counts as missing."""
+    results = []
+    for contact in CONTACTS:
+        try:
+            ok = bool(contact.check())
+        except Exception:  # a changed LiteLLM may fail in any way; that is what is checked
+            ok = False
+        results.append((contact, ok))
+    return results
+
+
+def litellm_version() -> str | None:
+    """The installed LiteLLM's version (from its metadata: no import), or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("litellm")
+    except metadata.PackageNotFoundError:
+        return None
+
+
 # ---- Config --------------------------------------------------------------------------------
 # Finding, reading and merging the config files (ccproxy's section and LiteLLM's sections),
 # with YAML line numbers kept for error messages. Uses only the standard library and yaml.
@@ -280,8 +760,6 @@ class Settings:
     oauth_required: bool = False
     oauth_refresh_interval: float = 300.0
     oauth_timeout: float = 10.0
-    metadata_ttl: float = 300.0
-    metadata_max_entries: int = 10000
     token_cache_max_chars: int = 64_000_000
     model_reload_cooldown: float = 30.0
     openai_chat_completions: bool = True
@@ -299,8 +777,13 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()   # browser origins let through (README, "Security")
 
 
-SETTINGS_KEYS = {f.name for f in dataclasses.fields(Settings)} | {"handler", "metrics_enabled",
-                                                                    "credentials"}
+# Keys ccproxy once used that no longer do anything: accepted, with a warning saying so.
+RETIRED_SETTINGS = {
+    "metadata_ttl": "ccproxy keeps no per-request store any more (sessions use session_ttl)",
+    "metadata_max_entries": "ccproxy keeps no per-request store any more (see max_sessions)",
+}
+SETTINGS_KEYS = {f.name for f in dataclasses.fields(Settings)} | {
+    "handler", "metrics_enabled", "credentials"} | set(RETIRED_SETTINGS)
 SERVER_KEYS = {"host", "port", "num_workers", "debug", "detailed_debug", "telemetry"}
 
 
@@ -411,9 +894,7 @@ def find_config_dir(explicit: str | os.PathLike | None = None) -> tuple[Path, st
 
 def litellm_started_config() -> Path | None:
     """The config file the running LiteLLM proxy was started with, when inside one."""
-    proxy_server = sys.modules.get("litellm.proxy.proxy_server")
-    path = getattr(proxy_server, "user_config_file_path", None) if proxy_server else None
-    path = path or os.environ.get("CONFIG_FILE_PATH")
+    path = started_config_path()
     if not path:
         argv = sys.argv
         for i, arg in enumerate(argv):
@@ -572,6 +1053,9 @@ def parse_settings(section: Mapping[str, Any], problems: ConfigProblems) -> Sett
             problems.warn(("ccproxy", key),
                           f"unknown key `ccproxy.{key}`{_did_you_mean(key, SETTINGS_KEYS)}")
             continue
+        if key in RETIRED_SETTINGS:
+            problems.warn(("ccproxy", key), f"`{key}` has no effect: {RETIRED_SETTINGS[key]}")
+            continue
         if key in ("handler", "metrics_enabled", "hooks", "rules"):
             continue
         if key == "credentials":          # ccproxy 1.x: one command for the Anthropic token
@@ -690,6 +1174,13 @@ def parse_rules(rules: Any, problems: ConfigProblems) -> tuple[RuleSpec, ...]:
     return tuple(out)
 
 
+def _secret(value: Any) -> str | None:
+    """A config secret: a literal, or `os.environ/NAME` as LiteLLM writes it."""
+    if isinstance(value, str) and value.startswith("os.environ/"):
+        return os.environ.get(value.split("/", 1)[1]) or None
+    return value if isinstance(value, str) and value else None
+
+
 def is_loopback(host: str) -> bool:
     """True for a host name or address that only this machine can reach."""
     import ipaddress
@@ -767,28 +1258,123 @@ def open_private_append(path: Path) -> int:
     return fd
 
 
+def _litellm_params(dep: Mapping[str, Any]) -> Mapping[str, Any]:
+    params = dep.get("litellm_params")
+    return params if isinstance(params, Mapping) else {}
+
+
+@dataclasses.dataclass(slots=True)
+class ValidationReport:
+    """Every problem of a config: errors stop `start`, warnings do not."""
+
+    errors: list[str] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when there are no errors."""
+        return not self.errors
+
+
+def validate_config(config: Config, pipeline: "Pipeline") -> ValidationReport:
+    """Check a config as `start` needs it, with the Pipeline built from it (its rules, hooks,
+    model table and token sources); every problem with file:line where known."""
+    report = ValidationReport(warnings=list(config.warnings))
+    for problem in pipeline.problems:
+        (report.warnings if " skipped: " in problem else report.errors).append(problem)
+    ccproblems = ConfigProblems(config.ccproxy_file, config.ccproxy_node)
+    lproblems = ConfigProblems(config.litellm_file, config.litellm_node)
+    table = pipeline.models()
+    catch_all = {getattr(r, "name", None) for r in pipeline.rules if getattr(r, "catch_all", 0)}
+    seen: dict[str, str] = {}
+    for i, spec in enumerate(config.settings.rules):
+        keys = ("ccproxy", "rules", i)
+        if spec.name in seen:
+            report.errors.append(f"{ccproblems.where(keys)}: rule name `{spec.name}` is used "
+                                 f"twice (first at {seen[spec.name]}); names must be unique")
+        seen.setdefault(spec.name, ccproblems.where(keys))
+        if spec.name not in table and spec.name not in catch_all:
+            report.warnings.append(f"{ccproblems.where(keys)}: rule `{spec.name}` has no "
+                                   f"model_list entry named `{spec.name}`; its requests fall "
+                                   "back to the default route")
+    if not config.settings.default_model_passthrough and "default" not in table:
+        report.errors.append(f"{ccproblems.where(('ccproxy', 'default_model_passthrough'))}: "
+                             "default_model_passthrough is false but model_list has no "
+                             "`default` entry; add one or turn passthrough on")
+    report.warnings += readable_secret_warnings(config)
+    for i, warning in pipeline.rule_warnings:
+        report.warnings.append(f"{ccproblems.where(('ccproxy', 'rules', i))}: {warning}")
+    for provider, source in pipeline.oauth.items():
+        where = ccproblems.where(("ccproxy", "oat_sources", provider))
+        syntax = shell_syntax_error(source.command)
+        if syntax:
+            report.errors.append(f"{where}: oat_sources.{provider}: the command is not valid "
+                                 f"shell: {syntax}")
+        if not known_provider(provider):
+            report.errors.append(f"{where}: oat_sources.{provider}: LiteLLM knows no provider "
+                                 f"`{provider}`{_did_you_mean(provider, provider_names())}")
+    if unprotected_bind(config):
+        report.errors.append(f"{ccproblems.where(('litellm', 'host'))}: host {config.host} is "
+                             "reachable from other machines but no proxy key is set; set "
+                             "`ccproxy.proxy_key: true` or bind to 127.0.0.1")
+    models = config.litellm.get("model_list")
+    if not models:
+        report.warnings.append(f"{lproblems.where(('model_list',))}: model_list is empty: "
+                               "LiteLLM has no model to send requests to")
+    if models is not None and not isinstance(models, list):
+        report.errors.append(f"{lproblems.where(('model_list',))}: model_list must be a list")
+    for i, dep in enumerate(models if isinstance(models, list) else []):
+        if not isinstance(dep, dict) or not isinstance(dep.get("model_name"), str) \
+                or not isinstance(_litellm_params(dep).get("model"), str):
+            report.errors.append(f"{lproblems.where(('model_list', i))}: a model_list entry "
+                                 "needs model_name and litellm_params.model")
+    return report
+
+
+def readable_secret_warnings(config: Config) -> list[str]:
+    """A config file that holds a literal key (not `os.environ/...`) but others may read."""
+    literal = any(isinstance(v, str) and v and not v.startswith("os.environ/")
+                  for dep in config.model_list for k, v in _litellm_params(dep).items()
+                  if k in ("api_key", "aws_secret_access_key", "vertex_credentials"))
+    out = []
+    for path in config.files if literal else ():
+        try:
+            mode = path.stat().st_mode & 0o777
+        except OSError:
+            continue
+        if mode & 0o077:
+            out.append(f"{path}: holds a literal api_key but others can read it (mode "
+                       f"{mode:o}); run: chmod 600 {path}")
+    return out
+
+
+def shell_syntax_error(command: str) -> str | None:
+    """`bash -n` on a command: the first error line, or None (nothing is executed)."""
+    import shutil
+    import subprocess
+
+    shell = shutil.which("bash") or "/bin/sh"
+    try:
+        done = subprocess.run([shell, "-n", "-c", command], capture_output=True, text=True,
+                              timeout=5)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"could not check ({exc})"
+    if done.returncode == 0:
+        return None
+    return next((ln.strip() for ln in done.stderr.splitlines() if ln.strip()), "syntax error")
+
+
+def known_provider(provider: str) -> bool:
+    """True if LiteLLM knows the provider name (or LiteLLM is not installed to ask)."""
+    names = provider_names()
+    return not names or provider in names
+
+
 # ---- Tokens --------------------------------------------------------------------------------
 # The one tokenizer (tiktoken cl100k_base, loaded from the copy LiteLLM ships, no network) and
 # the caches that make counting Claude Code's resent history cheap.
 
-CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
 IMAGE_TOKENS = 1600      # an image or binary document block, whatever its size (an estimate)
-
-
-def bundled_tiktoken_dir() -> Path | None:
-    """LiteLLM's bundled tiktoken cache directory, found without importing litellm."""
-    import hashlib
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec("litellm")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.origin:
-        return None
-    folder = Path(spec.origin).parent / "litellm_core_utils" / "tokenizers"
-    cache_key = hashlib.sha1(CL100K_URL.encode()).hexdigest()
-    return folder if (folder / cache_key).is_file() else None
 
 
 class TokenCounter:
@@ -1144,6 +1730,8 @@ class DefaultRule(Rule):
     With `passthrough: true` the matched request keeps the model the client asked for.
     """
 
+    catch_all = True
+
     def __init__(self, passthrough: bool = False) -> None:
         self.passthrough = bool(passthrough)
 
@@ -1280,8 +1868,7 @@ class TokenCountRule(Rule):
         staying = conversation is not None and self.name and \
             conversation.last_label == self.name
         limit = int(self.threshold * self.lower_ratio) if staying else self.threshold
-        complete_count = bool(getattr(ctx, "dry_run", False))
-        count, complete = TOKENS.count_request(request, None if complete_count else limit)
+        count, complete = TOKENS.count_request(request, limit)
         approx = "" if TOKENS.exact else " (estimated: tokenizer unavailable)"
         mark = f"{limit:,} (lower mark: already on {self.name})" if staying else f"{limit:,}"
         if count > limit:
@@ -1428,6 +2015,34 @@ def _str_list(value: Any, what: str) -> list[str]:
     raise RuleError(f"{what} must be a name or list of names, got {value!r}")
 
 
+# Claude Code's own tools: it lists them on every main turn, so matching one matches all turns.
+CLAUDE_CODE_TOOLS = frozenset({
+    "agent", "bash", "edit", "read", "write", "websearch", "webfetch", "notebookedit", "task",
+    "todowrite", "glob", "grep", "skill", "toolsearch", "workflow", "reportfindings"})
+CLAUDE_CODE_DEFAULT_EFFORTS = frozenset({"high", "medium"})
+
+
+def shadow_warning(rule: Any) -> str | None:
+    """Why a rule would match every Claude Code turn (and hide the rules after it)."""
+    if isinstance(rule, MatchToolRule) and any(rule.tool_name in t for t in CLAUDE_CODE_TOOLS):
+        hint = " (for web search use WebSearchRule)" if "web" in rule.tool_name else ""
+        return (f"MatchToolRule({rule.tool_name}) matches every Claude Code main turn: Claude "
+                f"Code lists that tool on every request{hint}")
+    if isinstance(rule, ThinkingRule):
+        if "adaptive" in rule.types:
+            return ("ThinkingRule with types [adaptive] matches every Claude Code main turn "
+                    "(Claude Code sends adaptive thinking on every request)")
+        common = CLAUDE_CODE_DEFAULT_EFFORTS.intersection(rule.effort)
+        if common:
+            return (f"ThinkingRule effort {'/'.join(sorted(common))} matches every Claude Code "
+                    "main turn (its defaults: high in 2.1.197, medium in 2.1.332)")
+    if isinstance(rule, TokenCountRule) and rule.threshold < CLAUDE_CODE_BASELINE_TOKENS:
+        return (f"TokenCountRule threshold {rule.threshold:,} is below Claude Code's baseline "
+                f"of about {CLAUDE_CODE_BASELINE_TOKENS:,} tokens (system prompt and tools), "
+                "so it matches every main turn")
+    return None
+
+
 BUILTIN_RULES: dict[str, type[Rule]] = {
     c.__name__: c for c in (DefaultRule, MatchModelRule, ThinkingRule, TokenCountRule,
                             MatchToolRule, WebSearchRule, SubagentRule)
@@ -1528,10 +2143,9 @@ def rule_verdict(rule: Any, request: dict, ctx: Any) -> Verdict:
     return Verdict(bool(rule.evaluate(request, ctx)))
 
 
-# ---- Hooks ---------------------------------------------------------------------------------
-# Plain functions `hook(data, ctx, **params) -> data`, the request context they share, the
-# model table they route into, and the pipeline that runs them in the configured order.
-
+# ---- Context -------------------------------------------------------------------------------
+# The request context the hooks share, the routing decision, the model table and provider
+# detection; and the one place that decides what is a secret in text. Uses Config and Rules.
 
 def redact(name: str, value: Any) -> str:
     """A header value safe to log: secrets are replaced, everything else shortened."""
@@ -1583,7 +2197,6 @@ class RequestContext:
     path: str = "/v1/messages"
     session_id: str | None = None
     agent_id: str | None = None
-    dry_run: bool = False                 # `explain`: decide, but change nothing upstream
     label: str | None = None
     verdicts: list[tuple[str, str, Verdict]] = dataclasses.field(default_factory=list)
     decision: RoutingDecision | None = None
@@ -1620,20 +2233,6 @@ def parse_session(metadata: Any, headers: Mapping[str, str]) -> str | None:
                 return session
     session = headers.get("x-claude-code-session-id")
     return session or None
-
-
-def request_headers(data: Mapping[str, Any]) -> dict[str, str]:
-    """The client's headers (lower-case names), secrets included, from LiteLLM's data."""
-    out: dict[str, str] = {}
-    psr = data.get("proxy_server_request")
-    if isinstance(psr, dict) and isinstance(psr.get("headers"), dict):
-        out.update({str(k).lower(): str(v) for k, v in psr["headers"].items()})
-    secret = data.get("secret_fields")
-    raw = secret.get("raw_headers") if hasattr(secret, "get") else \
-        getattr(secret, "raw_headers", None)
-    if raw:
-        out.update({str(k).lower(): str(v) for k, v in raw.items()})
-    return out
 
 
 class ModelTable:
@@ -1684,11 +2283,6 @@ class ModelTable:
         return [found[0]] if found else []
 
 
-def _litellm_params(dep: Mapping[str, Any]) -> Mapping[str, Any]:
-    params = dep.get("litellm_params")
-    return params if isinstance(params, Mapping) else {}
-
-
 _PROVIDER_CACHE: dict[tuple, str | None] = {}
 # Provider prefixes of `provider/model` names that LiteLLM takes as they are.
 COMMON_PROVIDERS = frozenset({
@@ -1710,53 +2304,278 @@ def provider_of(params: Mapping[str, Any]) -> str | None:
     if provider is None and head in COMMON_PROVIDERS:
         provider = head      # what LiteLLM decides first too, without importing it
     if provider is None and isinstance(model, str):
-        try:
-            get_llm_provider = import_litellm().get_llm_provider
-        except ImportError:
-            get_llm_provider = None
-        if get_llm_provider is not None:
-            try:
-                provider = get_llm_provider(model=model, custom_llm_provider=custom,
-                                            api_base=api_base)[1]
-            except (ValueError, TypeError, AttributeError, _litellm_error()):
-                provider = None
+        provider = llm_provider(model, custom, api_base)
         if provider is None:
             provider = head or ("anthropic" if model.startswith("claude") else None)
     _PROVIDER_CACHE[key] = provider
     return provider
 
 
-def import_litellm() -> Any:
-    """Import litellm (seconds) without letting it fetch its cost map from the internet."""
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    import litellm
-
-    return litellm
+def model_name(upstream: str) -> str:
+    """`anthropic/claude-opus-5-5` -> `claude-opus-5-5`: the name an upstream knows."""
+    return upstream.split("/", 1)[1] if "/" in upstream else upstream
 
 
-def _litellm_error() -> type[BaseException]:
-    """LiteLLM's BadRequestError class (what get_llm_provider raises), or a stand-in."""
-    module = sys.modules.get("litellm")
-    err = getattr(module, "BadRequestError", None) if module else None
-    return err if isinstance(err, type) and issubclass(err, BaseException) else LookupError
+# ---- Sessions ------------------------------------------------------------------------------
+# Per-session and per-conversation routing state: turns, sticky routes, the models that
+# signed thinking blocks, switch figures; exportable (explain --session). Uses Context.
+
+@dataclasses.dataclass(slots=True)
+class ConversationState:
+    """Routing state of one conversation: the route of its current turn and of its last
+    request, and a sticky route if a sticky rule matched."""
+
+    turn_label: str | None = None
+    sticky_label: str | None = None
+    last_label: str | None = None
+    last_upstream: str | None = None
 
 
-def _metadata(data: dict) -> dict:
-    """LiteLLM's own metadata dict for this request (created if missing).
+@dataclasses.dataclass(slots=True)
+class SessionState:
+    """One Claude Code session (or one of its subagents): conversations, the models that
+    signed its thinking blocks, and its switch figures."""
 
-    On /v1/messages `metadata` is the client's Anthropic metadata (user_id) and must reach
-    the upstream untouched; LiteLLM keeps its own in `litellm_metadata`. On
-    /chat/completions LiteLLM's is `metadata`.
-    """
-    key = "litellm_metadata" if "litellm_metadata" in data or \
-        isinstance(data.get("metadata"), dict) and "user_id" in data["metadata"] \
-        else "metadata"
-    meta = data.get(key)
-    if not isinstance(meta, dict):
-        meta = {}
-        data[key] = meta
-    return meta
+    session_id: str
+    agent_id: str | None = None
+    requested_model: str = ""
+    last_label: str = ""
+    last_upstream: str = ""
+    requests: int = 0
+    switches: int = 0
+    uncached_tokens: int = 0
+    last_seen: float = 0.0
+    conversations: collections.OrderedDict = dataclasses.field(
+        default_factory=collections.OrderedDict)
+    signatures: collections.OrderedDict = dataclasses.field(
+        default_factory=collections.OrderedDict)
+    producers: set = dataclasses.field(default_factory=set)   # models that signed any block
 
+    def as_dict(self) -> dict:
+        """What `GET /ccproxy/session/ID` and the status line show."""
+        return {"session_id": self.session_id, "agent_id": self.agent_id,
+                "requested_model": self.requested_model, "last_label": self.last_label,
+                "last_upstream": self.last_upstream, "requests": self.requests,
+                "switches": self.switches, "uncached_tokens": self.uncached_tokens}
+
+    def export(self) -> dict:
+        """All of the routing state, JSON-safe (signatures only as digests)."""
+        return dict(self.as_dict(),
+                    conversations={k: dataclasses.asdict(c)
+                                   for k, c in self.conversations.items()},
+                    signatures=dict(self.signatures), producers=sorted(self.producers))
+
+    @classmethod
+    def restore(cls, state: Mapping[str, Any]) -> "SessionState":
+        """A SessionState from `export()`'s output (unknown or odd fields are skipped)."""
+        session = cls(str(state.get("session_id", "")), state.get("agent_id") or None)
+        for name in ("requested_model", "last_label", "last_upstream"):
+            if isinstance(state.get(name), str):
+                setattr(session, name, state[name])
+        for name in ("requests", "switches", "uncached_tokens"):
+            if isinstance(state.get(name), int):
+                setattr(session, name, state[name])
+        fields = {f.name for f in dataclasses.fields(ConversationState)}
+        for key, conv in (state.get("conversations") or {}).items():
+            if isinstance(conv, dict):
+                session.conversations[key] = ConversationState(
+                    **{k: v for k, v in conv.items() if k in fields and
+                       (v is None or isinstance(v, str))})
+        signatures = state.get("signatures")
+        if isinstance(signatures, dict):
+            session.signatures.update({str(k): str(v) for k, v in signatures.items()})
+        session.producers.update(str(p) for p in state.get("producers") or ())
+        return session
+
+
+MAX_CONVERSATIONS = 64       # per session: the main thread plus side requests (web search...)
+MAX_SIGNATURES = 4096        # per session
+
+
+def signature_digest(value: str) -> str:
+    """A short digest of a thinking block's signature (the signature itself is not kept)."""
+    import hashlib
+
+    return hashlib.sha256(value.encode()).hexdigest()[:32]
+
+
+def thinking_signature(block: Any) -> str | None:
+    """The signature (or redacted data) that binds a thinking block to its model."""
+    if not isinstance(block, dict):
+        return None
+    if block.get("type") == "thinking" and isinstance(block.get("signature"), str):
+        return block["signature"] or None
+    if block.get("type") == "redacted_thinking" and isinstance(block.get("data"), str):
+        return block["data"] or None
+    return None
+
+
+def last_turn_message(messages: Any) -> dict | None:
+    """The last user or assistant message (mid-conversation system messages skipped)."""
+    if not isinstance(messages, list):
+        return None
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") in ("user", "assistant"):
+            return message
+    return None
+
+
+def conversation_key(request: Mapping[str, Any]) -> str:
+    """What tells a session's conversations apart: a digest of the whole first message (two
+    conversations that merely start alike stay apart)."""
+    import hashlib
+
+    messages = request.get("messages")
+    first = messages[0] if isinstance(messages, list) and messages else None
+    text = _json_text(first).encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(text, digest_size=12).hexdigest()
+
+
+def is_continuation(request: Mapping[str, Any]) -> bool:
+    """True when the request continues a turn: its last user message carries tool results."""
+    last = last_turn_message(request.get("messages"))
+    content = last.get("content") if last and last.get("role") == "user" else None
+    return isinstance(content, list) and any(
+        isinstance(b, dict) and b.get("type") == "tool_result" for b in content)
+
+
+class SessionStore:
+    """Per-session routing state, bounded in sessions and entries and swept by TTL."""
+
+    def __init__(self, ttl: float = 3600.0, max_sessions: int = 2000) -> None:
+        self.ttl, self.max_sessions = ttl, max_sessions
+        self._lock = threading.Lock()
+        self._sessions: collections.OrderedDict[tuple, SessionState] = \
+            collections.OrderedDict()
+
+    def attach(self, ctx: "RequestContext", request: Mapping[str, Any]) -> None:
+        """Give the context its session and conversation (created on first sight)."""
+        if not ctx.session_id:
+            return
+        key = (ctx.session_id, ctx.agent_id)
+        conv_key = conversation_key(request)
+        with self._lock:
+            session = self._sessions.get(key)
+            if session is None:
+                session = SessionState(ctx.session_id, ctx.agent_id)
+                self._sessions[key] = session
+                while len(self._sessions) > self.max_sessions:
+                    _k, old = self._sessions.popitem(last=False)
+                    _log_session_end(old, "evicted")
+            self._sessions.move_to_end(key)
+            session.last_seen = time.monotonic()
+            conversation = session.conversations.get(conv_key)
+            if conversation is None:
+                conversation = ConversationState()
+                session.conversations[conv_key] = conversation
+                while len(session.conversations) > MAX_CONVERSATIONS:
+                    session.conversations.popitem(last=False)
+            session.conversations.move_to_end(conv_key)
+        ctx.session, ctx.conversation = session, conversation
+        ctx.continuation = is_continuation(request)
+
+    def record_route(self, ctx: "RequestContext", decision: RoutingDecision,
+                     request: Mapping[str, Any], sticky: bool = False) -> None:
+        """Remember where a conversation's request went; count model switches."""
+        session, conversation = ctx.session, ctx.conversation
+        if session is None or conversation is None:
+            return
+        with self._lock:
+            switched = conversation.last_upstream not in (None, decision.upstream)
+            if not ctx.continuation or decision.label != conversation.turn_label:
+                conversation.turn_label = decision.label
+            if sticky:
+                conversation.sticky_label = decision.label
+            conversation.last_label = decision.label
+            conversation.last_upstream = decision.upstream
+            session.requests += 1
+            session.requested_model = decision.requested_model
+            session.last_label, session.last_upstream = decision.label, decision.upstream
+        if switched:
+            # The new model has none of this conversation cached: all of it goes again.
+            resent = TOKENS.count_request(request)[0]
+            with self._lock:
+                session.switches += 1
+                session.uncached_tokens += resent
+            log.info("session %s: switch to %s (%s), ~%d tokens sent uncached",
+                     session.session_id[:8], decision.upstream, decision.label, resent)
+
+    def record_signature(self, session_id: str | None, agent_id: str | None, signature: str,
+                         model: str) -> None:
+        """Note which upstream model produced a thinking block."""
+        if not session_id:
+            return
+        with self._lock:
+            session = self._sessions.get((session_id, agent_id))
+            if session is None:
+                return
+            session.signatures[signature_digest(signature)] = model
+            session.producers.add(model)
+            while len(session.signatures) > MAX_SIGNATURES:
+                session.signatures.popitem(last=False)
+
+    def producer(self, session: SessionState | None, signature: str) -> str | None:
+        """The upstream model that produced a thinking block, if it went through us."""
+        if session is None:
+            return None
+        with self._lock:
+            return session.signatures.get(signature_digest(signature))
+
+    def export(self, session_id: str) -> dict:
+        """Every state of a session (main thread and subagents), for `explain --session`."""
+        with self._lock:
+            states = [s.export() for (sid, _a), s in self._sessions.items() if sid == session_id]
+        return {"session_id": session_id, "states": states}
+
+    @classmethod
+    def load(cls, exported: Mapping[str, Any]) -> "SessionStore":
+        """A store holding a copy of exported session state (see export)."""
+        store = cls()
+        for state in exported.get("states") or ():
+            if isinstance(state, dict):
+                session = SessionState.restore(state)
+                store._sessions[(session.session_id, session.agent_id)] = session
+        return store
+
+    def find(self, session_id: str) -> dict | None:
+        """The session's state for the status line: its main thread, else its latest agent."""
+        with self._lock:
+            main = self._sessions.get((session_id, None))
+            if main is None:
+                agents = [s for (sid, _a), s in self._sessions.items() if sid == session_id]
+                main = agents[-1] if agents else None
+            return main.as_dict() if main is not None else None
+
+    def sweep(self) -> int:
+        """Forget sessions idle longer than the TTL (logging their figures); how many."""
+        deadline = time.monotonic() - self.ttl
+        with self._lock:
+            old = [k for k, s in self._sessions.items() if s.last_seen < deadline]
+            ended = [self._sessions.pop(k) for k in old]
+        for session in ended:
+            _log_session_end(session, "ended")
+        return len(ended)
+
+    def totals(self) -> dict:
+        """Switches and uncached tokens over the sessions remembered now."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        return {"sessions": len(sessions), "switches": sum(s.switches for s in sessions),
+                "uncached_tokens": sum(s.uncached_tokens for s in sessions)}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+
+def _log_session_end(session: SessionState, how: str) -> None:
+    log.info("session %s%s %s: %d requests, %d model switches, ~%d tokens re-sent uncached",
+             session.session_id[:8], f" agent {session.agent_id}" if session.agent_id else "",
+             how, session.requests, session.switches, session.uncached_tokens)
+
+
+# ---- Hooks ---------------------------------------------------------------------------------
+# Plain functions `hook(data, ctx, **params) -> data`: label, route, credentials, session
+# id, captured headers; the OAuth token sources they use. Use Context and Sessions.
 
 def rule_evaluator(data: dict, ctx: RequestContext, **params: Any) -> dict:
     """Label the request with the first rule that matches (none: `default`)."""
@@ -1839,15 +2658,11 @@ def model_router(data: dict, ctx: RequestContext, **params: Any) -> dict:
                                upstream=upstream, passthrough=passthrough, reason=reason,
                                provider=provider)
     ctx.decision = decision
-    if conversation is not None and not ctx.dry_run:
+    if conversation is not None:
         pipeline.sessions.record_route(ctx, decision, data, sticky=getattr(rule, "sticky", False))
-    if not ctx.dry_run:
-        data["model"] = target
-        meta = _metadata(data)
-        meta[METADATA_KEY] = decision.as_dict()
-        call_id = data.get("litellm_call_id")
-        if isinstance(call_id, str):
-            pipeline.store.put(call_id, decision)
+    data["model"] = target
+    meta = litellm_metadata(data)
+    meta[METADATA_KEY] = decision.as_dict()
     return data
 
 
@@ -1858,37 +2673,6 @@ def _deployments_have_key(ctx: RequestContext) -> bool:
         return False
     group = ctx.pipeline.models().group(decision.model)
     return bool(group) and all(_litellm_params(d).get("api_key") for d in group)
-
-
-def _add_provider_headers(data: dict, provider: str, headers: Mapping[str, str]) -> None:
-    """Add headers that LiteLLM sends only when the call goes to `provider`.
-
-    LiteLLM scopes `provider_specific_header` entries by its own provider detection at call
-    time, so a header meant for Anthropic never reaches another provider (e.g. a fallback).
-    """
-    entry = {"custom_llm_provider": provider, "extra_headers": dict(headers)}
-    current = data.get("provider_specific_header")
-    if isinstance(current, dict):
-        data["provider_specific_header"] = [current, entry]
-    elif isinstance(current, list):
-        data["provider_specific_header"] = current + [entry]
-    else:
-        data["provider_specific_header"] = entry
-
-
-def provider_headers(data: Mapping[str, Any], provider: str) -> dict[str, str]:
-    """The extra headers hooks scoped to `provider` (see _add_provider_headers)."""
-    current = data.get("provider_specific_header")
-    entries = [current] if isinstance(current, dict) else \
-        list(current) if isinstance(current, list) else []
-    out: dict[str, str] = {}
-    for entry in entries:
-        if not isinstance(entry, dict) or not isinstance(entry.get("extra_headers"), dict):
-            continue
-        providers = str(entry.get("custom_llm_provider", "")).split(",")
-        if provider in (p.strip() for p in providers):
-            out.update(entry["extra_headers"])
-    return out
 
 
 def client_credential(ctx: RequestContext) -> dict[str, str]:
@@ -1905,9 +2689,9 @@ def _forward_client_credential(data: dict, ctx: RequestContext) -> None:
     credential = client_credential(ctx)
     name = next(iter(credential), "")
     ctx.auth.append(f"client {'Authorization' if name == 'authorization' else name} forwarded")
-    if not ctx.dry_run and not any(k in provider_headers(data, "anthropic")
+    if not any(k in provider_headers(data, "anthropic")
                                    for k in ("authorization", "x-api-key")):
-        _add_provider_headers(data, "anthropic", credential)
+        add_provider_headers(data, "anthropic", credential)
 
 
 def forward_apikey(data: dict, ctx: RequestContext, **params: Any) -> dict:
@@ -1955,22 +2739,21 @@ def forward_oauth(data: dict, ctx: RequestContext, **params: Any) -> dict:
         ctx.auth.append(f"no oauth token for {provider} (source failed); client auth kept")
         return data
     ctx.auth.append(f"oauth token for {provider} from oat_sources")
-    if not ctx.dry_run:
-        headers = {"authorization": f"Bearer {token}"}
-        if provider == "anthropic":
-            headers["x-api-key"] = ""
-        if source.user_agent:
-            headers["user-agent"] = source.user_agent
-        _add_provider_headers(data, provider, headers)
-        meta = _metadata(data)
-        meta.setdefault(METADATA_KEY, {})["oauth_provider"] = provider
+    headers = {"authorization": f"Bearer {token}"}
+    if provider == "anthropic":
+        headers["x-api-key"] = ""
+    if source.user_agent:
+        headers["user-agent"] = source.user_agent
+    add_provider_headers(data, provider, headers)
+    meta = litellm_metadata(data)
+    meta.setdefault(METADATA_KEY, {})["oauth_provider"] = provider
     return data
 
 
 def extract_session_id(data: dict, ctx: RequestContext, **params: Any) -> dict:
     """Put Claude Code's session id (and subagent id) in LiteLLM's metadata for callbacks."""
-    if ctx.session_id and not ctx.dry_run:
-        meta = _metadata(data)
+    if ctx.session_id:
+        meta = litellm_metadata(data)
         meta["session_id"] = ctx.session_id
         trace = meta.setdefault("trace_metadata", {})
         if isinstance(trace, dict):
@@ -1983,10 +2766,8 @@ def extract_session_id(data: dict, ctx: RequestContext, **params: Any) -> dict:
 def capture_headers(data: dict, ctx: RequestContext, headers: list[str] | None = None,
                     **params: Any) -> dict:
     """Copy request headers, secrets redacted, into LiteLLM's trace metadata."""
-    if ctx.dry_run:
-        return data
     wanted = {h.lower() for h in headers} if headers else None
-    meta = _metadata(data)
+    meta = litellm_metadata(data)
     trace = meta.setdefault("trace_metadata", {})
     if not isinstance(trace, dict):
         return data
@@ -2009,53 +2790,6 @@ RETIRED_HOOKS = {
 }
 
 
-class MetadataStore:
-    """Per-request routing decisions for callbacks, bounded in size and swept by TTL."""
-
-    def __init__(self, ttl: float = 300.0, max_entries: int = 10000) -> None:
-        self.ttl, self.max_entries = ttl, max_entries
-        self._lock = threading.Lock()
-        self._items: collections.OrderedDict[str, tuple[float, Any]] = collections.OrderedDict()
-
-    def put(self, key: str, value: Any) -> None:
-        """Store a value; the oldest entries go when the store is full."""
-        with self._lock:
-            self._items[key] = (time.monotonic() + self.ttl, value)
-            self._items.move_to_end(key)
-            while len(self._items) > self.max_entries:
-                self._items.popitem(last=False)
-
-    def get(self, key: str | None, default: Any = None) -> Any:
-        """The value for a key unless missing or expired."""
-        if key is None:
-            return default
-        with self._lock:
-            item = self._items.get(key)
-        if item is None or item[0] < time.monotonic():
-            return default
-        return item[1]
-
-    def pop(self, key: str | None, default: Any = None) -> Any:
-        """Remove and return a value."""
-        if key is None:
-            return default
-        with self._lock:
-            item = self._items.pop(key, None)
-        return default if item is None else item[1]
-
-    def sweep(self) -> int:
-        """Drop expired entries; returns how many went."""
-        now = time.monotonic()
-        with self._lock:
-            expired = [k for k, (deadline, _v) in self._items.items() if deadline < now]
-            for k in expired:
-                del self._items[k]
-        return len(expired)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
 @dataclasses.dataclass(slots=True)
 class OAuthSource:
     """One `oat_sources` entry and the token it last produced."""
@@ -2070,7 +2804,12 @@ class OAuthSource:
     loaded_at: float = 0.0
 
     def load(self, timeout: float) -> bool:
-        """Run the command; keep the last good token on failure. True on success."""
+        """Run the command; keep the last good token on failure. True on success. One
+        command at a time per process (start, background refresh, a 401's refresh)."""
+        with _OAUTH_LOCK:
+            return self._run(timeout)
+
+    def _run(self, timeout: float) -> bool:
         import subprocess
         try:
             done = subprocess.run(self.command, shell=True, capture_output=True, text=True,
@@ -2104,7 +2843,7 @@ class OAuthSource:
         with _OAUTH_LOCK:
             if time.time() - self.loaded_at < min_age and self.token:
                 return True      # another request just refreshed it
-            return self.load(timeout)
+            return self._run(timeout)
 
 
 _OAUTH_LOCK = threading.Lock()
@@ -2114,209 +2853,9 @@ _OAUTH_RETRY: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ccpr
                                                                          default=None)
 
 
-@dataclasses.dataclass(slots=True)
-class ConversationState:
-    """Routing state of one conversation: the route of its current turn and of its last
-    request, and a sticky route if a sticky rule matched."""
-
-    turn_label: str | None = None
-    sticky_label: str | None = None
-    last_label: str | None = None
-    last_upstream: str | None = None
-
-
-@dataclasses.dataclass(slots=True)
-class SessionState:
-    """One Claude Code session (or one of its subagents): conversations, the models that
-    signed its thinking blocks, and its switch figures."""
-
-    session_id: str
-    agent_id: str | None = None
-    requested_model: str = ""
-    last_label: str = ""
-    last_upstream: str = ""
-    requests: int = 0
-    switches: int = 0
-    uncached_tokens: int = 0
-    last_seen: float = 0.0
-    conversations: collections.OrderedDict = dataclasses.field(
-        default_factory=collections.OrderedDict)
-    signatures: collections.OrderedDict = dataclasses.field(
-        default_factory=collections.OrderedDict)
-    producers: set = dataclasses.field(default_factory=set)   # models that signed any block
-
-    def as_dict(self) -> dict:
-        """What `GET /ccproxy/session/ID` and the status line show."""
-        return {"session_id": self.session_id, "agent_id": self.agent_id,
-                "requested_model": self.requested_model, "last_label": self.last_label,
-                "last_upstream": self.last_upstream, "requests": self.requests,
-                "switches": self.switches, "uncached_tokens": self.uncached_tokens}
-
-
-MAX_CONVERSATIONS = 64       # per session: the main thread plus side requests (web search...)
-MAX_SIGNATURES = 4096        # per session
-
-
-def signature_digest(value: str) -> str:
-    """A short digest of a thinking block's signature (the signature itself is not kept)."""
-    import hashlib
-
-    return hashlib.sha256(value.encode()).hexdigest()[:32]
-
-
-def thinking_signature(block: Any) -> str | None:
-    """The signature (or redacted data) that binds a thinking block to its model."""
-    if not isinstance(block, dict):
-        return None
-    if block.get("type") == "thinking" and isinstance(block.get("signature"), str):
-        return block["signature"] or None
-    if block.get("type") == "redacted_thinking" and isinstance(block.get("data"), str):
-        return block["data"] or None
-    return None
-
-
-def last_turn_message(messages: Any) -> dict | None:
-    """The last user or assistant message (mid-conversation system messages skipped)."""
-    if not isinstance(messages, list):
-        return None
-    for message in reversed(messages):
-        if isinstance(message, dict) and message.get("role") in ("user", "assistant"):
-            return message
-    return None
-
-
-def is_continuation(request: Mapping[str, Any]) -> bool:
-    """True when the request continues a turn: its last user message carries tool results."""
-    last = last_turn_message(request.get("messages"))
-    content = last.get("content") if last and last.get("role") == "user" else None
-    return isinstance(content, list) and any(
-        isinstance(b, dict) and b.get("type") == "tool_result" for b in content)
-
-
-class SessionStore:
-    """Per-session routing state, bounded in sessions and entries and swept by TTL."""
-
-    def __init__(self, ttl: float = 3600.0, max_sessions: int = 2000) -> None:
-        self.ttl, self.max_sessions = ttl, max_sessions
-        self._lock = threading.Lock()
-        self._sessions: collections.OrderedDict[tuple, SessionState] = \
-            collections.OrderedDict()
-
-    def attach(self, ctx: "RequestContext", request: Mapping[str, Any]) -> None:
-        """Give the context its session and conversation (created on first sight)."""
-        if not ctx.session_id:
-            return
-        key = (ctx.session_id, ctx.agent_id)
-        messages = request.get("messages")
-        first = messages[0] if isinstance(messages, list) and messages else None
-        conv_key = _cheap_key(first)
-        with self._lock:
-            session = self._sessions.get(key)
-            if session is None:
-                session = SessionState(ctx.session_id, ctx.agent_id)
-                self._sessions[key] = session
-                while len(self._sessions) > self.max_sessions:
-                    _k, old = self._sessions.popitem(last=False)
-                    _log_session_end(old, "evicted")
-            self._sessions.move_to_end(key)
-            session.last_seen = time.monotonic()
-            conversation = session.conversations.get(conv_key)
-            if conversation is None:
-                conversation = ConversationState()
-                session.conversations[conv_key] = conversation
-                while len(session.conversations) > MAX_CONVERSATIONS:
-                    session.conversations.popitem(last=False)
-            session.conversations.move_to_end(conv_key)
-        ctx.session, ctx.conversation = session, conversation
-        ctx.continuation = is_continuation(request)
-
-    def record_route(self, ctx: "RequestContext", decision: RoutingDecision,
-                     request: Mapping[str, Any], sticky: bool = False) -> None:
-        """Remember where a conversation's request went; count model switches."""
-        session, conversation = ctx.session, ctx.conversation
-        if session is None or conversation is None:
-            return
-        with self._lock:
-            switched = conversation.last_upstream not in (None, decision.upstream)
-            if not ctx.continuation or decision.label != conversation.turn_label:
-                conversation.turn_label = decision.label
-            if sticky:
-                conversation.sticky_label = decision.label
-            conversation.last_label = decision.label
-            conversation.last_upstream = decision.upstream
-            session.requests += 1
-            session.requested_model = decision.requested_model
-            session.last_label, session.last_upstream = decision.label, decision.upstream
-        if switched:
-            # The new model has none of this conversation cached: all of it goes again.
-            resent = TOKENS.count_request(request)[0]
-            with self._lock:
-                session.switches += 1
-                session.uncached_tokens += resent
-            log.info("session %s: switch to %s (%s), ~%d tokens sent uncached",
-                     session.session_id[:8], decision.upstream, decision.label, resent)
-
-    def record_signature(self, session_id: str | None, agent_id: str | None, signature: str,
-                         model: str) -> None:
-        """Note which upstream model produced a thinking block."""
-        if not session_id:
-            return
-        with self._lock:
-            session = self._sessions.get((session_id, agent_id))
-            if session is None:
-                return
-            session.signatures[signature_digest(signature)] = model
-            session.producers.add(model)
-            while len(session.signatures) > MAX_SIGNATURES:
-                session.signatures.popitem(last=False)
-
-    def producer(self, session: SessionState | None, signature: str) -> str | None:
-        """The upstream model that produced a thinking block, if it went through us."""
-        if session is None:
-            return None
-        with self._lock:
-            return session.signatures.get(signature_digest(signature))
-
-    def find(self, session_id: str) -> dict | None:
-        """The session's state for the status line: its main thread, else its latest agent."""
-        with self._lock:
-            main = self._sessions.get((session_id, None))
-            if main is None:
-                agents = [s for (sid, _a), s in self._sessions.items() if sid == session_id]
-                main = agents[-1] if agents else None
-            return main.as_dict() if main is not None else None
-
-    def sweep(self) -> int:
-        """Forget sessions idle longer than the TTL (logging their figures); how many."""
-        deadline = time.monotonic() - self.ttl
-        with self._lock:
-            old = [k for k, s in self._sessions.items() if s.last_seen < deadline]
-            ended = [self._sessions.pop(k) for k in old]
-        for session in ended:
-            _log_session_end(session, "ended")
-        return len(ended)
-
-    def totals(self) -> dict:
-        """Switches and uncached tokens over the sessions remembered now."""
-        with self._lock:
-            sessions = list(self._sessions.values())
-        return {"sessions": len(sessions), "switches": sum(s.switches for s in sessions),
-                "uncached_tokens": sum(s.uncached_tokens for s in sessions)}
-
-    def __len__(self) -> int:
-        return len(self._sessions)
-
-
-def _log_session_end(session: SessionState, how: str) -> None:
-    log.info("session %s%s %s: %d requests, %d model switches, ~%d tokens re-sent uncached",
-             session.session_id[:8], f" agent {session.agent_id}" if session.agent_id else "",
-             how, session.requests, session.switches, session.uncached_tokens)
-
-
-def model_name(upstream: str) -> str:
-    """`anthropic/claude-opus-5-5` -> `claude-opus-5-5`: the name an upstream knows."""
-    return upstream.split("/", 1)[1] if "/" in upstream else upstream
-
+# ---- Fixes ---------------------------------------------------------------------------------
+# What keeps a routed request valid whatever `hooks:` lists: foreign thinking, max_tokens,
+# translated usage; and the SSE reading the answers need. Use Context and Sessions.
 
 def strip_foreign_thinking(data: dict, ctx: "RequestContext") -> None:
     """Drop thinking blocks another model signed; keep the request valid.
@@ -2356,7 +2895,7 @@ def strip_foreign_thinking(data: dict, ctx: "RequestContext") -> None:
             dropped += 1
             if message is last and position == 0:
                 lost_leading = True
-        if len(kept) != len(content) and not ctx.dry_run:
+        if len(kept) != len(content):
             message["content"] = kept or [{"type": "text", "text": "(reasoning omitted)"}]
     if not dropped:
         return
@@ -2367,16 +2906,15 @@ def strip_foreign_thinking(data: dict, ctx: "RequestContext") -> None:
     if lost_leading and ctx.continuation and isinstance(thinking, dict) \
             and thinking.get("type") != "disabled":
         ctx.notes.append("thinking off for this request: its tool loop began on another model")
-        if not ctx.dry_run:
-            data["thinking"] = {"type": "disabled"}
-            edits = (data.get("context_management") or {}).get("edits")
-            if isinstance(edits, list):
-                edits = [e for e in edits if not (isinstance(e, dict) and
-                                                  str(e.get("type", "")).startswith("clear_thinking"))]
-                if edits:
-                    data["context_management"]["edits"] = edits
-                else:
-                    data.pop("context_management", None)
+        data["thinking"] = {"type": "disabled"}
+        edits = (data.get("context_management") or {}).get("edits")
+        if isinstance(edits, list):
+            edits = [e for e in edits if not (isinstance(e, dict) and
+                                              str(e.get("type", "")).startswith("clear_thinking"))]
+            if edits:
+                data["context_management"]["edits"] = edits
+            else:
+                data.pop("context_management", None)
 
 
 def deployment_max_output(pipeline: "Pipeline", decision: RoutingDecision) -> int | None:
@@ -2387,11 +2925,7 @@ def deployment_max_output(pipeline: "Pipeline", decision: RoutingDecision) -> in
         info = dep.get("model_info") if isinstance(dep, Mapping) else None
         value = info.get("max_output_tokens") if isinstance(info, Mapping) else None
         if value is None:
-            litellm = sys.modules.get("litellm")
-            name = str(_litellm_params(dep).get("model", ""))
-            costs = getattr(litellm, "model_cost", None) or {}
-            found = costs.get(name) or costs.get(model_name(name))
-            value = found.get("max_output_tokens") if isinstance(found, Mapping) else None
+            value = known_max_output(str(_litellm_params(dep).get("model", "")))
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
             values.append(int(value))
     return min(values) if values else None
@@ -2409,8 +2943,6 @@ def clamp_max_tokens(data: dict, ctx: "RequestContext") -> None:
         return
     ctx.notes.append(f"max_tokens {max_tokens} -> {limit} ({decision.model}'s maximum)")
     log.debug("max_tokens %d -> %d for %s", max_tokens, limit, decision.upstream)
-    if ctx.dry_run:
-        return
     data["max_tokens"] = limit
     thinking = data.get("thinking")
     budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
@@ -2427,11 +2959,10 @@ def note_translated_usage(data: dict, ctx: "RequestContext") -> None:
     decision = ctx.decision
     if decision is None or decision.provider in (None, "anthropic"):
         return
-    if ctx.session_id and not ctx.dry_run:
+    if ctx.session_id:
         data.setdefault("prompt_cache_key", ctx.session_id)
-    if not ctx.dry_run:
-        meta = _metadata(data).setdefault(METADATA_KEY, {})
-        meta["input_tokens"] = TOKENS.count_request(data)[0]
+    meta = litellm_metadata(data).setdefault(METADATA_KEY, {})
+    meta["input_tokens"] = TOKENS.count_request(data)[0]
 
 
 class SSEWatcher:
@@ -2492,21 +3023,32 @@ def with_input_tokens(frame: bytes, count: int) -> bytes:
     return b"\n".join(lines)
 
 
+# ---- Pipeline ------------------------------------------------------------------------------
+# Builds rules and hooks from a Config, makes each request's context, runs the hooks then
+# the fixes; `route_request` is `explain`'s entry. Uses everything above.
+
 class Pipeline:
     """Rules, hooks and the model table built from one Config; runs hooks for a request."""
 
     def __init__(self, config: Config,
-                 model_source: Callable[[], list | None] | None = None) -> None:
+                 model_source: Callable[[], list | None] | None = None,
+                 sessions: "SessionStore | None" = None) -> None:
         self.config = config
         self.rules: list[Any] = []
         self.hooks: list[tuple[str, Callable[..., dict], dict]] = []
         self.problems: list[str] = []
         search_dir = config.directory
-        for spec in config.settings.rules:
+        self.rule_warnings: list[tuple[int, str]] = []   # (index in `rules:`, why)
+        for i, spec in enumerate(config.settings.rules):
             try:
-                self.rules.append(build_rule(spec, search_dir))
+                rule = build_rule(spec, search_dir)
             except RuleError as exc:
                 self.problems.append(f"{spec.where}: {exc}")
+                continue
+            self.rules.append(rule)
+            warning = shadow_warning(rule)
+            if warning:
+                self.rule_warnings.append((i, warning))
         for hook in config.settings.hooks:
             short = hook.path.rsplit(".", 1)[-1]
             if hook.path.startswith("ccproxy.") and short in RETIRED_HOOKS:
@@ -2529,9 +3071,8 @@ class Pipeline:
             else:
                 self.problems.append(f"oat_sources.{provider}: expected a command string or "
                                      "{command, user_agent}")
-        self.store = MetadataStore(config.settings.metadata_ttl,
-                                   config.settings.metadata_max_entries)
-        self.sessions = SessionStore(config.settings.session_ttl, config.settings.max_sessions)
+        self.sessions = sessions if sessions is not None else \
+            SessionStore(config.settings.session_ttl, config.settings.max_sessions)
         self._model_source = model_source
         self._models: ModelTable | None = None
         self._models_loaded = False
@@ -2572,20 +3113,16 @@ class Pipeline:
             log.warning("%s", message)
 
     def context(self, data: dict, *, call_type: str = "anthropic_messages",
-                dry_run: bool = False, headers: Mapping[str, str] | None = None,
+                headers: Mapping[str, str] | None = None,
                 user_api_key_dict: Any = None) -> RequestContext:
         """The context for one request."""
-        hdrs = dict(headers) if headers is not None else request_headers(data)
-        path = "/v1/messages"
-        psr = data.get("proxy_server_request")
-        if isinstance(psr, dict) and isinstance(psr.get("url"), str):
-            path = psr["url"].split("://", 1)[-1].split("/", 1)[-1]
-            path = "/" + path.split("?", 1)[0]
-        ctx = RequestContext(pipeline=self, headers=hdrs, call_type=call_type, path=path,
+        hdrs = dict(headers) if headers is not None else client_headers(data)
+        ctx = RequestContext(pipeline=self, headers=hdrs, call_type=call_type,
+                             path=request_path(data),
                              session_id=parse_session(data.get("metadata"), hdrs),
                              agent_id=hdrs.get("x-claude-code-agent-id") or None,
-                             dry_run=dry_run, user_api_key_dict=user_api_key_dict)
-        if self.config.settings.sticky_turns and not dry_run and call_type != "count_tokens":
+                             user_api_key_dict=user_api_key_dict)
+        if self.config.settings.sticky_turns and call_type != "count_tokens":
             self.sessions.attach(ctx, data)
         else:
             ctx.continuation = is_continuation(data)
@@ -2622,9 +3159,9 @@ class Pipeline:
                 message = f"{step.__name__} failed: {type(exc).__name__}: {exc}"
                 ctx.hook_errors.append(message)
                 log.error("%s (skipped; the request goes on)", message)
-        if not settings.show_requested_model and ctx.decision is not None and not ctx.dry_run:
+        if not settings.show_requested_model and ctx.decision is not None:
             # LiteLLM answers with the requested model name unless told otherwise.
-            _metadata(data)["_complexity_router_return_raw_model_name"] = True
+            answer_with_upstream_model_name(data)
 
 
 def run_pipeline(pipeline: Pipeline, data: dict, **context: Any) -> tuple[dict, RequestContext]:
@@ -2633,160 +3170,14 @@ def run_pipeline(pipeline: Pipeline, data: dict, **context: Any) -> tuple[dict, 
     return pipeline.run(data, ctx), ctx
 
 
-@dataclasses.dataclass(slots=True)
-class ValidationReport:
-    """Every problem of a config: errors stop `start`, warnings do not."""
-
-    errors: list[str] = dataclasses.field(default_factory=list)
-    warnings: list[str] = dataclasses.field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        """True when there are no errors."""
-        return not self.errors
-
-
-# Claude Code's own tools: it lists them on every main turn, so matching one matches all turns.
-CLAUDE_CODE_TOOLS = frozenset({
-    "agent", "bash", "edit", "read", "write", "websearch", "webfetch", "notebookedit", "task",
-    "todowrite", "glob", "grep", "skill", "toolsearch", "workflow", "reportfindings"})
-CLAUDE_CODE_DEFAULT_EFFORTS = frozenset({"high", "medium"})
-
-
-def validate_config(config: Config, pipeline: Pipeline | None = None) -> ValidationReport:
-    """Check a config as `start` needs it; every problem with file:line where known."""
-    pipeline = pipeline or Pipeline(config)
-    report = ValidationReport(warnings=list(config.warnings))
-    for problem in pipeline.problems:
-        (report.warnings if " skipped: " in problem else report.errors).append(problem)
-    ccproblems = ConfigProblems(config.ccproxy_file, config.ccproxy_node)
-    lproblems = ConfigProblems(config.litellm_file, config.litellm_node)
-    table = ModelTable(config.model_list)
-    seen: dict[str, str] = {}
-    for i, spec in enumerate(config.settings.rules):
-        keys = ("ccproxy", "rules", i)
-        if spec.name in seen:
-            report.errors.append(f"{ccproblems.where(keys)}: rule name `{spec.name}` is used "
-                                 f"twice (first at {seen[spec.name]}); names must be unique")
-        seen.setdefault(spec.name, ccproblems.where(keys))
-        if spec.name not in table and not isinstance(pipeline_rule(pipeline, spec.name),
-                                                     DefaultRule):
-            report.warnings.append(f"{ccproblems.where(keys)}: rule `{spec.name}` has no "
-                                   f"model_list entry named `{spec.name}`; its requests fall "
-                                   "back to the default route")
-    if not config.settings.default_model_passthrough and "default" not in table:
-        report.errors.append(f"{ccproblems.where(('ccproxy', 'default_model_passthrough'))}: "
-                             "default_model_passthrough is false but model_list has no "
-                             "`default` entry; add one or turn passthrough on")
-    report.warnings += readable_secret_warnings(config)
-    for i, rule in enumerate(pipeline.rules):
-        warning = shadow_warning(rule)
-        if warning:
-            report.warnings.append(f"{ccproblems.where(('ccproxy', 'rules', i))}: {warning}")
-    for provider, source in pipeline.oauth.items():
-        where = ccproblems.where(("ccproxy", "oat_sources", provider))
-        syntax = shell_syntax_error(source.command)
-        if syntax:
-            report.errors.append(f"{where}: oat_sources.{provider}: the command is not valid "
-                                 f"shell: {syntax}")
-        if not known_provider(provider):
-            report.errors.append(f"{where}: oat_sources.{provider}: LiteLLM knows no provider "
-                                 f"`{provider}`{_did_you_mean(provider, _provider_names())}")
-    if unprotected_bind(config):
-        report.errors.append(f"{ccproblems.where(('litellm', 'host'))}: host {config.host} is "
-                             "reachable from other machines but no proxy key is set; set "
-                             "`ccproxy.proxy_key: true` or bind to 127.0.0.1")
-    models = config.litellm.get("model_list")
-    if not models:
-        report.warnings.append(f"{lproblems.where(('model_list',))}: model_list is empty: "
-                               "LiteLLM has no model to send requests to")
-    if models is not None and not isinstance(models, list):
-        report.errors.append(f"{lproblems.where(('model_list',))}: model_list must be a list")
-    for i, dep in enumerate(models if isinstance(models, list) else []):
-        if not isinstance(dep, dict) or not isinstance(dep.get("model_name"), str) \
-                or not isinstance(_litellm_params(dep).get("model"), str):
-            report.errors.append(f"{lproblems.where(('model_list', i))}: a model_list entry "
-                                 "needs model_name and litellm_params.model")
-    return report
-
-
-def readable_secret_warnings(config: Config) -> list[str]:
-    """A config file that holds a literal key (not `os.environ/...`) but others may read."""
-    literal = any(isinstance(v, str) and v and not v.startswith("os.environ/")
-                  for dep in config.model_list for k, v in _litellm_params(dep).items()
-                  if k in ("api_key", "aws_secret_access_key", "vertex_credentials"))
-    out = []
-    for path in config.files if literal else ():
-        try:
-            mode = path.stat().st_mode & 0o777
-        except OSError:
-            continue
-        if mode & 0o077:
-            out.append(f"{path}: holds a literal api_key but others can read it (mode "
-                       f"{mode:o}); run: chmod 600 {path}")
-    return out
-
-
-def pipeline_rule(pipeline: Pipeline, name: str) -> Any:
-    """The built rule with this name, if any."""
-    return next((r for r in pipeline.rules if getattr(r, "name", None) == name), None)
-
-
-def shadow_warning(rule: Any) -> str | None:
-    """Why a rule would match every Claude Code turn (and hide the rules after it)."""
-    if isinstance(rule, MatchToolRule) and any(rule.tool_name in t for t in CLAUDE_CODE_TOOLS):
-        hint = " (for web search use WebSearchRule)" if "web" in rule.tool_name else ""
-        return (f"MatchToolRule({rule.tool_name}) matches every Claude Code main turn: Claude "
-                f"Code lists that tool on every request{hint}")
-    if isinstance(rule, ThinkingRule):
-        if "adaptive" in rule.types:
-            return ("ThinkingRule with types [adaptive] matches every Claude Code main turn "
-                    "(Claude Code sends adaptive thinking on every request)")
-        common = CLAUDE_CODE_DEFAULT_EFFORTS.intersection(rule.effort)
-        if common:
-            return (f"ThinkingRule effort {'/'.join(sorted(common))} matches every Claude Code "
-                    "main turn (its defaults: high in 2.1.197, medium in 2.1.332)")
-    if isinstance(rule, TokenCountRule) and rule.threshold < CLAUDE_CODE_BASELINE_TOKENS:
-        return (f"TokenCountRule threshold {rule.threshold:,} is below Claude Code's baseline "
-                f"of about {CLAUDE_CODE_BASELINE_TOKENS:,} tokens (system prompt and tools), "
-                "so it matches every main turn")
-    return None
-
-
-def shell_syntax_error(command: str) -> str | None:
-    """`bash -n` on a command: the first error line, or None (nothing is executed)."""
-    import shutil
-    import subprocess
-
-    shell = shutil.which("bash") or "/bin/sh"
-    try:
-        done = subprocess.run([shell, "-n", "-c", command], capture_output=True, text=True,
-                              timeout=5)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"could not check ({exc})"
-    if done.returncode == 0:
-        return None
-    return next((ln.strip() for ln in done.stderr.splitlines() if ln.strip()), "syntax error")
-
-
-def _provider_names() -> list[str]:
-    try:
-        return [str(getattr(p, "value", p)) for p in import_litellm().provider_list]
-    except ImportError:
-        return []
-
-
-def known_provider(provider: str) -> bool:
-    """True if LiteLLM knows the provider name (or LiteLLM is not installed to ask)."""
-    names = _provider_names()
-    return not names or provider in names
-
-
 def route_request(request: dict, config: Config | None = None,
-                  headers: Mapping[str, str] | None = None) -> RequestContext:
-    """Decide where a request would go without changing it (what `explain` shows)."""
-    pipeline = Pipeline(config or load_config())
-    _data, ctx = run_pipeline(pipeline, request, dry_run=True, headers=headers or {})
+                  headers: Mapping[str, str] | None = None,
+                  sessions: SessionStore | None = None) -> RequestContext:
+    """Decide where a request would go, as the proxy would (what `explain` shows): the same
+    pipeline on a deep copy of the request, against a copy of some session state (e.g. a
+    live session's, see SessionStore.load) or none; the request itself is left as it was."""
+    pipeline = Pipeline(config or load_config(), sessions=sessions)
+    _data, ctx = run_pipeline(pipeline, copy.deepcopy(request), headers=headers or {})
     return ctx
 
 
@@ -2795,9 +3186,6 @@ def route_request(request: dict, config: Config | None = None,
 # the context, runs the pipeline and records outcomes. No routing logic of its own.
 
 ROUTED_CALL_TYPES = frozenset({"anthropic_messages", "completion", "acompletion"})
-HEALTH_CHECK_KEY = "litellm-internal-health-check"
-THINKING_PASSTHROUGH = {"supports_adaptive_thinking": True, "supports_legacy_thinking": True,
-                        "thinking_always_on": False, "litellm_provider": "anthropic"}
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -2821,14 +3209,6 @@ def setup_logging(debug: bool = False) -> None:
         log.addHandler(handler_)
         log.propagate = False
     log.setLevel(logging.DEBUG if debug else logging.INFO)
-
-
-def _live_model_list() -> list | None:
-    """The running LiteLLM router's model_list, or None before the router exists."""
-    proxy_server = sys.modules.get("litellm.proxy.proxy_server")
-    router = getattr(proxy_server, "llm_router", None) if proxy_server else None
-    models = getattr(router, "model_list", None) if router is not None else None
-    return list(models) if isinstance(models, list) and models else None
 
 
 class Stats:
@@ -2856,317 +3236,365 @@ class Stats:
                     "token_cache": {"hits": TOKENS.hits, "misses": TOKENS.misses}}
 
 
+class Handler:
+    """ccproxy inside a LiteLLM proxy: runs the pipeline for each request, watches the
+    answers (thinking signatures, usage), counts outcomes and serves ccproxy's routes.
+
+    LiteLLM talks to it through CCProxyHandler, a few lines below. `__init__` only reads the
+    config and builds; `start()` does the I/O: logging, the LiteLLM contact checks and
+    globals, OAuth commands, the background thread, the guard and the routes.
+    """
+
+    def __init__(self, config_dir: str | os.PathLike | None = None,
+                 config: Config | None = None) -> None:
+        self.config_error: str | None = None
+        if config is None:
+            try:
+                config = load_config(config_dir)
+            except ConfigError as exc:
+                self.config_error = str(exc)
+                config = Config(settings=Settings(), litellm={})
+        self.config = config
+        self.pipeline = Pipeline(config, model_source=live_model_list)
+        self.stats = Stats()
+        self.missing: list[str] = []        # LiteLLM contact points not found at start
+        self.guarded = False
+        self._thinking_registered: set[str] = set()
+        self._http: Any = None
+        self._started = False
+
+    # -- start ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Do what loading ccproxy into a proxy needs, once."""
+        if self._started:
+            return
+        self._started = True
+        config = self.config
+        setup_logging(config.settings.debug)
+        if self.config_error:
+            log.error("config error, routing disabled (every request passes through): %s",
+                      self.config_error.replace("\n", " "))
+        for problem in self.pipeline.problems:
+            log.error("%s", problem)
+        for warning in config.warnings:
+            log.warning("%s", warning)
+        for contact, ok in check_contacts():
+            if not ok:
+                self.missing.append(contact.name)
+                log.error("LiteLLM %s: %s not found (checked on %s); without it: %s",
+                          litellm_version(), contact.relies_on, LITELLM_CHECKED, contact.breaks)
+        if config.settings.openai_chat_completions:
+            use_chat_completions_for_openai()
+        for dep in config.model_list:
+            params = _litellm_params(dep)
+            if isinstance(params.get("model"), str) and "*" not in params["model"]:
+                self.keep_thinking(params["model"], params)
+        files = ", ".join(str(f) for f in config.files) or "built-in defaults"
+        log.info("ccproxy %s loaded: %d rules (%s), hooks: %s; config: %s", __version__,
+                 len(self.pipeline.rules),
+                 ", ".join(getattr(r, "name", "?") for r in self.pipeline.rules) or "none",
+                 ", ".join(n for n, _f, _p in self.pipeline.hooks) or "none", files)
+        load_oauth_sources(self.pipeline, required=config.settings.oauth_required)
+        BACKGROUND.start(self.pipeline)
+        app = proxy_app()
+        if app is not None and not getattr(app.state, "ccproxy", False):
+            app.state.ccproxy = True
+            self.guarded = wrap_app(app, RequestGuard, policy=AccessPolicy.from_config(config))
+            if not self.guarded:
+                log.error("cannot guard the proxy: browser requests and the proxy key are "
+                          "NOT checked by ccproxy")
+            add_routes(app, self.routes())
+
+    def keep_thinking(self, upstream: str, params: Mapping[str, Any] | None = None) -> None:
+        """Make LiteLLM pass `thinking` and `output_config` to an Anthropic model as sent
+        (see keep_thinking_as_sent); once per model name."""
+        if not self.config.settings.preserve_thinking or upstream in self._thinking_registered:
+            return
+        self._thinking_registered.add(upstream)
+        if provider_of(params or {"model": upstream}) == "anthropic" \
+                and keep_thinking_as_sent(model_name(upstream)):
+            log.debug("thinking and effort pass through unchanged for %s", upstream)
+
+    # -- requests -------------------------------------------------------------------------
+    def pre_call(self, data: Any, call_type: str, user_api_key_dict: Any = None) -> Any:
+        """Route one request (LiteLLM calls this before choosing a deployment)."""
+        if call_type not in ROUTED_CALL_TYPES or not isinstance(data, dict):
+            return data
+        started = time.perf_counter()
+        data, ctx = run_pipeline(self.pipeline, data, call_type=call_type,
+                                 user_api_key_dict=user_api_key_dict)
+        decision = ctx.decision
+        if decision is not None and decision.provider == "anthropic":
+            self.keep_thinking(decision.upstream)
+        elapsed = (time.perf_counter() - started) * 1000
+        with self.stats.lock:
+            self.stats.routes[decision.label if decision else "unrouted"] += 1
+            self.stats.hook_errors += len(ctx.hook_errors)
+            self.stats.hook_ms_total += elapsed
+        if decision is not None:
+            log.info("route %s: %s -> %s%s%s", decision.label, decision.requested_model,
+                     decision.model if decision.model == decision.upstream
+                     else f"{decision.model} ({decision.upstream})",
+                     " [passthrough]" if decision.passthrough else "",
+                     f" session={ctx.session_id[:8]}" if ctx.session_id else "")
+            if log.isEnabledFor(logging.DEBUG):
+                for name, desc, verdict in ctx.verdicts:
+                    log.debug("  %s %s: %s%s", name, desc,
+                              "match" if verdict.matched else "no match",
+                              f" ({verdict.fact})" if verdict.fact else "")
+                log.debug("  hooks %.2f ms; auth: %s", elapsed, "; ".join(ctx.auth) or "-")
+        return data
+
+    def response_headers(self, data: Mapping[str, Any]) -> dict:
+        """Tell the client where its request went (x-ccproxy-* response headers)."""
+        decision = routing_metadata(data)
+        if "label" not in decision:
+            return {}
+        return {"x-ccproxy-rule": str(decision["label"]),
+                "x-ccproxy-model": str(decision.get("upstream") or decision.get("model"))}
+
+    def _record_signatures(self, request_data: Mapping[str, Any], decision: dict,
+                           signatures: Iterable[str]) -> None:
+        headers = client_headers(request_data)
+        session = parse_session(request_data.get("metadata"), headers)
+        agent = headers.get("x-claude-code-agent-id") or None
+        producer = model_name(str(decision.get("upstream", "")))
+        for signature in signatures:
+            self.pipeline.sessions.record_signature(session, agent, signature, producer)
+
+    def on_success(self, data: Mapping[str, Any], response: Any) -> Any:
+        """A JSON answer: note who signed its thinking blocks; fill in zero usage."""
+        decision = routing_metadata(data)
+        if not decision or not isinstance(response, dict):
+            return response
+        content = response.get("content")
+        if isinstance(content, list):
+            self._record_signatures(data, decision,
+                                    filter(None, map(thinking_signature, content)))
+        usage = response.get("usage")
+        if isinstance(usage, dict) and not usage.get("input_tokens") \
+                and decision.get("input_tokens"):
+            usage["input_tokens"] = decision["input_tokens"]
+        return response
+
+    async def stream(self, response: Any, request_data: Mapping[str, Any]) -> Any:
+        """An SSE answer, passed through as it comes: note who signed its thinking blocks;
+        fill a zero input_tokens in message_start for translated routes."""
+        decision = routing_metadata(request_data)
+        if not decision:
+            async for chunk in response:
+                yield chunk
+            return
+        fill = decision.get("input_tokens") if decision.get("provider") != "anthropic" \
+            else None
+        watcher = SSEWatcher()
+        held = fill is not None    # hold bytes until message_start is complete
+        async for chunk in response:
+            raw = chunk if isinstance(chunk, bytes) else str(chunk).encode()
+            frames = watcher.feed(raw)
+            if not held:
+                yield chunk
+                continue
+            if not frames:
+                continue
+            out = [with_input_tokens(f, fill) if b"message_start" in f else f for f in frames]
+            held = False
+            yield b"".join(out) + watcher.pending
+        if held and watcher.pending:
+            yield watcher.pending
+        if watcher.signatures:
+            self._record_signatures(request_data, decision, watcher.signatures)
+
+    async def on_upstream_failure(self, request_data: Mapping[str, Any],
+                                  exception: BaseException) -> None:
+        """An upstream 401 for a token from oat_sources: get a fresh one now. LiteLLM awaits
+        this after each failed upstream attempt, so the refresh is done before the retry."""
+        if getattr(exception, "status_code", None) != 401:
+            return
+        provider = routing_metadata(request_data).get("oauth_provider")
+        source = self.pipeline.oauth.get(provider) if provider else None
+        if source is None:
+            return
+        import asyncio
+
+        ok = await asyncio.to_thread(source.refresh_after_401,
+                                     self.config.settings.oauth_timeout)
+        slot = _OAUTH_RETRY.get()
+        if ok and slot is not None:
+            slot["retry"] = True
+        log.warning("upstream answered 401 for the oauth token of %s; %s", provider,
+                    "fetched a fresh one" if ok else f"refreshing failed ({source.problem})")
+
+    def record_failure(self, kwargs: Mapping[str, Any]) -> None:
+        """Count a failed request against the route it took (health checks aside)."""
+        if not is_health_check(kwargs):
+            label = routing_metadata(kwargs).get("label", "unrouted")
+            with self.stats.lock:
+                self.stats.failures[label] += 1
+
+    # -- ccproxy's routes -----------------------------------------------------------------
+    def routes(self) -> list[tuple[str, Callable[..., Any], str, bool]]:
+        """ccproxy's routes in the proxy: (path, endpoint, method, authenticated)."""
+        routes = [(HEALTH_PATH, self._health_route, "GET", False),
+                  (SESSION_PATH + "/{session_id}", self._session_route, "GET", False)]
+        if self.config.settings.route_count_tokens:     # LiteLLM runs no hook for it
+            routes.append(("/v1/messages/count_tokens", self._count_tokens_route, "POST", True))
+        if self.pipeline.oauth:
+            routes.append(("/v1/messages", self._messages_route, "POST", True))
+        return routes
+
+    async def _health_route(self, request: Any, response: Any, key: Any) -> Any:
+        return json_response(self.health())
+
+    async def _session_route(self, request: Any, response: Any, key: Any) -> Any:
+        session_id = request.path_params.get("session_id", "")
+        if request.query_params.get("state"):
+            state = self.pipeline.sessions.export(session_id)
+            return json_response(state, 200 if state["states"] else 404)
+        found = self.pipeline.sessions.find(session_id)
+        return json_response(found or {"error": "unknown session"}, 200 if found else 404)
+
+    async def _count_tokens_route(self, request: Any, response: Any, key: Any) -> Any:
+        body = await parsed_json_body(request)
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            return json_response({"type": "error", "error": {
+                "type": "invalid_request_error",
+                "message": "body must be a JSON object with model and messages"}}, 400)
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        status, answer = await self.count_tokens(body, headers, request.url.query)
+        return json_response(answer, status)
+
+    async def _messages_route(self, request: Any, response: Any, key: Any) -> Any:
+        # An upstream 401 for a token from oat_sources: the failure hook has fetched a fresh
+        # token by the time LiteLLM's endpoint returns; send the same request once more.
+        slot = {"retry": False}
+        token = _OAUTH_RETRY.set(slot)
+        try:
+            result = await litellm_messages_endpoint(request, response, key)
+            if slot["retry"] and getattr(result, "status_code", 200) == 401:
+                log.info("retrying the request once with the fresh oauth token")
+                slot["retry"] = False
+                result = await litellm_messages_endpoint(request, response, key)
+            return result
+        finally:
+            _OAUTH_RETRY.reset(token)
+
+    async def count_tokens(self, body: dict, headers: Mapping[str, str],
+                           query: str = "") -> tuple[int, dict]:
+        """Answer /v1/messages/count_tokens for the route the rules pick: the Anthropic
+        upstream's own count (with the same auth a message would get), or the offline
+        tokenizer's count of the whole request for any other provider."""
+        data, ctx = run_pipeline(self.pipeline, dict(body), call_type="count_tokens",
+                                 headers=headers)
+        decision = ctx.decision
+        with self.stats.lock:
+            self.stats.counts[decision.label if decision else "unrouted"] += 1
+        if decision is not None and decision.provider == "anthropic":
+            group = self.pipeline.models().group(decision.model)
+            params = _litellm_params(group[0]) if group else {}
+            upstream_model = model_name(decision.upstream)
+            log.info("count_tokens %s: %s -> %s (upstream count)", decision.label,
+                     decision.requested_model, upstream_model)
+            return await self._anthropic_count(dict(body, model=upstream_model), params,
+                                               data, headers, query)
+        count = TOKENS.count_request(body)[0]
+        log.info("count_tokens %s: %s -> %s (local count %d)",
+                 decision.label if decision else "-", body.get("model"),
+                 decision.upstream if decision else "-", count)
+        return 200, {"input_tokens": count}
+
+    async def _anthropic_count(self, body: dict, params: Mapping[str, Any], data: dict,
+                               headers: Mapping[str, str], query: str) -> tuple[int, dict]:
+        import httpx
+
+        base = str(params.get("api_base") or os.environ.get("ANTHROPIC_API_BASE")
+                   or "https://api.anthropic.com").rstrip("/")
+        base = base[:-3] if base.endswith("/v1") else base
+        out = {"content-type": "application/json",
+               "anthropic-version": headers.get("anthropic-version", "2023-06-01")}
+        if headers.get("anthropic-beta"):
+            out["anthropic-beta"] = headers["anthropic-beta"]
+        forwarded = {k: v for k, v in provider_headers(data, "anthropic").items() if v}
+        if "authorization" in forwarded:      # one credential upstream, never two
+            forwarded.pop("x-api-key", None)
+        if not any(k in forwarded for k in ("authorization", "x-api-key")):
+            key = _secret(params.get("api_key")) or os.environ.get("ANTHROPIC_API_KEY")
+            if key:
+                forwarded["x-api-key"] = key
+        out.update(forwarded)
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=60.0)
+        url = f"{base}/v1/messages/count_tokens" + (f"?{query}" if query else "")
+        try:
+            resp = await self._http.post(url, json=body, headers=out)
+        except httpx.HTTPError as exc:
+            return 502, {"type": "error", "error": {
+                "type": "api_error", "message": f"count_tokens upstream failed: {exc}"}}
+        try:
+            answer = resp.json()
+        except ValueError:
+            answer = {"type": "error", "error": {"type": "api_error",
+                                                 "message": resp.text[:200]}}
+        return resp.status_code, answer
+
+    def health(self) -> dict:
+        """ccproxy's live figures for GET /ccproxy/health and `status` (no secrets)."""
+        report = self.stats.snapshot()
+        report.update(status="ok" if not self.missing else "degraded", version=__version__,
+                      instance=os.environ.get(INSTANCE_ENV, ""), guarded=self.guarded,
+                      litellm=litellm_version(), missing=self.missing,
+                      rules=[getattr(r, "name", "?") for r in self.pipeline.rules],
+                      config_error=self.config_error,
+                      sessions=self.pipeline.sessions.totals(),
+                      oauth={p: ("ok" if s.token else (s.error or "not loaded"))
+                             for p, s in self.pipeline.oauth.items()})
+        return report
+
+
 def _make_handler_class() -> type:
-    """Build CCProxyHandler on LiteLLM's CustomLogger (imported here: it costs seconds)."""
-    import_litellm()
-    from litellm.integrations.custom_logger import CustomLogger
+    """CCProxyHandler: LiteLLM's CustomLogger around a Handler. LiteLLM runs a hook only when
+    it is defined on the callback's own class, so each is spelled out here."""
 
-    class CCProxyHandler(CustomLogger):
-        """LiteLLM callback: routes each request with ccproxy's pipeline.
+    base: Any = custom_logger_base()
 
-        LiteLLM calls `async_pre_call_hook` only when it is defined on the instance's own
-        class, so subclasses must not rely on inheriting it without redefining it.
-        """
+    class CCProxyHandler(base):
+        """The LiteLLM callback (`ccproxy.handler`): every hook hands over to `self.core`."""
 
         def __init__(self, config_dir: str | os.PathLike | None = None,
                      config: Config | None = None) -> None:
             super().__init__()
-            self.config_error: str | None = None
-            if config is None:
-                try:
-                    config = load_config(config_dir)
-                except ConfigError as exc:
-                    self.config_error = str(exc)
-                    config = Config(settings=Settings(), litellm={})
-            setup_logging(config.settings.debug)
-            if self.config_error:
-                log.error("config error, routing disabled (every request passes through): %s",
-                          self.config_error.replace("\n", " "))
-            self.config = config
-            self.pipeline = Pipeline(config, model_source=_live_model_list)
-            for problem in self.pipeline.problems:
-                log.error("%s", problem)
-            for warning in config.warnings:
-                log.warning("%s", warning)
-            self.stats = Stats()
-            self._thinking_registered: set[str] = set()
-            self._apply_litellm_settings()
-            files = ", ".join(str(f) for f in config.files) or "built-in defaults"
-            log.info("ccproxy %s loaded: %d rules (%s), hooks: %s; config: %s", __version__,
-                     len(self.pipeline.rules),
-                     ", ".join(getattr(r, "name", "?") for r in self.pipeline.rules) or "none",
-                     ", ".join(n for n, _f, _p in self.pipeline.hooks) or "none", files)
-            load_oauth_sources(self.pipeline, required=config.settings.oauth_required)
-            BACKGROUND.start(self.pipeline)
-            self._http: Any = None
-            self.guarded = False
-            install_routes(self)
+            self.core = Handler(config_dir, config)
+            self.core.start()
 
-        async def count_tokens(self, body: dict, headers: Mapping[str, str],
-                               query: str = "") -> tuple[int, dict]:
-            """Answer /v1/messages/count_tokens for the route the rules pick: the Anthropic
-            upstream's own count (with the same auth a message would get), or the offline
-            tokenizer's count of the whole request for any other provider."""
-            data, ctx = run_pipeline(self.pipeline, dict(body), call_type="count_tokens",
-                                     headers=headers)
-            decision = ctx.decision
-            with self.stats.lock:
-                self.stats.counts[decision.label if decision else "unrouted"] += 1
-            if decision is not None and decision.provider == "anthropic":
-                group = self.pipeline.models().group(decision.model)
-                params = _litellm_params(group[0]) if group else {}
-                upstream_model = decision.upstream.split("/", 1)[-1]
-                log.info("count_tokens %s: %s -> %s (upstream count)", decision.label,
-                         decision.requested_model, upstream_model)
-                return await self._anthropic_count(dict(body, model=upstream_model), params,
-                                                   data, headers, query)
-            count = TOKENS.count_request(body)[0]
-            log.info("count_tokens %s: %s -> %s (local count %d)",
-                     decision.label if decision else "-", body.get("model"),
-                     decision.upstream if decision else "-", count)
-            return 200, {"input_tokens": count}
-
-        async def _anthropic_count(self, body: dict, params: Mapping[str, Any], data: dict,
-                                   headers: Mapping[str, str], query: str) -> tuple[int, dict]:
-            import httpx
-
-            base = str(params.get("api_base") or os.environ.get("ANTHROPIC_API_BASE")
-                       or "https://api.anthropic.com").rstrip("/")
-            base = base[:-3] if base.endswith("/v1") else base
-            out = {"content-type": "application/json",
-                   "anthropic-version": headers.get("anthropic-version", "2023-06-01")}
-            if headers.get("anthropic-beta"):
-                out["anthropic-beta"] = headers["anthropic-beta"]
-            forwarded = {k: v for k, v in provider_headers(data, "anthropic").items() if v}
-            if "authorization" in forwarded:      # one credential upstream, never two
-                forwarded.pop("x-api-key", None)
-            if not any(k in forwarded for k in ("authorization", "x-api-key")):
-                key = _secret(params.get("api_key")) or os.environ.get("ANTHROPIC_API_KEY")
-                if key:
-                    forwarded["x-api-key"] = key
-            out.update(forwarded)
-            if self._http is None:
-                self._http = httpx.AsyncClient(timeout=60.0)
-            url = f"{base}/v1/messages/count_tokens" + (f"?{query}" if query else "")
-            try:
-                resp = await self._http.post(url, json=body, headers=out)
-            except httpx.HTTPError as exc:
-                return 502, {"type": "error", "error": {
-                    "type": "api_error", "message": f"count_tokens upstream failed: {exc}"}}
-            try:
-                answer = resp.json()
-            except ValueError:
-                answer = {"type": "error", "error": {"type": "api_error",
-                                                     "message": resp.text[:200]}}
-            return resp.status_code, answer
-
-        def health(self) -> dict:
-            """ccproxy's live figures for GET /ccproxy/health and `status`."""
-            report = self.stats.snapshot()
-            report.update(status="ok", version=__version__,
-                          instance=os.environ.get(INSTANCE_ENV, ""), guarded=self.guarded,
-                          rules=[getattr(r, "name", "?") for r in self.pipeline.rules],
-                          config_error=self.config_error,
-                          metadata_entries=len(self.pipeline.store),
-                          sessions=self.pipeline.sessions.totals(),
-                          oauth={p: ("ok" if s.token else (s.error or "not loaded"))
-                                 for p, s in self.pipeline.oauth.items()})
-            return report
-
-        def _apply_litellm_settings(self) -> None:
-            litellm = import_litellm()
-
-            if self.config.settings.openai_chat_completions:
-                # An `openai/` deployment reached from /v1/messages is otherwise called on the
-                # Responses API, which OpenAI-compatible servers rarely serve (LiteLLM 1.108,
-                # llms/anthropic/pass_through/messages/handler.py _should_route_to_responses_api).
-                litellm.use_chat_completions_url_for_anthropic_messages = True
-            for dep in self.config.model_list:
-                params = _litellm_params(dep)
-                model = params.get("model")
-                if isinstance(model, str) and "*" not in model:
-                    self.keep_thinking(model, params)
-
-        def keep_thinking(self, upstream: str, params: Mapping[str, Any] | None = None) -> None:
-            """Make LiteLLM pass `thinking` and `output_config` to an Anthropic model as sent.
-
-            LiteLLM rewrites or drops them from the model's capabilities in its cost map,
-            after every hook (llms/anthropic/pass_through/messages/transformation.py); a model
-            it does not know loses adaptive thinking and effort. Registered once per name.
-            """
-            if not self.config.settings.preserve_thinking or upstream in self._thinking_registered:
-                return
-            self._thinking_registered.add(upstream)
-            if provider_of(params or {"model": upstream}) != "anthropic":
-                return
-            litellm = import_litellm()
-
-            name = upstream.split("/", 1)[1] if upstream.startswith("anthropic/") else upstream
-            current = litellm.model_cost.get(name) or {}
-            if all(current.get(k) == v for k, v in THINKING_PASSTHROUGH.items()):
-                return
-            litellm.register_model({name: dict(THINKING_PASSTHROUGH)})
-            log.debug("thinking and effort pass through unchanged for %s", name)
-
-        async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any, data: dict,
-                                      call_type: str) -> dict:
-            """Route one request (LiteLLM calls this before choosing a deployment)."""
-            if call_type not in ROUTED_CALL_TYPES or not isinstance(data, dict):
-                return data
-            started = time.perf_counter()
-            data, ctx = run_pipeline(self.pipeline, data, call_type=call_type,
-                                     user_api_key_dict=user_api_key_dict)
-            decision = ctx.decision
-            if decision is not None and decision.provider == "anthropic":
-                self.keep_thinking(decision.upstream)
-            elapsed = (time.perf_counter() - started) * 1000
-            with self.stats.lock:
-                self.stats.routes[decision.label if decision else "unrouted"] += 1
-                self.stats.hook_errors += len(ctx.hook_errors)
-                self.stats.hook_ms_total += elapsed
-            if decision is not None:
-                log.info("route %s: %s -> %s%s%s", decision.label, decision.requested_model,
-                         decision.model if decision.model == decision.upstream
-                         else f"{decision.model} ({decision.upstream})",
-                         " [passthrough]" if decision.passthrough else "",
-                         f" session={ctx.session_id[:8]}" if ctx.session_id else "")
-                if log.isEnabledFor(logging.DEBUG):
-                    for name, desc, verdict in ctx.verdicts:
-                        log.debug("  %s %s: %s%s", name, desc,
-                                  "match" if verdict.matched else "no match",
-                                  f" ({verdict.fact})" if verdict.fact else "")
-                    log.debug("  hooks %.2f ms; auth: %s", elapsed, "; ".join(ctx.auth) or "-")
-            return data
+        async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any, data: Any,
+                                      call_type: str) -> Any:
+            return self.core.pre_call(data, call_type, user_api_key_dict)
 
         async def async_post_call_response_headers_hook(self, data: dict, user_api_key_dict: Any,
-                                                        response: Any,
-                                                        request_headers: Any = None,
-                                                        litellm_call_info: Any = None) -> dict:
-            """Tell the client where its request went (x-ccproxy-* response headers)."""
-            meta = data.get("litellm_metadata") or data.get("metadata") or {}
-            decision = meta.get(METADATA_KEY) if isinstance(meta, dict) else None
-            if not isinstance(decision, dict) or "label" not in decision:
-                return {}
-            return {"x-ccproxy-rule": str(decision["label"]),
-                    "x-ccproxy-model": str(decision.get("upstream") or decision.get("model"))}
-
-        def _decision_of(self, request_data: Mapping[str, Any]) -> dict:
-            meta = request_data.get("litellm_metadata") or request_data.get("metadata") or {}
-            decision = meta.get(METADATA_KEY) if isinstance(meta, Mapping) else None
-            return decision if isinstance(decision, dict) else {}
-
-        def _record_signatures(self, request_data: Mapping[str, Any], decision: dict,
-                               signatures: Iterable[str]) -> None:
-            headers = request_headers(request_data)
-            session = parse_session(request_data.get("metadata"), headers)
-            agent = headers.get("x-claude-code-agent-id") or None
-            producer = model_name(str(decision.get("upstream", "")))
-            for signature in signatures:
-                self.pipeline.sessions.record_signature(session, agent, signature, producer)
+                                                        response: Any, *args: Any,
+                                                        **kwargs: Any) -> dict:
+            return self.core.response_headers(data)
 
         async def async_post_call_success_hook(self, data: dict, user_api_key_dict: Any,
                                                response: Any) -> Any:
-            """A JSON answer: note who signed its thinking blocks; fill in zero usage."""
-            decision = self._decision_of(data)
-            if not decision or not isinstance(response, dict):
-                return response
-            content = response.get("content")
-            if isinstance(content, list):
-                self._record_signatures(data, decision,
-                                        filter(None, map(thinking_signature, content)))
-            usage = response.get("usage")
-            if isinstance(usage, dict) and not usage.get("input_tokens") \
-                    and decision.get("input_tokens"):
-                usage["input_tokens"] = decision["input_tokens"]
-            return response
+            return self.core.on_success(data, response)
 
         async def async_post_call_streaming_iterator_hook(self, user_api_key_dict: Any,
                                                           response: Any,
                                                           request_data: dict) -> Any:
-            """An SSE answer, passed through as it comes: note who signed its thinking
-            blocks; fill a zero input_tokens in message_start for translated routes."""
-            decision = self._decision_of(request_data)
-            if not decision:
-                async for chunk in response:
-                    yield chunk
-                return
-            fill = decision.get("input_tokens") if decision.get("provider") != "anthropic" \
-                else None
-            watcher = SSEWatcher()
-            held = fill is not None    # hold bytes until message_start is complete
-            async for chunk in response:
-                raw = chunk if isinstance(chunk, bytes) else str(chunk).encode()
-                frames = watcher.feed(raw)
-                if not held:
-                    yield chunk
-                    continue
-                if not frames:
-                    continue
-                out = [with_input_tokens(f, fill) if b"message_start" in f else f
-                       for f in frames]
-                held = False
-                yield b"".join(out) + watcher.pending
-            if held and watcher.pending:
-                yield watcher.pending
-            if watcher.signatures:
-                self._record_signatures(request_data, decision, watcher.signatures)
+            async for chunk in self.core.stream(response, request_data):
+                yield chunk
 
-        def _outcome(self, kwargs: dict, failed: bool) -> None:
-            params = kwargs.get("litellm_params") or {}
-            meta = params.get("metadata") or {}
-            if meta.get("user_api_key_alias") == HEALTH_CHECK_KEY \
-                    or HEALTH_CHECK_KEY in (meta.get("tags") or []):
-                return
-            decision = self.pipeline.store.pop(kwargs.get("litellm_call_id"))
-            if failed:
-                label = decision.label if decision is not None else "unrouted"
-                with self.stats.lock:
-                    self.stats.failures[label] += 1
-
-        async def async_post_call_failure_deployment_hook(self, request_data: Mapping[str, Any],
-                                                          exception: Exception, call_type: Any,
-                                                          **kwargs: Any) -> None:
-            """An upstream 401 for a token from oat_sources: get a fresh one now.
-
-            LiteLLM awaits this after each failed upstream attempt, so the refresh is done
-            before the next request uses the token.
-            """
-            if getattr(exception, "status_code", None) != 401:
-                return
-            meta = request_data.get("litellm_metadata") or request_data.get("metadata") or {}
-            ours = meta.get(METADATA_KEY) if isinstance(meta, Mapping) else None
-            provider = ours.get("oauth_provider") if isinstance(ours, dict) else None
-            source = self.pipeline.oauth.get(provider) if provider else None
-            if source is None:
-                return
-            import asyncio
-
-            ok = await asyncio.to_thread(source.refresh_after_401,
-                                         self.config.settings.oauth_timeout)
-            slot = _OAUTH_RETRY.get()
-            if ok and slot is not None:
-                slot["retry"] = True
-            log.warning("upstream answered 401 for the oauth token of %s; %s", provider,
-                        "fetched a fresh one" if ok else f"refreshing failed ({source.problem})")
-
-        async def async_log_success_event(self, kwargs: dict, response_obj: Any,
-                                          start_time: Any, end_time: Any) -> None:
-            """Forget the finished request's stored decision."""
-            self._outcome(kwargs, failed=False)
+        async def async_post_call_failure_deployment_hook(self, request_data: Any,
+                                                          exception: Any, call_type: Any,
+                                                          *args: Any, **kwargs: Any) -> None:
+            await self.core.on_upstream_failure(request_data, exception)
 
         async def async_log_failure_event(self, kwargs: dict, response_obj: Any,
                                           start_time: Any, end_time: Any) -> None:
-            """Count the failure against the route that was taken."""
-            self._outcome(kwargs, failed=True)
+            self.core.record_failure(kwargs)
 
     return CCProxyHandler
-
-
-def _secret(value: Any) -> str | None:
-    """A config secret: a literal, or `os.environ/NAME` as LiteLLM writes it."""
-    if isinstance(value, str) and value.startswith("os.environ/"):
-        return os.environ.get(value.split("/", 1)[1]) or None
-    return value if isinstance(value, str) and value else None
 
 
 LIVENESS_PATHS = frozenset({"/health/liveliness", "/health/liveness"})
@@ -3304,106 +3732,6 @@ class RequestGuard:
         await send({"type": "http.response.body", "body": body})
 
 
-def install_guard(app: Any, policy: AccessPolicy) -> bool:
-    """Put RequestGuard in front of LiteLLM's app (outside its CORS middleware); True if done.
-
-    Starlette 1.x builds `app.middleware_stack` on the app's first ASGI call, which is the
-    lifespan start-up that loads this callback (LiteLLM 1.108.7); wrap the built stack then,
-    or register the guard as the outermost middleware while it is not built yet.
-    """
-    if getattr(app.state, "ccproxy_guard", False):
-        return True
-    if not hasattr(app, "middleware_stack"):
-        log.error("cannot guard the proxy (LiteLLM's app has no middleware_stack): browser "
-                  "requests and the proxy key are NOT checked by ccproxy")
-        return False
-    if app.middleware_stack is None:
-        app.add_middleware(RequestGuard, policy=policy)
-    else:
-        app.middleware_stack = RequestGuard(app.middleware_stack, policy)
-    app.state.ccproxy_guard = True
-    return True
-
-
-def install_routes(handler: Any) -> None:
-    """Add ccproxy's routes to the running LiteLLM proxy (no-op outside a proxy).
-
-    POST /v1/messages/count_tokens goes through the rules (LiteLLM runs no hook for it), and
-    GET /ccproxy/health reports ccproxy's figures. Inserted first so they win over LiteLLM's.
-    """
-    proxy_server = sys.modules.get("litellm.proxy.proxy_server")
-    app = getattr(proxy_server, "app", None)
-    if app is None:
-        return
-    handler.guarded = install_guard(app, AccessPolicy.from_config(handler.config))
-    if getattr(app.state, "ccproxy_routes", False):
-        return
-    from fastapi import Depends, Request, Response
-    from fastapi.responses import JSONResponse
-    from fastapi.routing import APIRoute
-    from litellm.proxy.auth.user_api_key_auth import user_api_key_auth
-
-    async def count_tokens_route(request, user_api_key_dict=Depends(user_api_key_auth)):
-        parsed = request.scope.get("parsed_body")
-        if isinstance(parsed, tuple) and len(parsed) == 2 and isinstance(parsed[1], dict):
-            body = dict(parsed[1])
-        else:
-            try:
-                body = json.loads(await request.body() or b"{}")
-            except ValueError:
-                body = None
-        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-            return JSONResponse({"type": "error", "error": {
-                "type": "invalid_request_error", "message": "body must be a JSON object with "
-                "model and messages"}}, status_code=400)
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        status, answer = await handler.count_tokens(body, headers, request.url.query)
-        return JSONResponse(answer, status_code=status)
-
-    async def health_route():
-        return JSONResponse(handler.health())
-
-    async def messages_route(fastapi_response, request,
-                             user_api_key_dict=Depends(user_api_key_auth)):
-        # An upstream 401 for a token from oat_sources: the failure hook has fetched a fresh
-        # token by the time LiteLLM's endpoint returns; send the same request once more.
-        from litellm.proxy.anthropic_endpoints import endpoints as anthropic_endpoints
-
-        slot = {"retry": False}
-        token = _OAUTH_RETRY.set(slot)
-        try:
-            result = await anthropic_endpoints.anthropic_response(fastapi_response, request,
-                                                                  user_api_key_dict)
-            if slot["retry"] and getattr(result, "status_code", 200) == 401:
-                log.info("retrying the request once with the fresh oauth token")
-                slot["retry"] = False
-                result = await anthropic_endpoints.anthropic_response(
-                    fastapi_response, request, user_api_key_dict)
-            return result
-        finally:
-            _OAUTH_RETRY.reset(token)
-
-    async def session_route(session_id: str):
-        found = handler.pipeline.sessions.find(session_id)
-        return JSONResponse(found if found else {"error": "unknown session"},
-                            status_code=200 if found else 404)
-
-    # FastAPI reads the parameter's annotation to inject the request; this module's
-    # annotations are strings (from __future__ import annotations), so give it the class.
-    count_tokens_route.__annotations__ = {"request": Request}
-    session_route.__annotations__ = {"session_id": str}
-    messages_route.__annotations__ = {"fastapi_response": Response, "request": Request}
-    if handler.pipeline.oauth:
-        app.router.routes.insert(0, APIRoute("/v1/messages", messages_route, methods=["POST"]))
-    if handler.config.settings.route_count_tokens:
-        app.router.routes.insert(0, APIRoute("/v1/messages/count_tokens", count_tokens_route,
-                                             methods=["POST"]))
-    app.router.routes.insert(0, APIRoute(HEALTH_PATH, health_route, methods=["GET"]))
-    app.router.routes.insert(0, APIRoute("/ccproxy/session/{session_id}", session_route,
-                                         methods=["GET"]))
-    app.state.ccproxy_routes = True
-
-
 def load_oauth_sources(pipeline: Pipeline, required: bool) -> list[str]:
     """Run every `oat_sources` command once; one warning per failing provider.
 
@@ -3467,7 +3795,7 @@ class Background:
         pipeline = self._pipeline
         if pipeline is None:
             return 60.0
-        return max(0.05, min(60.0, pipeline.config.settings.metadata_ttl / 2))
+        return max(0.05, min(60.0, pipeline.config.settings.session_ttl / 4))
 
     @staticmethod
     def retry_delay(source: OAuthSource, interval: float) -> float:
@@ -3483,8 +3811,7 @@ class Background:
             pipeline = self._pipeline
             if pipeline is None:
                 continue
-            self.swept += pipeline.store.sweep()
-            pipeline.sessions.sweep()
+            self.swept += pipeline.sessions.sweep()
             self.sweeps += 1
             self._refresh_oauth(pipeline, next_refresh)
 
@@ -3529,9 +3856,6 @@ PID_FILE = "ccproxy.pid"
 LOG_FILE = "ccproxy.log"
 LOCK_FILE = "ccproxy.lock"
 GENERATED_CONFIG = ".ccproxy-litellm.yaml"
-PROXY_MODULE = "litellm.proxy.proxy_cli"
-# LiteLLM refuses to start without a master key unless this is set (auth/master_key_boot_check.py)
-WEAK_KEY_PERMIT_ENV = "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY"
 
 
 @dataclasses.dataclass(slots=True, frozen=True)
@@ -4753,12 +5077,42 @@ def _read_request(source: str | None) -> tuple[dict, dict]:
     return data, {}
 
 
+def live_session_state(config: Config, directory: Path, session_id: str) -> SessionStore:
+    """A copy of a live session's routing state, from the running proxy of this config dir."""
+    state, _problem = PidFile(directory).read()
+    if state is None:
+        raise ProcessError(f"--session needs the running proxy (config dir {directory})",
+                           f"start it: {self_command(directory)} start --detach")
+    from urllib.parse import quote
+    status, body = http_get(f"{state.url}{SESSION_PATH}/{quote(session_id, safe='')}?state=1",
+                            timeout=5.0, headers=ccproxy_route_headers(config))
+    if status == 404:
+        raise UsageError(f"the proxy knows no session {session_id!r}",
+                         "`python ccproxy.py status` shows the proxy; the id is Claude Code's "
+                         "session id (its status line input, or the x-claude-code-session-id "
+                         "header)")
+    try:
+        exported = json.loads(body) if status == 200 else None
+    except ValueError:
+        exported = None
+    if not isinstance(exported, dict):
+        raise ProcessError(f"the proxy did not answer the session query ({status or 'no answer'})",
+                           f"check it: {self_command(directory)} status")
+    return SessionStore.load(exported)
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
-    """Show how the rules decide one request, without a proxy or network."""
+    """Show how the rules decide one request: the proxy's own pipeline on a copy of the
+    request, against a copy of a live session's state (--session) or none."""
     config = _config_for(args)
     body, headers = _read_request(args.request)
-    pipeline = Pipeline(config)
-    _data, ctx = run_pipeline(pipeline, body, dry_run=True, headers=headers)
+    sessions = live_session_state(config, _config_dir(args), args.session) \
+        if args.session else None
+    ctx = route_request(body, config, headers, sessions)
+    pipeline = ctx.pipeline
+    if args.session and ctx.session_id != args.session:
+        pipeline.problems.append(f"the request belongs to session {ctx.session_id!r}, not "
+                                 f"{args.session!r}: routed without that session's state")
     decision = ctx.decision
     result = {
         "requested_model": body.get("model"),
@@ -4800,7 +5154,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         report = ValidationReport(errors=errors)
         config = None
     else:
-        report = validate_config(config)
+        report = validate_config(config, Pipeline(config))
     if args.json:
         _print(json.dumps({"ok": report.ok, "errors": report.errors,
                            "warnings": report.warnings,
@@ -4928,6 +5282,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", parents=[common], help="show how a request would be routed")
     p.add_argument("request", nargs="?", help="request JSON file (default: stdin)")
+    p.add_argument("--session", metavar="ID",
+                   help="route against this live session's state (turn, sticky routes, "
+                        "thinking signatures) in the running proxy")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_explain)
 

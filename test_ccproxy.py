@@ -601,12 +601,12 @@ def test_ccproxy_py_beside_a_plain_litellm_config_uses_it(tmp_path):
 
 def test_bad_values_name_file_and_line(tmp_path):
     (tmp_path / "ccproxy.yaml").write_text(
-        "litellm:\n  port: 4000\nccproxy:\n  debug: yes-please\n  metadata_ttl: soon\n")
+        "litellm:\n  port: 4000\nccproxy:\n  debug: yes-please\n  session_ttl: soon\n")
     with pytest.raises(ccproxy.ConfigError) as err:
         ccproxy.load_config(tmp_path)
     text = str(err.value)
     assert f"{tmp_path / 'ccproxy.yaml'}:4: `debug` must be true or false" in text
-    assert ":5: `metadata_ttl` must be a non-negative number" in text
+    assert ":5: `session_ttl` must be a non-negative number" in text
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path):
@@ -816,7 +816,7 @@ def test_rules_never_raise_on_malformed_requests(body):
     for rule in rules:
         assert isinstance(ccproxy.rule_verdict(rule, body, None), ccproxy.Verdict)
     pipeline = ccproxy.Pipeline(ccproxy.default_config())
-    data, ctx = ccproxy.run_pipeline(pipeline, copy.deepcopy(body), dry_run=True, headers={})
+    data, ctx = ccproxy.run_pipeline(pipeline, copy.deepcopy(body), headers={})
     assert ctx.hook_errors == [] and ctx.decision is not None
 
 
@@ -849,7 +849,7 @@ def test_model_router_passthrough_and_missing_entry_fallback(caplog):
     config = ccproxy.default_config()
     pipeline = ccproxy.Pipeline(config)
     body, headers = cc_request("main")
-    _d, ctx = ccproxy.run_pipeline(pipeline, body, dry_run=True, headers=headers)
+    _d, ctx = ccproxy.run_pipeline(pipeline, body, headers=headers)
     assert (ctx.decision.label, ctx.decision.passthrough, ctx.decision.upstream) == \
         ("default", True, "anthropic/claude-opus-5-5")
     # a rule whose label has no model_list entry falls back to the default route, once warned
@@ -858,7 +858,7 @@ def test_model_router_passthrough_and_missing_entry_fallback(caplog):
     pipeline = ccproxy.Pipeline(ccproxy.dataclasses.replace(config, settings=settings))
     with caplog.at_level("WARNING", logger="ccproxy"):
         for _ in range(3):
-            _d, ctx = ccproxy.run_pipeline(pipeline, copy.deepcopy(body), dry_run=True, headers={})
+            _d, ctx = ccproxy.run_pipeline(pipeline, copy.deepcopy(body), headers={})
     assert ctx.decision.label == "default" and ctx.decision.passthrough
     assert len([r for r in caplog.records if "nowhere" in r.getMessage()]) == 1
 
@@ -883,29 +883,21 @@ def test_model_list_load_failure_is_not_marked_loaded_and_reload_has_cooldown():
     assert len(calls) == 2
 
 
-def test_metadata_store_is_bounded_and_swept():
-    store = ccproxy.MetadataStore(ttl=0.05, max_entries=100)
-    for i in range(1000):
-        store.put(f"call-{i}", i)
-    assert len(store) == 100 and store.get("call-999") == 999 and store.get("call-0") is None
-    time.sleep(0.06)
-    assert store.get("call-999") is None
-    assert store.sweep() == 100 and len(store) == 0
-
-
-def test_background_sweeper_thread_empties_the_store():
+def test_background_thread_sweeps_idle_sessions():
     config = ccproxy.default_config()
-    settings = ccproxy.dataclasses.replace(config.settings, metadata_ttl=0.1)
+    settings = ccproxy.dataclasses.replace(config.settings, session_ttl=0.1)
     pipeline = ccproxy.Pipeline(ccproxy.dataclasses.replace(config, settings=settings))
-    worker = ccproxy.Background()
     for i in range(50):
-        pipeline.store.put(str(i), i)
+        body, headers = cc_request("main", session=f"idle-{i}")
+        ccproxy.run_pipeline(pipeline, body, headers=headers)
+    assert len(pipeline.sessions) == 50
+    worker = ccproxy.Background()
     worker.start(pipeline)
     try:
         deadline = time.monotonic() + 5
-        while len(pipeline.store) and time.monotonic() < deadline:
+        while len(pipeline.sessions) and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert len(pipeline.store) == 0 and worker.running and worker.swept == 50
+        assert len(pipeline.sessions) == 0 and worker.running and worker.swept == 50
     finally:
         worker.stop()
     assert not worker.running
@@ -1944,7 +1936,7 @@ def test_oauth_source_keeps_the_last_good_token(tmp_path):
 def test_background_refresh_backs_off_on_failure(tmp_path, monkeypatch):
     monkeypatch.setattr(ccproxy, "OAUTH_RETRY_BASE", 0.05)
     config = ccproxy.default_config()
-    settings = ccproxy.dataclasses.replace(config.settings, metadata_ttl=0.02,
+    settings = ccproxy.dataclasses.replace(config.settings, session_ttl=0.08,
                                            oauth_refresh_interval=3600)
     pipeline = ccproxy.Pipeline(ccproxy.dataclasses.replace(config, settings=settings))
     counter = tmp_path / "count"
@@ -2762,10 +2754,11 @@ def test_handler_routes_in_process_and_tells_the_client(tmp_path, upstream, capl
     extra = asyncio.run(handler.async_post_call_response_headers_hook(data, None, None))
     assert extra == {"x-ccproxy-rule": "background", "x-ccproxy-model": "anthropic/up-background"}
     assert asyncio.run(handler.async_pre_call_hook(None, None, {"input": "x"}, "aembedding")) == {"input": "x"}
-    asyncio.run(handler.async_log_failure_event({"litellm_call_id": "call-1", "litellm_params": {}}, None, 0, 0))
-    asyncio.run(handler.async_log_success_event({"litellm_params": {"metadata": {
-        "user_api_key_alias": "litellm-internal-health-check"}}}, None, 0, 0))
-    health = handler.health()
+    failed = {"litellm_params": {"metadata": dict(data["litellm_metadata"])}}
+    asyncio.run(handler.async_log_failure_event(failed, None, 0, 0))
+    asyncio.run(handler.async_log_failure_event({"litellm_params": {"metadata": {
+        "user_api_key_alias": "litellm-internal-health-check"}}}, None, 0, 0))     # not counted
+    health = handler.core.health()
     assert health["routes"] == {"background": 1} and health["failures"] == {"background": 1}
     assert ccproxy.BACKGROUND.running
 
@@ -2775,7 +2768,7 @@ def test_handler_with_a_broken_config_passes_everything_through(tmp_path, caplog
     (tmp_path / "ccproxy.yaml").write_text("ccproxy:\n  debug: maybe\n")
     with caplog.at_level("ERROR", logger="ccproxy"):
         handler = ccproxy.CCProxyHandler(config_dir=tmp_path)
-    assert handler.config_error and "routing disabled" in caplog.text and ":2:" in caplog.text
+    assert handler.core.config_error and "routing disabled" in caplog.text and ":2:" in caplog.text
     body, headers = cc_request("think")
     data = asyncio.run(handler.async_pre_call_hook(None, None, handler_data(body, headers), "anthropic_messages"))
     assert data["model"] == body["model"] and data["litellm_metadata"]["ccproxy"]["passthrough"]
@@ -2795,10 +2788,10 @@ def test_handler_refreshes_oauth_after_401_in_process(tmp_path):
     data = asyncio.run(handler.async_pre_call_hook(None, None, handler_data(body, headers), "anthropic_messages"))
     assert data["provider_specific_header"]["extra_headers"]["authorization"] == "Bearer tok-a"
     token.write_text("tok-b\n")
-    handler.pipeline.oauth["anthropic"].loaded_at = 0
+    handler.core.pipeline.oauth["anthropic"].loaded_at = 0
     err = type("AuthError", (Exception,), {"status_code": 401})()
     asyncio.run(handler.async_post_call_failure_deployment_hook(data, err, "anthropic_messages"))
-    assert handler.pipeline.oauth["anthropic"].token == "tok-b"
+    assert handler.core.pipeline.oauth["anthropic"].token == "tok-b"
     other = type("Boom", (Exception,), {"status_code": 500})()
     asyncio.run(handler.async_post_call_failure_deployment_hook(data, other, "anthropic_messages"))
 
@@ -3046,8 +3039,8 @@ def test_response_hooks_in_process(tmp_path, upstream):
 
     out = asyncio.run(collect(handler.async_post_call_streaming_iterator_hook(None, chunks(stream, 7), data)))
     assert b"".join(out) == stream
-    session = handler.pipeline.sessions._sessions[("sess-hooks", None)]
-    assert handler.pipeline.sessions.producer(session, "sig.claude-opus-5-5.77") == "claude-opus-5-5"
+    session = handler.core.pipeline.sessions._sessions[("sess-hooks", None)]
+    assert handler.core.pipeline.sessions.producer(session, "sig.claude-opus-5-5.77") == "claude-opus-5-5"
     # a JSON answer records too, and a zero usage from a translated route is filled in
     long_body, long_headers = cc_request("long", session="sess-hooks")
     long_data = asyncio.run(handler.async_pre_call_hook(None, None, handler_data(long_body, long_headers, "c2"), "anthropic_messages"))
@@ -3076,12 +3069,12 @@ def test_count_tokens_in_process_with_deployment_key_and_dead_upstream(tmp_path,
     handler = ccproxy.CCProxyHandler(config_dir=tmp_path)
     upstream.clear()
     body, headers = cc_request("think")
-    status, answer = asyncio.run(handler.count_tokens({"model": body["model"], "messages": body["messages"],
+    status, answer = asyncio.run(handler.core.count_tokens({"model": body["model"], "messages": body["messages"],
                                                        "output_config": {"effort": "max"},
                                                        "thinking": {"type": "adaptive"}}, headers))
     assert status == 200 and answer == {"input_tokens": 4242}
     assert upstream.received()[-1]["headers"]["x-api-key"] == "sk-from-env"
-    status, answer = asyncio.run(handler.count_tokens({"model": "claude-haiku-5-5", "messages": []}, headers))
+    status, answer = asyncio.run(handler.core.count_tokens({"model": "claude-haiku-5-5", "messages": []}, headers))
     assert status == 502 and "count_tokens upstream failed" in answer["error"]["message"]
 
 
@@ -3108,7 +3101,8 @@ def test_config_odds_and_ends(tmp_path, monkeypatch):
     with pytest.raises(ccproxy.ConfigError, match="`rules` must be a list"):
         ccproxy.load_config(tmp_path / "r")
     (tmp_path / "r" / "ccproxy.yaml").write_text("ccproxy:\n  rules: [{name: t, rule: ThinkingRule, params: {effort: [high]}}]\nmodel_list: {a: 1}\n")
-    report = ccproxy.validate_config(ccproxy.load_config(tmp_path / "r"))
+    config = ccproxy.load_config(tmp_path / "r")
+    report = ccproxy.validate_config(config, ccproxy.Pipeline(config))
     assert any("model_list must be a list" in e for e in report.errors)
     assert any("effort high matches every Claude Code main turn" in w for w in report.warnings)
 
