@@ -2,7 +2,7 @@
 # /// script
 # requires-python = ">=3.11"
 # dependencies = [
-#     "litellm[proxy]>=1.108.7,!=1.82.7,!=1.82.8",
+#     "litellm[proxy]>=1.108.7,<1.109",
 #     "pyyaml>=6.0",
 #     "tiktoken>=0.7",
 # ]
@@ -116,6 +116,9 @@ CLAUDE_CODE_DEFAULT_BUDGET = 31999
 # Claude Code's baseline context (system prompt + tool definitions) is about this many tokens.
 CLAUDE_CODE_BASELINE_TOKENS = 19000
 WEB_SEARCH_TOOL_PREFIX = "web_search"
+INSTALL_HINT = ("run it with `uv run ccproxy.py ...` (reads the dependencies from the file), or "
+                "install them: python -m pip install 'litellm[proxy]>=1.108.7,<1.109' pyyaml "
+                "tiktoken")
 PROXY_KEY_FILE = "proxy.key"            # the proxy key, in the config dir (mode 0600)
 PROXY_KEY_HEADER = "x-ccproxy-key"      # where clients send it
 PROXY_KEY_ENV = "CCPROXY_PROXY_KEY"     # how `start` hands it to the LiteLLM process
@@ -4338,17 +4341,19 @@ def wait_until_live(proc: Any, url: str, timeout: float, instance: str,
                     headers: Mapping[str, str] | None = None, out: Any = None) -> str:
     """Poll ccproxy's health route until this start's own proxy answers with its nonce.
 
-    Returns "live", "exited", "timeout", or what answered instead (another proxy holding the
-    port, or LiteLLM without ccproxy's callback): a bare liveness check would take any
-    server on the port for ours.
+    Returns "live", "exited", "timeout", "degraded: ..." (LiteLLM lacks contact points), or
+    what answered instead (another proxy holding the port, or LiteLLM without ccproxy's
+    callback): a bare liveness check would take any server on the port for ours.
     """
     out = out or sys.stderr
     tty = hasattr(out, "isatty") and out.isatty()
     spinner = "|/-\\"
     deadline = time.monotonic() + timeout
-    last_line = 0.0
     i = 0
     outcome = "timeout"
+    if not tty:
+        out.write(f"starting LiteLLM's proxy on {url} (it takes 5-15 s) ...\n")
+        out.flush()
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             outcome = "exited"
@@ -4356,11 +4361,15 @@ def wait_until_live(proc: Any, url: str, timeout: float, instance: str,
         status, body = http_get(url + HEALTH_PATH, timeout=1.0, headers=headers)
         if status == 200:
             try:
-                answered = json.loads(body).get("instance")
+                health = json.loads(body)
+                answered, missing = health.get("instance"), health.get("missing")
             except (ValueError, AttributeError):
-                answered = None
+                answered, missing = None, None
             outcome = "live" if answered == instance else \
                 f"another ccproxy proxy answers on {url} (not the one just started)"
+            if outcome == "live" and missing:
+                outcome = ("degraded: this LiteLLM lacks what ccproxy uses for: "
+                           + ", ".join(map(str, missing)) + " (the log says what stops working)")
             break
         if status in (401, 403, 404):
             outcome = (f"another server answers on {url} ({status} from {HEALTH_PATH})"
@@ -4368,14 +4377,9 @@ def wait_until_live(proc: Any, url: str, timeout: float, instance: str,
                        f"LiteLLM answers on {url} without ccproxy's callback (404 from "
                        f"{HEALTH_PATH}): another proxy, or ccproxy.handler failed to load")
             break
-        now = time.monotonic()
         if tty:
-            out.write(f"\rstarting proxy on {url} {spinner[i % 4]}")
+            out.write(f"\rstarting LiteLLM's proxy on {url} (5-15 s) {spinner[i % 4]}")
             out.flush()
-        elif now - last_line >= 5.0:
-            out.write(f"waiting for the proxy on {url} ...\n")
-            out.flush()
-            last_line = now
         i += 1
         time.sleep(0.25)
     if tty:
@@ -4433,13 +4437,16 @@ __ccproxy_pidfile={pidfile_q}
 __ccproxy_keyfile={keyfile_q}
 __ccproxy_notice={notice}
 __ccproxy_up() {{
-  local line pid
+  local line pid url
   [ -r "$__ccproxy_pidfile" ] || return 1
   IFS= read -r line < "$__ccproxy_pidfile" || [ -n "$line" ] || return 1
   pid=${{line#*\"pid\": }}
   pid=${{pid%%[,\}}]*}}
   case "$pid" in ''|*[!0-9]*) return 1 ;; esac
-  kill -0 "$pid" 2>/dev/null
+  url=${{line#*\"url\": \"}}
+  case "$url" in "$line") url=$__ccproxy_url ;; *) url=${{url%%\"*}} ;; esac
+  kill -0 "$pid" 2>/dev/null || return 1
+  __ccproxy_live_url=$url
 }}
 if [ -z "${{__ccproxy_wrapped:-}}" ]; then
   __ccproxy_wrapped=1
@@ -4458,7 +4465,7 @@ __ccproxy_call() {{
 claude() {{
   if __ccproxy_up; then
     (
-      export ANTHROPIC_BASE_URL="$__ccproxy_url"
+      export ANTHROPIC_BASE_URL="$__ccproxy_live_url"
       if [ -r "$__ccproxy_keyfile" ]; then
         IFS= read -r __ccproxy_key < "$__ccproxy_keyfile"
         export ANTHROPIC_CUSTOM_HEADERS="${{ANTHROPIC_CUSTOM_HEADERS:+$ANTHROPIC_CUSTOM_HEADERS
@@ -4505,7 +4512,9 @@ function __ccproxy_up
     read -l line < $__ccproxy_pidfile; or test -n "$line"; or return 1
     set -l pid (string match -r '"pid": *([0-9]+)' -- $line)[2]
     test -n "$pid"; or return 1
-    kill -0 $pid 2>/dev/null
+    kill -0 $pid 2>/dev/null; or return 1
+    set -g __ccproxy_live_url (string match -r '"url": *"([^"]*)"' -- $line)[2]
+    test -n "$__ccproxy_live_url"; or set -g __ccproxy_live_url $__ccproxy_url
 end
 if not set -q __ccproxy_wrapped
     set -g __ccproxy_wrapped 1
@@ -4522,7 +4531,7 @@ function __ccproxy_call
 end
 function claude --description 'claude through ccproxy when it runs'
     if __ccproxy_up
-        set -lx ANTHROPIC_BASE_URL $__ccproxy_url
+        set -lx ANTHROPIC_BASE_URL $__ccproxy_live_url
         set -l key
         set -l headers
         test -r $__ccproxy_keyfile; and read key < $__ccproxy_keyfile
@@ -4616,19 +4625,34 @@ def rc_file(shell: str) -> Path:
     return home / ".bashrc"
 
 
-def rc_block(shell: str, config_dir: Path | None) -> str:
-    """The marked block `shell --install` appends (it sources the snippet, not a copy)."""
-    quote = _fish_quote if shell == "fish" else _sh_quote
-    # `python -m ccproxy` with this file's directory first on the path: the same file, but
-    # Python reuses its cached bytecode instead of compiling the script at every shell start.
-    here = str(Path(__file__).resolve().parent)
+def snippet_file(directory: Path, shell: str) -> Path:
+    """Where `shell --install` keeps the snippet for a shell: in the config dir."""
+    return directory / f"shell.{shell}"
+
+
+def write_snippet_file(directory: Path, shell: str) -> Path:
+    """Write (or refresh) the static snippet the rc line sources: a new shell then reads one
+    small file and starts no process at all."""
+    url, notice = shell_settings(directory)
+    path = snippet_file(directory, shell)
+    make_private_dir(directory)
+    write_private(path, shell_snippet(shell, url, directory, True, notice=notice))
+    return path
+
+
+def refresh_snippet_files(directory: Path) -> None:
+    """Rewrite the installed snippets of a config dir (its settings may have changed)."""
+    for shell in SHELLS:
+        if snippet_file(directory, shell).exists():
+            write_snippet_file(directory, shell)
+
+
+def rc_block(shell: str, snippet: Path) -> str:
+    """The marked block `shell --install` appends: it sources the snippet file if present."""
     if shell == "fish":
-        cmd = f"env PYTHONPATH={quote(here)} {quote(sys.executable)} -m ccproxy"
+        line = f"test -r {_fish_quote(str(snippet))}; and source {_fish_quote(str(snippet))}"
     else:
-        cmd = f"PYTHONPATH={quote(here)} {quote(sys.executable)} -m ccproxy"
-    if config_dir is not None:
-        cmd += f" --config-dir {quote(str(config_dir))}"
-    line = f"{cmd} shell fish | source" if shell == "fish" else f"source <({cmd} shell {shell})"
+        line = f"[ -r {_sh_quote(str(snippet))} ] && . {_sh_quote(str(snippet))}"
     return f"\n{RC_MARK_START}\n{line}\n{RC_MARK_END}\n"
 
 
@@ -4808,6 +4832,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         write_private(backup, target.read_bytes())
         _print(f"backed up {target} to {backup}")
     write_private(target, DEFAULT_CONFIG_YAML)
+    refresh_snippet_files(directory)
     _print(f"wrote {target}\nstart the proxy with: python {Path(__file__).name} start --detach")
     return 0
 
@@ -4863,6 +4888,7 @@ def cmd_start(args: argparse.Namespace) -> int:
             _print(f"{problem}; removed it", err=True)
         config, _litellm_file, cmd, env = _prepare_start(args)
         check_port_free(config.host, config.port)
+        refresh_snippet_files(directory)
         instance = env[INSTANCE_ENV] = secrets.token_hex(16)
         if not args.detach:
             return _run_foreground(config, cmd, env, pidfile)
@@ -4878,17 +4904,22 @@ def cmd_start(args: argparse.Namespace) -> int:
                                  pgid=proc.pid))
         outcome = wait_until_live(proc, config.url, args.timeout, instance,
                                   ccproxy_route_headers(config))
-        if outcome != "live":
+        if outcome.startswith("degraded") and args.allow_degraded:
+            _print(f"warning: {outcome}; kept running (--allow-degraded)", err=True)
+        elif outcome != "live":
             if proc.poll() is None:
                 stop_process(proc.pid, 5, group=proc.pid)
             pidfile.remove()
             lines = tail_lines(log_path, 20)
             why = {"timeout": "did not answer in time",
                    "exited": f"exited with code {proc.returncode}"}.get(outcome, outcome)
+            hint = (f"run `{self_command(directory)} doctor`; use a LiteLLM release ccproxy "
+                    f"was tested on ({LITELLM_CHECKED}), or start with --allow-degraded"
+                    if outcome.startswith("degraded") else
+                    "fix the problem above, then start again "
+                    f"({self_command(directory)} logs shows the whole log)")
             raise ProcessError(f"the proxy {why} during start-up; last lines of {log_path}:\n"
-                               + "\n".join("  | " + ln for ln in lines),
-                               "fix the problem above, then start again "
-                               f"({self_command(directory)} logs shows the whole log)")
+                               + "\n".join("  | " + ln for ln in lines), hint)
         _print(f"ccproxy is running: {config.url} (pid {proc.pid}); log: {log_path}")
         return 0
 
@@ -5220,13 +5251,140 @@ def cmd_shell(args: argparse.Namespace) -> int:
             _print(f"removed ccproxy's block from {path}" if done
                    else f"no ccproxy block in {path}; nothing to remove")
             return 0
-        done = rc_install(path, rc_block(shell, directory if explicit else None))
-        _print(f"added ccproxy's block to {path}; open a new shell to use it" if done
-               else f"{path} already has ccproxy's block")
+        snippet = write_snippet_file(directory, shell)
+        done = rc_install(path, rc_block(shell, snippet))
+        _print(f"added ccproxy's block to {path} (it sources {snippet}); open a new shell to "
+               "use it" if done else f"{path} already has ccproxy's block; refreshed {snippet}")
         return 0
     url, notice = shell_settings(directory)
     sys.stdout.write(shell_snippet(shell, url, directory, explicit, notice=notice))
     return 0
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class Check:
+    """One line of `doctor`: what was checked, ok / warn / fail, and what was found."""
+
+    name: str
+    status: str
+    detail: str
+
+
+def doctor_checks(args: argparse.Namespace) -> list[Check]:
+    """Everything `doctor` looks at, in the order a user would fix things."""
+    from importlib import metadata
+
+    checks = [Check("python", "ok" if sys.version_info >= (3, 11) else "fail",
+                    f"{sys.version.split()[0]} ({sys.executable})")]
+    for package, needed in (("litellm", True), ("pyyaml", True), ("tiktoken", True),
+                            ("fastapi", False), ("uvicorn", False)):
+        try:
+            checks.append(Check(package, "ok", metadata.version(package)))
+        except metadata.PackageNotFoundError:
+            checks.append(Check(package, "fail" if needed else "warn",
+                                f"not installed: {INSTALL_HINT}"))
+    version = litellm_version()
+    if version is not None:
+        tested = version.rsplit(".", 1)[0] == LITELLM_CHECKED.rsplit(".", 1)[0]
+        checks.append(Check("litellm line", "ok" if tested else "warn",
+                            f"{version}; tested on {LITELLM_CHECKED}"
+                            + ("" if tested else ": the contact checks below say what differs")))
+        for contact, ok in check_contacts():
+            checks.append(Check(f"litellm: {contact.name}", "ok" if ok else "fail",
+                                "found" if ok else
+                                f"missing ({contact.relies_on}); without it: {contact.breaks}"))
+    checks += _doctor_config(args)
+    checks += _doctor_claude_code()
+    return checks
+
+
+def _doctor_config(args: argparse.Namespace) -> list[Check]:
+    directory = _config_dir(args)
+    try:
+        config = load_config(directory)
+    except ConfigError as exc:
+        return [Check("config", "fail", str(exc).replace("\n", " "))]
+    report = validate_config(config, Pipeline(config))
+    files = ", ".join(str(f) for f in config.files) or f"built-in defaults (dir {directory})"
+    checks = [Check("config", "ok" if report.ok else "fail",
+                    files if report.ok else "; ".join(report.errors))]
+    checks += [Check("config warning", "warn", w) for w in report.warnings]
+    state, problem = PidFile(directory).read()
+    if state is None or state.orphans:
+        try:
+            check_port_free(config.host, config.port)
+            checks.append(Check("port", "ok", f"{config.host}:{config.port} is free"))
+        except ProcessError as exc:
+            checks.append(Check("port", "fail", str(exc).replace("\n", " ")))
+        checks.append(Check("proxy", "warn" if problem else "ok",
+                            problem or f"not running (config dir {directory})"))
+        return checks
+    status, body = http_get(state.url + HEALTH_PATH, timeout=2.0,
+                            headers=ccproxy_route_headers(config))
+    try:
+        health = json.loads(body) if status == 200 else {}
+    except ValueError:
+        health = {}
+    if health.get("status") == "ok":
+        checks.append(Check("proxy", "ok", f"running at {state.url} (pid {state.pid}), "
+                            f"{health.get('requests', 0)} requests"))
+    else:
+        missing = ", ".join(health.get("missing") or ()) or f"health answered {status}"
+        checks.append(Check("proxy", "fail", f"running at {state.url} (pid {state.pid}) but "
+                            f"degraded: {missing}"))
+    return checks
+
+
+def _doctor_claude_code() -> list[Check]:
+    import shutil
+    import subprocess
+
+    checks = []
+    claude = shutil.which("claude")
+    if claude is None:
+        checks.append(Check("claude code", "warn", "`claude` is not on PATH "
+                            "(npm install -g @anthropic-ai/claude-code)"))
+    else:
+        try:
+            done = subprocess.run([claude, "--version"], capture_output=True, text=True,
+                                  timeout=20, stdin=subprocess.DEVNULL)
+            found = done.stdout.strip().splitlines()[0] if done.stdout.strip() else "?"
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            found = f"did not answer --version ({exc})"
+        checks.append(Check("claude code", "ok", f"{found} ({claude})"))
+    shell = Path(os.environ.get("SHELL", "")).name
+    if shell in SHELLS:
+        try:
+            installed = RC_MARK_START in rc_file(shell).read_text()
+        except OSError:
+            installed = False
+        checks.append(Check("shell integration", "ok" if installed else "warn",
+                            f"{rc_file(shell)}" if installed else
+                            f"not in {rc_file(shell)} (python ccproxy.py shell --install)"))
+    try:
+        settings = json.loads(claude_settings_file().read_text())
+        line = settings.get("statusLine") if isinstance(settings, dict) else None
+        command = line.get("command", "") if isinstance(line, dict) else ""
+    except (OSError, ValueError):
+        command = ""
+    checks.append(Check("status line", "ok" if "ccproxy" in command else "warn",
+                        "installed" if "ccproxy" in command else
+                        "not installed (python ccproxy.py install --statusline)"))
+    return checks
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check what ccproxy needs, one line each; exit 1 when anything failed."""
+    checks = doctor_checks(args)
+    failed = [c for c in checks if c.status == "fail"]
+    if args.json:
+        _print(json.dumps({"ok": not failed, "checks": [dataclasses.asdict(c) for c in checks]},
+                          indent=2))
+    else:
+        for c in checks:
+            _print(f"{c.status:<4}  {c.name}: {c.detail}")
+        _print(f"{len(failed)} problem(s)" if failed else "everything ccproxy needs is in place")
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -5259,6 +5417,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--detach", "-d", action="store_true", help="run in the background")
         p.add_argument("--timeout", type=float, default=180.0,
                        help="seconds to wait for the proxy to answer (default 180)")
+        p.add_argument("--allow-degraded", action="store_true",
+                       help="keep a proxy running whose LiteLLM lacks contact points ccproxy "
+                            "uses (see `doctor`)")
         p.add_argument("litellm_args", nargs=argparse.REMAINDER,
                        help="after --: extra arguments for LiteLLM's proxy")
         p.set_defaults(func=func)
@@ -5299,6 +5460,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="remove that line (and only that)")
     p.set_defaults(func=cmd_shell)
 
+    p = sub.add_parser("doctor", parents=[common],
+                       help="check Python, packages, LiteLLM's contact points, config, proxy")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_doctor)
+
     p = sub.add_parser("validate", parents=[common], help="check the config")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_validate)
@@ -5317,6 +5483,10 @@ def main(argv: list[str] | None = None) -> int:
     except CCProxyError as exc:
         _print(f"ccproxy: error: {exc}", err=True)
         return exc.exit_code
+    except ModuleNotFoundError as exc:
+        _print(f"ccproxy: error: the package `{exc.name}` is missing\n  -> {INSTALL_HINT}",
+               err=True)
+        return 1
     except KeyboardInterrupt:
         return 130
 

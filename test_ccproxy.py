@@ -1592,7 +1592,7 @@ def test_a_turn_stays_on_its_route_until_an_override_rule():
     assert route(pipeline, fresh, headers)[0] == "default"
     off = session_pipeline(sticky_turns=False)
     route(off, body, headers)
-    assert route(off, loop, headers)[0] != "think" or True
+    assert route(off, loop, headers)[0] == "long_context"     # rules alone: no turn to keep
     assert route(off, {**loop, "messages": loop["messages"][:-1] + [
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]}]}, headers)[0] == "default"
 
@@ -2673,6 +2673,7 @@ def test_shell_install_is_idempotent_and_uninstall_restores_the_file(shell, tmp_
         assert done.returncode == 0, done.stderr
     text = rc.read_text()
     assert text.count(ccproxy.RC_MARK_START) == 1 and text.startswith(original)
+    assert sys.executable not in text and "python" not in text     # no process at shell start
     # the installed line works: sourcing the rc file gives the wrapped claude
     script = (f"source {rc}\n" if shell != "fish" else f"source {rc}\n") + call_line(shell, ["z"])
     ran = shell_run(shell, script.replace("export EDITOR=vi", ""), fake_claude, HOME=str(home))
@@ -2847,9 +2848,9 @@ def test_run_reports_a_command_that_cannot_execute(tmp_path):
 def test_rc_block_is_replaced_not_duplicated_when_the_command_changes(tmp_path):
     rc = tmp_path / ".bashrc"
     rc.write_text("x=1\n")
-    assert ccproxy.rc_install(rc, ccproxy.rc_block("bash", None))
-    assert ccproxy.rc_install(rc, ccproxy.rc_block("bash", tmp_path / "other"))
-    assert rc.read_text().count(ccproxy.RC_MARK_START) == 1 and "--config-dir" in rc.read_text()
+    assert ccproxy.rc_install(rc, ccproxy.rc_block("bash", tmp_path / "shell.bash"))
+    assert ccproxy.rc_install(rc, ccproxy.rc_block("bash", tmp_path / "other" / "shell.bash"))
+    assert rc.read_text().count(ccproxy.RC_MARK_START) == 1 and "/other/shell.bash" in rc.read_text()
     assert ccproxy.rc_uninstall(rc) and rc.read_text() == "x=1\n"
     assert not ccproxy.rc_uninstall(rc) and not ccproxy.rc_uninstall(tmp_path / "missing")
 
@@ -3383,6 +3384,49 @@ def bench_statusline(runs: int = 15) -> list[tuple[str, float, float]]:
     return rows
 
 
+SHELL_VARIANTS = {"zsh -i, no integration": None,
+                  "zsh -i, installed (snippet file)": "installed",
+                  "zsh -i, python at each start": "python"}
+
+
+def bench_shell(runs: int = 20) -> list[tuple[str, float, float]]:
+    """A new interactive zsh: without ccproxy, with the integration `shell --install` writes
+    (the rc line sources a static file), and with a line that runs python at each start."""
+    import tempfile
+    zsh = need_shell("zsh")
+    with tempfile.TemporaryDirectory() as tmp:
+        base, config_dir = Path(tmp), Path(tmp) / "cfg"
+        homes = {}
+        for name, kind in SHELL_VARIANTS.items():
+            home = base / (kind or "plain")
+            home.mkdir()
+            (home / ".zshrc").write_text("")
+            homes[name] = home
+            if kind == "installed":
+                run_cli("shell", "--install", "--shell", "zsh", env={
+                    "HOME": str(home), "ZDOTDIR": str(home), "CCPROXY_CONFIG_DIR": str(config_dir)})
+            elif kind == "python":
+                (home / ".zshrc").write_text(f"source <(PYTHONPATH={HERE} {sys.executable} -m ccproxy "
+                                             f"--config-dir {config_dir} shell zsh)\n")
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        samples: dict[str, list[float]] = {name: [] for name in SHELL_VARIANTS}
+        for round_ in range(runs + 1):             # interleaved, so load affects all alike
+            for name, home in homes.items():
+                t = time.perf_counter()
+                subprocess.run([zsh, "-i", "-c", "exit"], env=dict(env, HOME=str(home), ZDOTDIR=str(home)),
+                               capture_output=True, timeout=30)
+                if round_:                          # the first round warms caches
+                    samples[name].append((time.perf_counter() - t) * 1000)
+    return [(name, *percentiles(samples[name])) for name in SHELL_VARIANTS]
+
+
+def print_shell_bench(rows) -> None:
+    base = rows[0][1]
+    print("new interactive zsh, ms: p50 / p95 (added to a zsh without ccproxy)")
+    for name, p50, p95 in rows:
+        print(f"  {name:<34} {p50:7.1f} / {p95:7.1f}   +{p50 - base:5.1f}")
+
+
 def print_cli_bench(rows) -> None:
     base = rows[0][1]
     print("command wall time, ms: p50 / p95 (ratio to bare python)")
@@ -3390,12 +3434,17 @@ def print_cli_bench(rows) -> None:
         print(f"  {name:<24} {p50:7.1f} / {p95:7.1f}   {p50 / base:4.1f}x")
 
 
-def test_benchmark_runs_and_exact_count_agrees():
+def test_benchmark_runs_and_its_incremental_count_is_exact():
     rows = bench_hooks(sizes=(4_000, 100_000), rounds=3)
     assert [r["chars"] >= s for r, s in zip(rows, (4_000, 100_000))] == [True, True]
     body = bench_request(100_000, seed="check")
-    encoding = ccproxy.load_cl100k()
-    assert ccproxy.TokenCounter().count_request(body)[0] > 0.8 * naive_count(encoding, body) > 0
+    counter = ccproxy.TokenCounter()
+    counter.count_request({**body, "messages": body["messages"][:-2]})     # the turn before
+    incremental = counter.count_request(body)[0]                          # what the bench times
+    assert incremental == ccproxy.TokenCounter().count_request(copy.deepcopy(body))[0] > 0
+    assert naive_count(ccproxy.load_cl100k(), body) > 0
+    shell_rows = bench_shell(runs=2)
+    assert [r[0] for r in shell_rows] == list(SHELL_VARIANTS)
 
 
 def run_suite() -> int:
@@ -3433,5 +3482,7 @@ if __name__ == "__main__":
                   f"same request again {row['warm'][0]:.3f} / {row['warm'][1]:.3f}")
         if which in ("all", "cli"):
             print_cli_bench(bench_cli() + bench_statusline())
+        if which in ("all", "shell"):
+            print_shell_bench(bench_shell())
         sys.exit(0)
     sys.exit(run_suite())
