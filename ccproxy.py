@@ -50,7 +50,6 @@ import collections
 import contextvars
 import copy
 import dataclasses
-import fcntl
 import importlib
 import inspect
 import json
@@ -220,7 +219,11 @@ class CCProxyError(Exception):
 
 
 class ConfigError(CCProxyError):
-    """The configuration cannot be read or is invalid."""
+    """The configuration cannot be read or is invalid; `problems` lists each one."""
+
+    def __init__(self, message: str, hint: str = "", problems: list[str] | None = None) -> None:
+        super().__init__(message, hint)
+        self.problems = problems or [message]
 
 
 class RuleError(CCProxyError):
@@ -407,6 +410,11 @@ def provider_headers(data: Mapping[str, Any], provider: str) -> dict[str, str]:
     return out
 
 
+def model_name(upstream: str) -> str:
+    """`anthropic/claude-opus-5-5` -> `claude-opus-5-5`: the name an upstream knows."""
+    return upstream.split("/", 1)[1] if "/" in upstream else upstream
+
+
 def answer_with_upstream_model_name(data: dict) -> None:
     """Make LiteLLM answer with the upstream's model name instead of the requested one."""
     litellm_metadata(data)[RAW_MODEL_NAME_FLAG] = True
@@ -434,7 +442,7 @@ def known_max_output(model: str) -> int | None:
     """A model's maximum output tokens from LiteLLM's model map (None when unknown or when
     litellm is not loaded)."""
     costs = getattr(_loaded("litellm"), "model_cost", None) or {}
-    found = costs.get(model) or costs.get(model.split("/", 1)[-1])
+    found = costs.get(model) or costs.get(model_name(model))
     value = found.get("max_output_tokens") if isinstance(found, Mapping) else None
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
         and value > 0 else None
@@ -458,7 +466,9 @@ def keep_thinking_as_sent(model: str) -> bool:
 def use_chat_completions_for_openai() -> None:
     """An `openai/` deployment reached from /v1/messages is otherwise called on the Responses
     API, which OpenAI-compatible servers rarely serve (_should_route_to_responses_api)."""
-    import_litellm().use_chat_completions_url_for_anthropic_messages = True
+    litellm = import_litellm()
+    if hasattr(litellm, "use_chat_completions_url_for_anthropic_messages"):  # else: no effect
+        litellm.use_chat_completions_url_for_anthropic_messages = True
 
 
 def llm_provider(model: str, custom: Any, api_base: Any) -> str | None:
@@ -928,7 +938,7 @@ def load_config(config_dir: str | os.PathLike | None = None) -> Config:
     litellm_raw: dict = {}
     has_litellm_sections = any(k in raw for k in LITELLM_SECTIONS)
     if has_litellm_sections:
-        litellm_raw = {k: v for k, v in raw.items() if k not in ("ccproxy", "litellm")}
+        litellm_raw = litellm_sections(raw)
         litellm_file, lnode = ccproxy_path, node
     elif litellm_path.is_file():
         data, lnode = read_yaml(litellm_path)
@@ -936,7 +946,7 @@ def load_config(config_dir: str | os.PathLike | None = None) -> Config:
         litellm_file = litellm_path
         if ccproxy_file is None and isinstance(litellm_raw.get("ccproxy"), dict):
             raw, node, ccproxy_file = litellm_raw, lnode, litellm_path
-            litellm_raw = {k: v for k, v in raw.items() if k not in ("ccproxy", "litellm")}
+            litellm_raw = litellm_sections(raw)
     if ccproxy_file is None and litellm_file is None:
         return default_config(directory)
     config = build_config(raw, litellm_raw, directory=directory, ccproxy_file=ccproxy_file,
@@ -944,10 +954,15 @@ def load_config(config_dir: str | os.PathLike | None = None) -> Config:
     return dataclasses.replace(config, ccproxy_node=node, litellm_node=lnode)
 
 
+def litellm_sections(raw: Mapping[str, Any]) -> dict:
+    """A config file's sections that are LiteLLM's (all but `ccproxy:` and `litellm:`)."""
+    return {k: v for k, v in raw.items() if k not in ("ccproxy", "litellm")}
+
+
 def default_config(directory: Path | None = None) -> Config:
     """The built-in configuration (the same text `install` writes)."""
     data = _yaml().safe_load(DEFAULT_CONFIG_YAML)
-    litellm_raw = {k: v for k, v in data.items() if k not in ("ccproxy", "litellm")}
+    litellm_raw = litellm_sections(data)
     return build_config(data, litellm_raw, directory=directory)
 
 
@@ -991,7 +1006,8 @@ def build_config(raw: Mapping[str, Any], litellm_raw: Mapping[str, Any], *,
             problems.warn(("litellm", key), f"unknown key `litellm.{key}`{_did_you_mean(key, SERVER_KEYS)}")
     if problems.errors:
         raise ConfigError("; ".join(problems.errors),
-                          "fix the config (python ccproxy.py validate lists every problem)")
+                          "fix the config (python ccproxy.py validate lists every problem)",
+                          problems.errors)
     return Config(settings=settings, litellm=dict(litellm_raw), host=host, port=port,
                   num_workers=workers, server=dict(server), directory=directory,
                   ccproxy_file=ccproxy_file, litellm_file=litellm_file,
@@ -1331,7 +1347,26 @@ def validate_config(config: Config, pipeline: "Pipeline") -> ValidationReport:
                 or not isinstance(_litellm_params(dep).get("model"), str):
             report.errors.append(f"{lproblems.where(('model_list', i))}: a model_list entry "
                                  "needs model_name and litellm_params.model")
+    report.errors += callback_problems(config, lproblems)
     return report
+
+
+def callback_problems(config: Config, problems: ConfigProblems) -> list[str]:
+    """`litellm_settings.callbacks` entries that name ccproxy but not its one callback."""
+    settings = config.litellm.get("litellm_settings")
+    callbacks = settings.get("callbacks") if isinstance(settings, dict) else None
+    listed = [callbacks] if isinstance(callbacks, str) else \
+        callbacks if isinstance(callbacks, list) else []
+    out = []
+    for i, name in enumerate(listed):
+        where = problems.where(("litellm_settings", "callbacks", i))
+        if isinstance(name, str) and name.split(".")[0] == "ccproxy" and name != "ccproxy.handler":
+            out.append(f"{where}: callback `{name}`: ccproxy's callback is `ccproxy.handler`"
+                       f"{_did_you_mean(name, ['ccproxy.handler'])}")
+        elif name == "ccproxy.handler" and listed.index(name) != i:
+            out.append(f"{where}: `ccproxy.handler` is listed twice (each request would be "
+                       "routed twice)")
+    return out
 
 
 def readable_secret_warnings(config: Config) -> list[str]:
@@ -1649,26 +1684,32 @@ def _freeze(value: Any) -> Any:
     return value
 
 
+# cl100k_base as tiktoken defines it (tiktoken_ext/openai_public.py): the ranks file is read
+# from LiteLLM's bundled copy (checked against its SHA-256), so nothing is downloaded and
+# no environment variable of the process is changed.
+CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
+CL100K_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++"""
+                  r"""[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s""")
+CL100K_SPECIAL = {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_middle|>": 100259,
+                  "<|fim_suffix|>": 100260, "<|endofprompt|>": 100276}
+
+
 def load_cl100k() -> Any:
     """tiktoken's cl100k_base from LiteLLM's bundled copy; never downloads when it is there."""
+    import hashlib
+
     import tiktoken
+    import tiktoken.load
 
     folder = bundled_tiktoken_dir()
     if folder is None:
         return tiktoken.get_encoding("cl100k_base")   # the user's own tiktoken cache
-    with _ENV_LOCK:
-        old = os.environ.get("TIKTOKEN_CACHE_DIR")
-        os.environ["TIKTOKEN_CACHE_DIR"] = str(folder)
-        try:
-            return tiktoken.get_encoding("cl100k_base")
-        finally:
-            if old is None:
-                os.environ.pop("TIKTOKEN_CACHE_DIR", None)
-            else:
-                os.environ["TIKTOKEN_CACHE_DIR"] = old
+    ranks_file = folder / hashlib.sha1(CL100K_URL.encode()).hexdigest()
+    ranks = tiktoken.load.load_tiktoken_bpe(str(ranks_file), expected_hash=CL100K_SHA256)
+    return tiktoken.Encoding(name="cl100k_base", pat_str=CL100K_PATTERN,
+                             mergeable_ranks=ranks, special_tokens=CL100K_SPECIAL)
 
 
-_ENV_LOCK = threading.Lock()
 TOKENS = TokenCounter()
 
 
@@ -2123,8 +2164,11 @@ def build_rule(spec: RuleSpec, search_dir: Path | None = None) -> Rule:
         rule.override = getattr(rule, "overrides_turn", False) if spec.override is None \
             else spec.override
         rule.sticky = spec.sticky
-    except AttributeError:
-        pass
+    except AttributeError as exc:
+        raise RuleError(f"rule `{spec.name}` ({spec.rule}): ccproxy cannot set its name, "
+                        f"override and sticky ({exc})",
+                        "add `name`, `override` and `sticky` to its __slots__, or drop "
+                        "__slots__") from exc
     return rule
 
 
@@ -2312,11 +2356,6 @@ def provider_of(params: Mapping[str, Any]) -> str | None:
             provider = head or ("anthropic" if model.startswith("claude") else None)
     _PROVIDER_CACHE[key] = provider
     return provider
-
-
-def model_name(upstream: str) -> str:
-    """`anthropic/claude-opus-5-5` -> `claude-opus-5-5`: the name an upstream knows."""
-    return upstream.split("/", 1)[1] if "/" in upstream else upstream
 
 
 # ---- Sessions ------------------------------------------------------------------------------
@@ -3286,6 +3325,7 @@ class Handler:
                 self.missing.append(contact.name)
                 log.error("LiteLLM %s: %s not found (checked on %s); without it: %s",
                           litellm_version(), contact.relies_on, LITELLM_CHECKED, contact.breaks)
+        TOKENS.max_chars = config.settings.token_cache_max_chars
         if config.settings.openai_chat_completions:
             use_chat_completions_for_openai()
         for dep in config.model_list:
@@ -4063,6 +4103,7 @@ class StartLock:
     def __enter__(self) -> "StartLock":
         self._fd = open_private_append(self.path)
         try:
+            import fcntl     # here, not at the top: the callback must import on Windows too
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
             os.close(self._fd)
@@ -4073,8 +4114,7 @@ class StartLock:
 
     def __exit__(self, *exc: Any) -> None:
         if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
+            os.close(self._fd)      # closing the descriptor releases the flock
             self._fd = None
 
 
@@ -4179,7 +4219,7 @@ def litellm_config_for_start(config: Config) -> Path:
         return config.litellm_file
     directory = config.directory or Path(DEFAULT_CONFIG_DIR).expanduser()
     make_private_dir(directory)
-    data = {k: v for k, v in config.litellm.items() if k not in ("ccproxy", "litellm")}
+    data = litellm_sections(config.litellm)
     litellm_settings = dict(settings) if isinstance(settings, dict) else {}
     if "ccproxy.handler" not in listed:
         litellm_settings["callbacks"] = listed + ["ccproxy.handler"]
@@ -5181,8 +5221,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     try:
         config = _config_for(args)
     except ConfigError as exc:
-        errors = str(exc).split("\n  -> ")[0].split("; ")
-        report = ValidationReport(errors=errors)
+        report = ValidationReport(errors=list(exc.problems))
         config = None
     else:
         report = validate_config(config, Pipeline(config))

@@ -36,8 +36,26 @@ SCRIPT = HERE / "ccproxy.py"
 FIXTURES = HERE.parent / "shared" / "fixtures" / "claude-code"
 HAVE_FIXTURES = FIXTURES.is_dir()
 CLIENT_KEY = "sk-ant-api03-client-secret-0123456789"
-# End-to-end tests start real processes; CCPROXY_QUICK=1 skips them for a fast local run.
-slow = pytest.mark.skipif(os.environ.get("CCPROXY_QUICK") == "1", reason="CCPROXY_QUICK=1")
+QUICK = os.environ.get("CCPROXY_QUICK") == "1"
+IN_CI = bool(os.environ.get("CI"))
+
+
+def slow(test):
+    """End-to-end tests that start real processes: marked `slow` (deselect them with
+    -m "not slow"), and skipped under CCPROXY_QUICK=1 for a fast local run."""
+    return pytest.mark.skipif(QUICK, reason="CCPROXY_QUICK=1")(pytest.mark.slow(test))
+
+
+def missing_prerequisite(reason: str) -> None:
+    """In CI a missing prerequisite fails the test; elsewhere it skips with the reason."""
+    if IN_CI:
+        pytest.fail(f"prerequisite missing in CI: {reason}")
+    pytest.skip(reason)
+
+
+def need_fixtures() -> None:
+    if not HAVE_FIXTURES:
+        missing_prerequisite(f"{FIXTURES} is not present (the captured Claude Code requests)")
 
 
 # ---- Fixtures: fake upstream, Claude Code-shaped requests, proxy -----------------------------
@@ -638,6 +656,33 @@ def test_bad_rule_params_name_the_parameter():
         ccproxy.build_rule(ccproxy.RuleSpec("long", "ccproxy.rules.TokenCoutRule", {}))
 
 
+def test_validate_checks_callbacks_that_name_ccproxy(tmp_path):
+    (tmp_path / "config.yaml").write_text(
+        "model_list: [{model_name: x, litellm_params: {model: anthropic/x}}]\n"
+        "litellm_settings:\n  callbacks: [ccproxy.handlr, ccproxy.handler, ccproxy.handler, other.cb]\n")
+    done = run_cli("validate", "--config-dir", str(tmp_path))
+    assert done.returncode == 1
+    assert f"{tmp_path / 'config.yaml'}:3: callback `ccproxy.handlr`: ccproxy's callback is " \
+           "`ccproxy.handler` (did you mean `ccproxy.handler`?)" in done.stdout
+    assert "`ccproxy.handler` is listed twice" in done.stdout and "other.cb" not in done.stdout
+
+
+class SlottedRule:
+    """A 1.x-style rule object (evaluate, no Rule base) whose __slots__ leave no room."""
+    __slots__ = ("x",)
+
+    def evaluate(self, request, config):
+        return True
+
+
+def test_a_rule_with_slots_is_refused_loudly_not_nameless(tmp_path):
+    spec = ccproxy.RuleSpec("slotted", "test_ccproxy.SlottedRule", {})
+    sys.modules.setdefault("test_ccproxy", sys.modules[__name__])
+    with pytest.raises(ccproxy.RuleError, match="cannot set its name") as err:
+        ccproxy.build_rule(spec)
+    assert "__slots__" in err.value.hint
+
+
 # ---- Tokens ----------------------------------------------------------------------------------
 
 def test_tokenizer_is_cl100k_loaded_offline(tmp_path):
@@ -923,6 +968,120 @@ def test_redact_hides_secrets():
     assert ccproxy.redact("user-agent", "claude-cli/2.1.332") == "claude-cli/2.1.332"
 
 
+# ---- LiteLLM adapter: contact points, doctor ------------------------------------------------
+
+def test_every_litellm_contact_is_checked_and_holds_on_the_pinned_release():
+    results = ccproxy.check_contacts()
+    assert [c.name for c, _ok in results] == [c.name for c in ccproxy.CONTACTS]
+    assert len({c.name for c in ccproxy.CONTACTS}) == len(ccproxy.CONTACTS) >= 15
+    assert [c.name for c, ok in results if not ok] == []
+    assert all(c.relies_on and c.breaks for c in ccproxy.CONTACTS)
+    assert ccproxy.litellm_version() == ccproxy.LITELLM_CHECKED
+
+
+def test_a_missing_contact_is_reported_by_start_health_and_doctor(tmp_path, monkeypatch, capsys):
+    litellm = ccproxy.import_litellm()
+    monkeypatch.delattr(litellm, "use_chat_completions_url_for_anthropic_messages")
+    monkeypatch.setattr(litellm.integrations.custom_logger.CustomLogger, "async_pre_call_hook",
+                        lambda self, data: data)         # a changed hook signature
+    missing = [c.name for c, ok in ccproxy.check_contacts() if not ok]
+    assert missing == ["callback hooks", "chat completions switch"]
+    core = ccproxy.Handler(config=ccproxy.default_config(tmp_path))
+    core.start()
+    assert core.health()["status"] == "degraded" and core.health()["missing"] == missing
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if " ccproxy ERROR " in ln]
+    assert len(errors) == 2 and "use_chat_completions_url_for_anthropic_messages not found" \
+        in errors[1] and "use the Responses API" in errors[1], errors
+    assert ccproxy.main(["doctor", "--json", "--config-dir", str(tmp_path)]) == 1
+    report = json.loads(capsys.readouterr().out)
+    failed = [c["name"] for c in report["checks"] if c["status"] == "fail"]
+    assert failed == ["litellm: callback hooks", "litellm: chat completions switch"]
+
+
+def test_start_stops_a_degraded_proxy_unless_allowed(tmp_path, upstream, monkeypatch, capsys):
+    write_config(tmp_path, upstream, free_port())
+    monkeypatch.setattr(ccproxy, "wait_until_live", lambda *a, **k: "degraded: this LiteLLM "
+                        "lacks what ccproxy uses for: callback hooks")
+    assert ccproxy.main(["start", "--detach", "--config-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "degraded" in err and "doctor" in err and "--allow-degraded" in err
+    assert ccproxy.PidFile(tmp_path).read() == (None, None)
+    assert ccproxy.main(["start", "--detach", "--allow-degraded", "--config-dir", str(tmp_path)]) == 0
+    assert "kept running (--allow-degraded)" in capsys.readouterr().err
+    assert ccproxy.main(["stop", "--config-dir", str(tmp_path)]) == 0
+
+
+def test_wait_until_live_reads_the_nonce_and_the_missing_contacts():
+    answers = {"body": {}}
+
+    class Health(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            payload = json.dumps(answers["body"]).encode()
+            self.wfile.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                             + f"content-length: {len(payload)}\r\n\r\n".encode() + payload)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    class Running:
+        def poll(self):
+            return None
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        answers["body"] = {"instance": "n1", "missing": []}
+        assert ccproxy.wait_until_live(Running(), url, 5, "n1", out=open(os.devnull, "w")) == "live"
+        assert "another ccproxy proxy" in ccproxy.wait_until_live(Running(), url, 5, "n2",
+                                                                 out=open(os.devnull, "w"))
+        answers["body"] = {"instance": "n1", "missing": ["callback hooks"]}
+        assert ccproxy.wait_until_live(Running(), url, 5, "n1", out=open(os.devnull, "w")) == (
+            "degraded: this LiteLLM lacks what ccproxy uses for: callback hooks "
+            "(the log says what stops working)")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_doctor_lists_every_check_and_fails_on_a_broken_config(tmp_path):
+    done = run_cli("doctor", "--json", "--config-dir", str(tmp_path), env={"PATH": "/usr/bin:/bin"})
+    report = json.loads(done.stdout)
+    names = [c["name"] for c in report["checks"]]
+    for name in ("python", "litellm", "pyyaml", "tiktoken", "litellm line", "config", "port",
+                 "proxy", "claude code", "status line"):
+        assert name in names, names
+    assert [n for n in names if n.startswith("litellm: ")] == [
+        f"litellm: {c.name}" for c in ccproxy.CONTACTS]
+    assert done.returncode == 0 and report["ok"], done.stdout
+    (tmp_path / "ccproxy.yaml").write_text("ccproxy:\n  rules: 3\n")
+    broken = run_cli("doctor", "--config-dir", str(tmp_path))
+    assert broken.returncode == 1 and "fail  config:" in broken.stdout and "`rules` must be a list" in broken.stdout
+    assert "Traceback" not in broken.stdout + broken.stderr
+
+
+def test_handler_init_has_no_side_effects_and_start_does_the_io(tmp_path, upstream):
+    write_config(tmp_path, upstream, 4000, settings={"token_cache_max_chars": 12345,
+                                                     "oat_sources": {"anthropic": "echo tok"}})
+    core = ccproxy.Handler(config_dir=tmp_path)
+    source = core.pipeline.oauth["anthropic"]
+    assert source.token is None and ccproxy.TOKENS.max_chars != 12345      # nothing ran yet
+    before = ccproxy.TOKENS.max_chars
+    try:
+        core.start()
+        assert source.token == "tok" and ccproxy.TOKENS.max_chars == 12345
+    finally:
+        ccproxy.TOKENS.max_chars = before
+
+
+def test_loading_the_tokenizer_leaves_the_environment_alone(monkeypatch):
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    before = dict(os.environ)
+    encoding = ccproxy.load_cl100k()
+    assert dict(os.environ) == before
+    assert encoding.encode_ordinary("hello world") == [15339, 1917]
+
+
 # ---- Handler: end to end through a real LiteLLM proxy ---------------------------------------
 
 EXPECTED_ROUTES = {   # request kind -> (route label, model the upstream must receive, upstream path)
@@ -971,7 +1130,8 @@ def test_claude_code_requests_route_by_rules(proxy, clean_upstream, kind, releas
 
 
 def fixture_names():
-    return sorted(p.name for p in FIXTURES.glob("*.json")) if HAVE_FIXTURES else []
+    """The captured requests, or one placeholder whose test then reports them missing."""
+    return sorted(p.name for p in FIXTURES.glob("*.json")) if HAVE_FIXTURES else ["(missing)"]
 
 
 FIXTURE_ROUTES = {
@@ -985,9 +1145,9 @@ HOP_BY_HOP = {"connection", "accept-encoding", "content-length", "host", "transf
 
 
 @slow
-@pytest.mark.skipif(not HAVE_FIXTURES, reason="../shared/fixtures/claude-code is not present")
 @pytest.mark.parametrize("name", fixture_names())
 def test_captured_claude_code_requests_replay(proxy, clean_upstream, name):
+    need_fixtures()
     capture = load_fixture(name)
     headers = {k: v for k, v in capture["headers"].items() if k.lower() not in HOP_BY_HOP}
     headers["x-api-key"] = CLIENT_KEY
@@ -1128,12 +1288,13 @@ def claude_code_binary(version: str) -> Path:
     if not binary.exists():
         npm = shutil.which("npm")
         if npm is None:
-            pytest.skip("npm is not installed, so the Claude Code CLI cannot be installed")
+            missing_prerequisite("npm is not installed, so the Claude Code CLI cannot be installed")
         done = subprocess.run([npm, "install", "--prefix", str(claude_code_dir(version)), "--no-audit",
                                "--no-fund", f"@anthropic-ai/claude-code@{version}"],
                               capture_output=True, text=True, timeout=600)
         if done.returncode != 0 or not binary.exists():
-            pytest.skip(f"could not install @anthropic-ai/claude-code@{version}: {done.stderr[-300:]}")
+            missing_prerequisite(f"could not install @anthropic-ai/claude-code@{version}: "
+                                 f"{done.stderr[-300:]}")
     return binary
 
 
@@ -1803,9 +1964,9 @@ def test_explain_shows_verdicts_label_route_and_auth(tmp_path, release):
     assert "fix:" not in run_cli("explain", "--config-dir", str(cfg), input=json.dumps(plain)).stdout
 
 
-@pytest.mark.skipif(not HAVE_FIXTURES, reason="../shared/fixtures/claude-code is not present")
-@pytest.mark.parametrize("name", [n for n in fixture_names() if FIXTURE_ROUTES.get(n)])
+@pytest.mark.parametrize("name", [n for n in fixture_names() if n == "(missing)" or FIXTURE_ROUTES.get(n)])
 def test_explain_on_captured_requests(name, capsys):
+    need_fixtures()
     assert ccproxy.main(["explain", "--json", str(FIXTURES / name), "--config-dir", "/nonexistent-ccproxy"]) == 0
     assert json.loads(capsys.readouterr().out)["decision"]["label"] == FIXTURE_ROUTES[name]
 
@@ -1815,6 +1976,70 @@ def test_explain_rejects_bad_input(tmp_path):
     assert done.returncode == 2 and "is not JSON" in done.stderr
     done = run_cli("explain", str(tmp_path / "missing.json"), "--config-dir", str(tmp_path))
     assert done.returncode == 2 and "cannot read" in done.stderr
+
+
+@slow
+def test_explain_session_agrees_with_the_live_proxy_on_a_tool_result_continuation(proxy, clean_upstream, tmp_path):
+    session = "sess-explain-live"
+    body, headers = cc_request("think", session=session)
+    body["stream"] = False
+    assert proxy.messages(body, headers)[0] == 200
+    loop = copy.deepcopy(body)
+    loop["output_config"] = {"effort": "medium"}        # the continuation no longer asks for max
+    loop["messages"] += [{"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "Bash", "input": {}}]},
+                         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]}]
+    request = tmp_path / "loop.json"
+    request.write_text(json.dumps({"headers": headers, "body": loop}))
+    alone = json.loads(run_cli("explain", "--json", str(request), "--config-dir", str(proxy.directory)).stdout)
+    live = run_cli("explain", "--json", "--session", session, str(request), "--config-dir", str(proxy.directory))
+    assert live.returncode == 0, live.stderr
+    explained = json.loads(live.stdout)["decision"]
+    assert alone["decision"]["label"] == "default"                      # no state: rules alone
+    assert (explained["label"], explained["reason"]) == ("think", "the turn continues on think")
+    clean_upstream.clear()
+    status, answered, _raw = proxy.messages(loop, headers)
+    assert status == 200 and answered["x-ccproxy-rule"] == explained["label"]
+    assert clean_upstream.received()[0]["body"]["model"] == "up-think"
+    unknown = run_cli("explain", "--session", "no-such-session", str(request), "--config-dir", str(proxy.directory))
+    assert unknown.returncode == 2 and "knows no session 'no-such-session'" in unknown.stderr
+
+
+@slow
+def test_ccproxy_py_dropped_beside_a_litellm_config_routes_with_litellms_own_cli(tmp_path, upstream):
+    """No ccproxy command, no PYTHONPATH from us: LiteLLM's CLI finds ccproxy.py beside its
+    config.yaml, and the ccproxy section in that config.yaml routes."""
+    shutil.copy(SCRIPT, tmp_path / "ccproxy.py")
+    port = free_port()
+    config = {
+        "ccproxy": {"rules": [{"name": "background", "rule": "MatchModelRule", "params": {"model_name": "haiku"}}]},
+        "model_list": [
+            {"model_name": "background", "litellm_params": {"model": "anthropic/up-dropped", "api_base": upstream.url}},
+            {"model_name": "claude-*", "litellm_params": {"model": "anthropic/claude-*", "api_base": upstream.url}}],
+        "litellm_settings": {"callbacks": ["ccproxy.handler"]}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CCPROXY_CONFIG_DIR")}
+    env.update({ccproxy.WEAK_KEY_PERMIT_ENV: "True", "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
+    log_file = open(tmp_path / "litellm.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "litellm.proxy.proxy_cli", "--config",
+                             str(tmp_path / "config.yaml"), "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=tmp_path, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while ccproxy.http_get(url + "/health/liveliness")[0] != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "litellm.log").read_text()[-2000:]
+            time.sleep(0.25)
+        upstream.clear()
+        body, headers = cc_request("haiku")
+        status, answered, raw = http("POST", url + "/v1/messages", body, headers)
+        assert status == 200, raw[:300]
+        assert answered["x-ccproxy-rule"] == "background"
+        assert upstream.received()[0]["body"]["model"] == "up-dropped"
+        assert json.loads(http("GET", url + "/ccproxy/health")[2])["guarded"] is True
+    finally:
+        ccproxy.stop_process(proc.pid, 10)
+        log_file.close()
 
 
 # ---- OAuth ------------------------------------------------------------------------------------
@@ -2042,9 +2267,7 @@ def chromium_binary() -> str:
         found = shutil.which(name)
         if found:
             return found
-    if os.environ.get("CI"):
-        pytest.fail("chromium is not installed (.ci/run installs the Debian package)")
-    pytest.skip("chromium is not installed")
+    missing_prerequisite("chromium is not installed (.ci/run installs the Debian package)")
 
 
 @slow
@@ -2563,7 +2786,7 @@ QUOTED_ARGS = ["a b", "it's", "$HOME", 'x"y', ""]
 def need_shell(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        pytest.skip(f"{name} is not installed (CI installs it: apt-get install zsh fish)")
+        missing_prerequisite(f"{name} is not installed (.ci/run installs it: apt-get install zsh fish)")
     return path
 
 
@@ -3199,7 +3422,7 @@ def test_the_pep723_header_runs_with_uv_and_pipx(runner, tmp_path):
     """`uv run ccproxy.py` / `pipx run ccproxy.py` build an environment from the header: the
     provider of a bare `gpt-4o` is only known through LiteLLM, so `explain` proves it is there."""
     if shutil.which(runner) is None:
-        pytest.skip(f"{runner} is not installed (CI installs it)")
+        missing_prerequisite(f"{runner} is not installed (.ci/run installs it)")
     shutil.copy(SCRIPT, tmp_path / "ccproxy.py")
     (tmp_path / "cfg").mkdir()
     (tmp_path / "cfg" / "ccproxy.yaml").write_text(
@@ -3458,6 +3681,7 @@ def run_suite() -> int:
         env = dict(os.environ, COVERAGE_RCFILE=str(rc))
         done = subprocess.run([sys.executable, "-m", "coverage", "run", "-m", "pytest", "-q",
                                "-rs", "--timeout=600", "-p", "no:cacheprovider",
+                               "-o", "markers=slow: end-to-end tests with real processes",
                                str(Path(__file__).resolve())],
                               env=env, cwd=HERE)
         if done.returncode not in (0,):
