@@ -31,13 +31,13 @@ from __future__ import annotations
 __version__ = "2.0.0.dev0"
 __all__ = [
     "CCProxyError", "ConfigError", "RuleError", "OAuthError", "ProcessError",
-    "Config", "load_config", "count_tokens", "count_request_tokens",
+    "Config", "load_config", "count_tokens", "count_request_tokens", "Handler",
     "Rule", "Verdict", "ClassificationRule", "DefaultRule", "MatchModelRule", "ThinkingRule",
     "TokenCountRule", "MatchToolRule", "WebSearchRule", "SubagentRule",
     "RequestContext", "RoutingDecision", "Pipeline", "run_pipeline", "route_request",
     "validate_config", "SessionStore",
     "rule_evaluator", "model_router", "forward_oauth", "forward_apikey", "extract_session_id",
-    "capture_headers", "CCProxyHandler", "main",
+    "capture_headers", "main",
 ]
 
 # ---- Imports -------------------------------------------------------------------------------
@@ -331,7 +331,7 @@ def client_headers(data: Mapping[str, Any]) -> dict[str, str]:
     if isinstance(psr, dict) and isinstance(psr.get("headers"), dict):
         out.update({str(k).lower(): str(v) for k, v in psr["headers"].items()})
     secret = data.get("secret_fields")
-    raw = secret.get("raw_headers") if hasattr(secret, "get") else \
+    raw = secret.get("raw_headers") if isinstance(secret, Mapping) else \
         getattr(secret, "raw_headers", None)
     if isinstance(raw, Mapping):
         out.update({str(k).lower(): str(v) for k, v in raw.items()})
@@ -1003,7 +1003,8 @@ def build_config(raw: Mapping[str, Any], litellm_raw: Mapping[str, Any], *,
         workers = 1
     for key in server:
         if key not in SERVER_KEYS:
-            problems.warn(("litellm", key), f"unknown key `litellm.{key}`{_did_you_mean(key, SERVER_KEYS)}")
+            problems.warn(("litellm", key),
+                          f"unknown key `litellm.{key}`{_did_you_mean(key, SERVER_KEYS)}")
     if problems.errors:
         raise ConfigError("; ".join(problems.errors),
                           "fix the config (python ccproxy.py validate lists every problem)",
@@ -1570,7 +1571,7 @@ class TokenCounter:
         for tool in tools:
             if not isinstance(tool, dict):
                 continue
-            fn = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+            fn: dict = tool["function"] if isinstance(tool.get("function"), dict) else tool
             total += self.count_text(_as_text(fn.get("name")))
             total += self.count_text(_as_text(fn.get("description")))
             rest = {k: v for k, v in fn.items()
@@ -1599,15 +1600,17 @@ class TokenCounter:
                 self._conversations.move_to_end(key)
         system_same = snap is not None and snap.system == system
         tools_same = snap is not None and snap.tools == tools
-        system_count = snap.system_count if system_same else self.count_value(system)
-        tools_count = snap.tools_count if tools_same else self.count_tools(tools)
+        system_count = snap.system_count if snap is not None and system_same \
+            else self.count_value(system)
+        tools_count = snap.tools_count if snap is not None and tools_same \
+            else self.count_tools(tools)
         head = system_count + tools_count
         if limit is not None and head > limit:
             return head, False
         # The longest prefix of messages equal to those counted before is already summed.
         same = 0
         if snap is not None:
-            for old, new in zip(snap.messages, messages):
+            for old, new in zip(snap.messages, messages, strict=False):
                 if old != new:
                     break
                 same += 1
@@ -1625,8 +1628,10 @@ class TokenCounter:
                 break
         complete = len(kept) == len(messages)
         new_snap = _Conversation(
-            system=snap.system if system_same else _freeze(system), system_count=system_count,
-            tools=snap.tools if tools_same else _freeze(tools), tools_count=tools_count,
+            system=snap.system if snap is not None and system_same else _freeze(system),
+            system_count=system_count,
+            tools=snap.tools if snap is not None and tools_same else _freeze(tools),
+            tools_count=tools_count,
             messages=kept, cumulative=cumulative)
         with self._lock:
             self._conversations[key] = new_snap
@@ -1696,16 +1701,19 @@ CL100K_SPECIAL = {"<|endoftext|>": 100257, "<|fim_prefix|>": 100258, "<|fim_midd
 
 def load_cl100k() -> Any:
     """tiktoken's cl100k_base from LiteLLM's bundled copy; never downloads when it is there."""
+    import base64
     import hashlib
 
     import tiktoken
-    import tiktoken.load
 
     folder = bundled_tiktoken_dir()
     if folder is None:
         return tiktoken.get_encoding("cl100k_base")   # the user's own tiktoken cache
-    ranks_file = folder / hashlib.sha1(CL100K_URL.encode()).hexdigest()
-    ranks = tiktoken.load.load_tiktoken_bpe(str(ranks_file), expected_hash=CL100K_SHA256)
+    contents = (folder / hashlib.sha1(CL100K_URL.encode()).hexdigest()).read_bytes()
+    if hashlib.sha256(contents).hexdigest() != CL100K_SHA256:
+        raise ValueError(f"LiteLLM's copy of cl100k_base in {folder} is damaged (hash)")
+    ranks = {base64.b64decode(token): int(rank)
+             for token, rank in (line.split() for line in contents.splitlines() if line)}
     return tiktoken.Encoding(name="cl100k_base", pat_str=CL100K_PATTERN,
                              mergeable_ranks=ranks, special_tokens=CL100K_SPECIAL)
 
@@ -1832,7 +1840,7 @@ class ThinkingRule(Rule):
     """
 
     def __init__(self, min_budget_tokens: int | None = 32000,
-                 effort: str | list[str] | None = ("xhigh", "max"),
+                 effort: str | list[str] | tuple[str, ...] | None = ("xhigh", "max"),
                  types: str | list[str] | None = None) -> None:
         if min_budget_tokens is not None and (isinstance(min_budget_tokens, bool)
                                               or not isinstance(min_budget_tokens, int)):
@@ -2278,8 +2286,7 @@ def parse_session(metadata: Any, headers: Mapping[str, str]) -> str | None:
             session = user_id.rsplit("_session_", 1)[1]
             if session:
                 return session
-    session = headers.get("x-claude-code-session-id")
-    return session or None
+    return headers.get("x-claude-code-session-id") or None
 
 
 class ModelTable:
@@ -2655,7 +2662,7 @@ def model_router(data: dict, ctx: RequestContext, **params: Any) -> dict:
     later turns too.
     """
     pipeline = ctx.pipeline
-    requested = data.get("model") if isinstance(data.get("model"), str) else ""
+    requested: str = data["model"] if isinstance(data.get("model"), str) else ""
     rule = next((r for r in pipeline.rules if getattr(r, "name", None) == ctx.label), None) \
         if ctx.label is not None else None
     label = ctx.route_label or ctx.label or "default"
@@ -2988,7 +2995,7 @@ def clamp_max_tokens(data: dict, ctx: "RequestContext") -> None:
     data["max_tokens"] = limit
     thinking = data.get("thinking")
     budget = thinking.get("budget_tokens") if isinstance(thinking, dict) else None
-    if isinstance(budget, int) and budget >= limit:
+    if isinstance(thinking, dict) and isinstance(budget, int) and budget >= limit:
         if limit - 1 >= 1024:
             thinking["budget_tokens"] = limit - 1
         else:
@@ -3131,10 +3138,10 @@ class Pipeline:
                 missing is not None
                 and now - self._last_reload >= self.config.settings.model_reload_cooldown)
             if self._models is None or (stale and self._model_source is not None):
-                self._load_models(now)
+                return self._load_models(now)
             return self._models
 
-    def _load_models(self, now: float) -> None:
+    def _load_models(self, now: float) -> ModelTable:
         self._last_reload = now
         deployments = None
         if self._model_source is not None:
@@ -3144,9 +3151,10 @@ class Pipeline:
             # do not mark it loaded so the live list is picked up once it exists.
             self._models = ModelTable(self.config.model_list)
             self._models_loaded = self._model_source is None
-            return
+            return self._models
         self._models = ModelTable(deployments)
         self._models_loaded = True
+        return self._models
 
     def warn_once(self, key: str, message: str) -> None:
         """Log a warning the first time it happens in this process."""
@@ -3430,8 +3438,9 @@ class Handler:
             return
         fill = decision.get("input_tokens") if decision.get("provider") != "anthropic" \
             else None
+        fill = fill if isinstance(fill, int) else 0
         watcher = SSEWatcher()
-        held = fill is not None    # hold bytes until message_start is complete
+        held = fill > 0    # hold bytes until message_start is complete
         async for chunk in response:
             raw = chunk if isinstance(chunk, bytes) else str(chunk).encode()
             frames = watcher.feed(raw)
@@ -3440,7 +3449,8 @@ class Handler:
                 continue
             if not frames:
                 continue
-            out = [with_input_tokens(f, fill) if b"message_start" in f else f for f in frames]
+            out = [with_input_tokens(f, fill) if b"message_start" in f else f
+                   for f in frames]
             held = False
             yield b"".join(out) + watcher.pending
         if held and watcher.pending:
@@ -4818,7 +4828,7 @@ def uninstall_statusline(path: Path, command: str) -> str:
         {k: v for k, v in previous.items() if k != "statusLine"}
     if saved is not None and not saved.get("existed") and list(settings) == ["statusLine"]:
         path.unlink()
-    elif untouched:
+    elif untouched and saved is not None:
         path.write_text(saved["bytes"])
     else:
         settings.pop("statusLine")
@@ -4902,7 +4912,7 @@ def _prepare_start(args: argparse.Namespace) -> tuple[Config, Path, list[str], d
     env = proxy_environment(config)
     if env.get(PROXY_KEY_ENV):
         _print(f"proxy key on: clients send it in {PROXY_KEY_HEADER} "
-               f"(key in {config.directory / PROXY_KEY_FILE})", err=True)
+               f"(key in {Path(config.directory or '.') / PROXY_KEY_FILE})", err=True)
     elif env.get(WEAK_KEY_PERMIT_ENV) == "True" and WEAK_KEY_PERMIT_ENV not in os.environ:
         _print(f"no master key: allowed because the proxy listens on loopback only "
                f"({config.host})", err=True)
@@ -5218,11 +5228,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check the config and report every problem with file and line."""
+    config: Config | None = None
     try:
         config = _config_for(args)
     except ConfigError as exc:
         report = ValidationReport(errors=list(exc.problems))
-        config = None
     else:
         report = validate_config(config, Pipeline(config))
     if args.json:

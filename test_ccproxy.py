@@ -720,9 +720,22 @@ def test_tokenizer_failure_is_loud_and_marked(monkeypatch, caplog):
     assert "estimated" in rule.check({"messages": [{"role": "user", "content": "z" * 100}]}, None).fact
 
 
+_CL100K: list = []
+
+
 def _encode(text: str) -> int:
+    if not _CL100K:
+        _CL100K.append(ccproxy.load_cl100k())
+    return len(_CL100K[0].encode_ordinary(text))
+
+
+def test_the_offline_tokenizer_is_tiktokens_cl100k(monkeypatch):
     import tiktoken
-    return len(tiktoken.get_encoding("cl100k_base").encode_ordinary(text))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(ccproxy.bundled_tiktoken_dir()))
+    theirs, ours = tiktoken.get_encoding("cl100k_base"), ccproxy.load_cl100k()
+    text = SCRIPT.read_text() + (HERE / "README.md").read_text() + " \u00e9\u4e2d\U0001f600 <|endoftext|>"
+    assert ours.encode_ordinary(text) == theirs.encode_ordinary(text)
+    assert ours.encode(text, allowed_special="all") == theirs.encode(text, allowed_special="all")
 
 
 def test_request_count_covers_every_part():
@@ -998,6 +1011,7 @@ def test_a_missing_contact_is_reported_by_start_health_and_doctor(tmp_path, monk
     assert failed == ["litellm: callback hooks", "litellm: chat completions switch"]
 
 
+@slow
 def test_start_stops_a_degraded_proxy_unless_allowed(tmp_path, upstream, monkeypatch, capsys):
     write_config(tmp_path, upstream, free_port())
     monkeypatch.setattr(ccproxy, "wait_until_live", lambda *a, **k: "degraded: this LiteLLM "
@@ -1044,6 +1058,7 @@ def test_wait_until_live_reads_the_nonce_and_the_missing_contacts():
         server.server_close()
 
 
+@slow
 def test_doctor_lists_every_check_and_fails_on_a_broken_config(tmp_path):
     done = run_cli("doctor", "--json", "--config-dir", str(tmp_path), env={"PATH": "/usr/bin:/bin"})
     report = json.loads(done.stdout)
@@ -1879,6 +1894,7 @@ model_list:
 """
 
 
+@slow
 def test_validate_reports_every_problem_with_its_line(tmp_path):
     (tmp_path / "ccproxy.yaml").write_text(BROKEN_CONFIG)
     done = run_cli("validate", "--json", "--config-dir", str(tmp_path))
@@ -1922,6 +1938,7 @@ def test_validate_passes_with_warnings_only(tmp_path):
     assert "model_list is empty" in done.stdout
 
 
+@slow
 def test_start_refuses_an_invalid_config_before_spawning(tmp_path):
     (tmp_path / "ccproxy.yaml").write_text(BROKEN_CONFIG.replace("0.0.0.0", "127.0.0.1"))
     t = time.monotonic()
@@ -2139,6 +2156,7 @@ def test_upstream_401_refreshes_the_oauth_token(oauth_proxy, clean_upstream):
     assert OAUTH_TOKEN_2 not in status.stdout and '"anthropic": "ok"' in status.stdout
 
 
+@slow
 def test_oauth_required_makes_a_failing_source_fatal_at_start(tmp_path):
     (tmp_path / "ccproxy.yaml").write_text(
         "ccproxy:\n  oauth_required: true\n  oat_sources:\n    anthropic: \"echo nope >&2; exit 4\"\n")
@@ -2689,6 +2707,7 @@ def test_non_loopback_bind_without_a_key_is_refused(tmp_path):
     assert "proxy_key: true" in done.stderr
 
 
+@slow
 def test_start_failure_prints_the_log_tail(tmp_path):
     directory = tmp_path / "cfg"
     directory.mkdir()
@@ -3377,7 +3396,7 @@ def test_readme_custom_rule_and_hook_work(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["callback", "providers", "oauth"])
-def test_readme_yaml_snippets_validate(tmp_path, name):
+def test_readme_yaml_snippets_validate(tmp_path, name, capsys):
     snippet = yaml.safe_load(readme_blocks()[name])
     config = yaml.safe_load(ccproxy.DEFAULT_CONFIG_YAML)
     for key, value in snippet.items():
@@ -3386,8 +3405,8 @@ def test_readme_yaml_snippets_validate(tmp_path, name):
         else:
             config[key] = value
     (tmp_path / "ccproxy.yaml").write_text(yaml.safe_dump(config))
-    done = run_cli("validate", "--json", "--config-dir", str(tmp_path))
-    assert json.loads(done.stdout)["errors"] == [], done.stdout
+    assert ccproxy.main(["validate", "--json", "--config-dir", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out)["errors"] == []
 
 
 @pytest.mark.parametrize("shell", ["bash", "zsh"])
@@ -3670,9 +3689,21 @@ def test_benchmark_runs_and_its_incremental_count_is_exact():
     assert [r[0] for r in shell_rows] == list(SHELL_VARIANTS)
 
 
+STATIC_CHECKS = (
+    ["ruff", "check", "--isolated", "--select", "E,F,W,B", "--line-length", "120", str(SCRIPT)],
+    ["mypy", "--ignore-missing-imports", "--no-error-summary", str(SCRIPT)],
+)
+
+
 def run_suite() -> int:
-    """The whole suite under coverage (this file's subprocesses included); fails under 90%."""
+    """Static checks, then the whole suite under coverage (this file's subprocesses
+    included); fails under 90%."""
     import tempfile
+    for check in STATIC_CHECKS:
+        done = subprocess.run([sys.executable, "-m", *check], cwd=HERE)
+        if done.returncode != 0:
+            print(f"static check failed: {' '.join(check[:2])}")
+            return done.returncode
     with tempfile.TemporaryDirectory() as tmp:
         rc = Path(tmp) / "coveragerc"
         rc.write_text(f"[run]\nbranch = true\nparallel = true\ndata_file = {tmp}/.coverage\n"
