@@ -476,6 +476,122 @@ def clean_upstream(upstream):
     return upstream
 
 
+# ---- LiteLLM adapter: contact points, doctor ------------------------------------------------
+
+def test_every_litellm_contact_is_checked_and_holds_on_the_pinned_release():
+    results = ccproxy.check_contacts()
+    assert [c.name for c, _ok in results] == [c.name for c in ccproxy.CONTACTS]
+    assert len({c.name for c in ccproxy.CONTACTS}) == len(ccproxy.CONTACTS) >= 15
+    assert [c.name for c, ok in results if not ok] == []
+    assert all(c.relies_on and c.breaks for c in ccproxy.CONTACTS)
+    assert ccproxy.litellm_version() == ccproxy.LITELLM_CHECKED
+
+
+def test_a_missing_contact_is_reported_by_start_health_and_doctor(tmp_path, monkeypatch, capsys):
+    litellm = ccproxy.import_litellm()
+    monkeypatch.delattr(litellm, "use_chat_completions_url_for_anthropic_messages")
+    monkeypatch.setattr(litellm.integrations.custom_logger.CustomLogger, "async_pre_call_hook",
+                        lambda self, data: data)         # a changed hook signature
+    missing = [c.name for c, ok in ccproxy.check_contacts() if not ok]
+    assert missing == ["callback hooks", "chat completions switch"]
+    core = ccproxy.Handler(config=ccproxy.default_config(tmp_path))
+    core.start()
+    assert core.health()["status"] == "degraded" and core.health()["missing"] == missing
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if " ccproxy ERROR " in ln]
+    assert len(errors) == 2 and "use_chat_completions_url_for_anthropic_messages not found" \
+        in errors[1] and "use the Responses API" in errors[1], errors
+    assert ccproxy.main(["doctor", "--json", "--config-dir", str(tmp_path)]) == 1
+    report = json.loads(capsys.readouterr().out)
+    failed = [c["name"] for c in report["checks"] if c["status"] == "fail"]
+    assert failed == ["litellm: callback hooks", "litellm: chat completions switch"]
+
+
+@slow
+def test_start_stops_a_degraded_proxy_unless_allowed(tmp_path, upstream, monkeypatch, capsys):
+    write_config(tmp_path, upstream, free_port())
+    monkeypatch.setattr(ccproxy, "wait_until_live", lambda *a, **k: "degraded: this LiteLLM "
+                        "lacks what ccproxy uses for: callback hooks")
+    assert ccproxy.main(["start", "--detach", "--config-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "degraded" in err and "doctor" in err and "--allow-degraded" in err
+    assert ccproxy.PidFile(tmp_path).read() == (None, None)
+    assert ccproxy.main(["start", "--detach", "--allow-degraded", "--config-dir", str(tmp_path)]) == 0
+    assert "kept running (--allow-degraded)" in capsys.readouterr().err
+    assert ccproxy.main(["stop", "--config-dir", str(tmp_path)]) == 0
+
+
+def test_wait_until_live_reads_the_nonce_and_the_missing_contacts():
+    answers = {"body": {}}
+
+    class Health(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            payload = json.dumps(answers["body"]).encode()
+            self.wfile.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                             + f"content-length: {len(payload)}\r\n\r\n".encode() + payload)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    class Running:
+        def poll(self):
+            return None
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        answers["body"] = {"instance": "n1", "missing": []}
+        assert ccproxy.wait_until_live(Running(), url, 5, "n1", out=open(os.devnull, "w")) == "live"
+        assert "another ccproxy proxy" in ccproxy.wait_until_live(Running(), url, 5, "n2",
+                                                                 out=open(os.devnull, "w"))
+        answers["body"] = {"instance": "n1", "missing": ["callback hooks"]}
+        assert ccproxy.wait_until_live(Running(), url, 5, "n1", out=open(os.devnull, "w")) == (
+            "degraded: this LiteLLM lacks what ccproxy uses for: callback hooks "
+            "(the log says what stops working)")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@slow
+def test_doctor_lists_every_check_and_fails_on_a_broken_config(tmp_path):
+    done = run_cli("doctor", "--json", "--config-dir", str(tmp_path), env={"PATH": "/usr/bin:/bin"})
+    report = json.loads(done.stdout)
+    names = [c["name"] for c in report["checks"]]
+    for name in ("python", "litellm", "pyyaml", "tiktoken", "litellm line", "config", "port",
+                 "proxy", "claude code", "status line"):
+        assert name in names, names
+    assert [n for n in names if n.startswith("litellm: ")] == [
+        f"litellm: {c.name}" for c in ccproxy.CONTACTS]
+    assert done.returncode == 0 and report["ok"], done.stdout
+    (tmp_path / "ccproxy.yaml").write_text("ccproxy:\n  rules: 3\n")
+    broken = run_cli("doctor", "--config-dir", str(tmp_path))
+    assert broken.returncode == 1 and "fail  config:" in broken.stdout and "`rules` must be a list" in broken.stdout
+    assert "Traceback" not in broken.stdout + broken.stderr
+
+
+def test_handler_init_has_no_side_effects_and_start_does_the_io(tmp_path, upstream):
+    write_config(tmp_path, upstream, 4000, settings={"token_cache_max_chars": 12345,
+                                                     "oat_sources": {"anthropic": "echo tok"}})
+    core = ccproxy.Handler(config_dir=tmp_path)
+    source = core.pipeline.oauth["anthropic"]
+    assert source.token is None and ccproxy.TOKENS.max_chars != 12345      # nothing ran yet
+    before = ccproxy.TOKENS.max_chars
+    try:
+        core.start()
+        assert source.token == "tok" and ccproxy.TOKENS.max_chars == 12345
+    finally:
+        ccproxy.TOKENS.max_chars = before
+
+
+def test_loading_the_tokenizer_leaves_the_environment_alone(monkeypatch):
+    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
+    before = dict(os.environ)
+    encoding = ccproxy.load_cl100k()
+    assert dict(os.environ) == before
+    assert encoding.encode_ordinary("hello world") == [15339, 1917]
+
+
 # ---- Config ----------------------------------------------------------------------------------
 
 def test_no_config_file_gives_builtin_defaults(tmp_path):
@@ -683,6 +799,63 @@ def test_a_rule_with_slots_is_refused_loudly_not_nameless(tmp_path):
     assert "__slots__" in err.value.hint
 
 
+def test_config_shape_errors_name_their_lines(tmp_path):
+    (tmp_path / "ccproxy.yaml").write_text(
+        "litellm:\n  host: 5\n  port: 70000\n  num_workers: 0\n  colour: blue\n"
+        "ccproxy:\n  hooks: {a: b}\n  rules: [7, {rule: X}, {name: a}, {name: b, rule: DefaultRule, weight: 2}]\n"
+        "  oat_sources: [x]\n")
+    with pytest.raises(ccproxy.ConfigError) as err:
+        ccproxy.load_config(tmp_path)
+    f = str(tmp_path / "ccproxy.yaml")
+    for expected in [f"{f}:2: host must be a string", f"{f}:3: port must be a number 1-65535",
+                     f"{f}:4: num_workers must be >= 1", f"{f}:7: `hooks` must be a list",
+                     f"{f}:8: a rule is a mapping", "rule without a `name`", "rule `a` has no `rule:` class",
+                     f"{f}:9: `oat_sources` must map a provider to a command"]:
+        assert expected in str(err.value), expected
+    (tmp_path / "ccproxy.yaml").write_text("- just\n- a list\n")
+    with pytest.raises(ccproxy.ConfigError, match="expected a mapping at the top level"):
+        ccproxy.load_config(tmp_path)
+    (tmp_path / "ccproxy.yaml").write_text("ccproxy: [1]\nlitellm: x\n")
+    with pytest.raises(ccproxy.ConfigError, match="must be a mapping"):
+        ccproxy.load_config(tmp_path)
+    (tmp_path / "ccproxy.yaml").write_text("ccproxy:\n  hooks: [5]\n  rules:\n    - {name: b, rule: DefaultRule, weight: 2}\nlitellm: {colour: blue}\n")
+    with pytest.raises(ccproxy.ConfigError, match="a hook is a name/path"):
+        ccproxy.load_config(tmp_path)
+    (tmp_path / "ccproxy.yaml").write_text("ccproxy:\n  rules:\n    - {name: b, rule: DefaultRule, weight: 2}\nlitellm: {colour: blue}\n")
+    warnings = ccproxy.load_config(tmp_path).warnings
+    assert any("rule `b`: unknown key `weight`" in w for w in warnings)
+    assert any("unknown key `litellm.colour`" in w for w in warnings)
+
+
+def test_config_url_unreadable_file_started_config_and_shape_errors(tmp_path, monkeypatch):
+    config = ccproxy.Config(settings=ccproxy.Settings(), litellm={}, host="0.0.0.0")
+    assert config.url == "http://127.0.0.1:4000"
+    assert ccproxy.Config(settings=ccproxy.Settings(), litellm={}, host="::1").url == "http://[::1]:4000"
+    (tmp_path / "ccproxy.yaml").mkdir()
+    with pytest.raises(ccproxy.ConfigError, match="cannot read"):
+        ccproxy.read_yaml(tmp_path / "ccproxy.yaml")
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "config.yaml").write_text("ccproxy:\n  debug: true\nmodel_list: []\n")
+    loaded = ccproxy.load_config(one)
+    assert loaded.ccproxy_file == loaded.litellm_file == one / "config.yaml" and loaded.settings.debug
+    monkeypatch.setattr(sys, "argv", ["litellm", "--config", str(one / "config.yaml")])
+    monkeypatch.delitem(sys.modules, "litellm.proxy.proxy_server", raising=False)
+    assert ccproxy.litellm_started_config() == (one / "config.yaml").resolve()
+    monkeypatch.setattr(sys, "argv", ["litellm", f"--config={one}/x.yaml"])
+    assert ccproxy.litellm_started_config() == (one / "x.yaml").resolve()
+    assert ccproxy.parse_params("solo") == ({}, ("solo",))
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "ccproxy.yaml").write_text("ccproxy:\n  rules: 5\n  hooks: null\nmodel_list: {a: 1}\n")
+    with pytest.raises(ccproxy.ConfigError, match="`rules` must be a list"):
+        ccproxy.load_config(tmp_path / "r")
+    (tmp_path / "r" / "ccproxy.yaml").write_text("ccproxy:\n  rules: [{name: t, rule: ThinkingRule, params: {effort: [high]}}]\nmodel_list: {a: 1}\n")
+    config = ccproxy.load_config(tmp_path / "r")
+    report = ccproxy.validate_config(config, ccproxy.Pipeline(config))
+    assert any("model_list must be a list" in e for e in report.errors)
+    assert any("effort high matches every Claude Code main turn" in w for w in report.warnings)
+
+
 # ---- Tokens ----------------------------------------------------------------------------------
 
 def test_tokenizer_is_cl100k_loaded_offline(tmp_path):
@@ -791,6 +964,26 @@ def test_string_cache_is_bounded():
     assert counter._chars <= 10000
 
 
+def test_token_counter_block_kinds_and_bounds():
+    c = ccproxy.TokenCounter(max_conversations=1)
+    assert c.count_block({"type": "redacted_thinking", "data": "x" * 500}) == 0
+    assert c.count_block({"type": "tool_reference", "tool_name": "WebSearch"}) == _encode("WebSearch")
+    assert c.count_block({"type": "document", "source": {"type": "text", "data": "abc def"}}) == _encode("abc def")
+    assert c.count_block({"type": "document", "source": {"type": "content", "content": [{"type": "text", "text": "hi"}]}}) == _encode("hi")
+    assert c.count_block({"type": "document", "source": {"type": "base64", "data": "QUJD"}}) == ccproxy.IMAGE_TOKENS
+    assert c.count_block({"type": "search_result", "title": "T", "content": [{"type": "text", "text": "x"}]}) == 2
+    openai = {"role": "assistant", "content": None,
+              "tool_calls": [{"function": {"name": "lookup", "arguments": '{"q": 1}'}}, "junk"]}
+    assert c.count_message(openai) == _encode("lookup") + _encode('{"q": 1}')
+    assert ccproxy._json_text({1, 2}).startswith("{")            # not JSON: its str()
+    body = {"system": "word " * 2000, "messages": [{"role": "user", "content": "hi"}]}
+    assert c.count_request(body, limit=10) == (c.count_value(body["system"]), False)
+    c.count_request({"messages": [{"role": "user", "content": "one"}]})
+    c.count_request({"messages": [{"role": "user", "content": "two"}]})
+    assert len(c._conversations) == 1
+    assert ccproxy.count_request_tokens({"messages": [{"role": "user", "content": "hello"}]}) == _encode("hello")
+
+
 # ---- Rules -----------------------------------------------------------------------------------
 
 def verdict(rule, body):
@@ -878,6 +1071,49 @@ def test_rules_never_raise_on_malformed_requests(body):
     assert ctx.hook_errors == [] and ctx.decision is not None
 
 
+def test_rule_constructors_reject_bad_params_and_describe_themselves():
+    for make in (lambda: ccproxy.MatchModelRule([]), lambda: ccproxy.ThinkingRule(min_budget_tokens="x"),
+                 lambda: ccproxy.TokenCountRule(100, lower_ratio=2), lambda: ccproxy.MatchToolRule(""),
+                 lambda: ccproxy.ThinkingRule(effort=[1])):
+        with pytest.raises(ccproxy.RuleError):
+            make()
+    assert ccproxy.ThinkingRule(types=["enabled"]).describe().endswith("type in enabled)")
+    assert ccproxy.MatchToolRule("Bash").describe() == "MatchToolRule(bash)"
+    assert ccproxy.SubagentRule(system_contains="x").describe() == "SubagentRule(x)"
+    assert ccproxy.DefaultRule(passthrough=True).describe() == "DefaultRule(passthrough=True)"
+    assert list(ccproxy._tool_names(["Bash", {"name": "Read"}])) == ["Bash", "Read"]
+    assert ccproxy._system_texts({"system": "plain"}) == ["plain"] and ccproxy._system_texts({}) == []
+
+
+class OldStyleRule(ccproxy.ClassificationRule):
+    """A ccproxy 1.x custom rule: evaluate(request, config) only."""
+
+    def evaluate(self, request, config):
+        return request.get("model") == "special"
+
+
+def test_custom_rules_old_style_and_broken(tmp_path, caplog):
+    assert ccproxy.rule_verdict(OldStyleRule(), {"model": "special"}, None).matched
+    with pytest.raises(NotImplementedError):
+        ccproxy.Rule().check({}, None)
+    (tmp_path / "odd.py").write_text("NOT_A_CLASS = 5\nclass Plain:\n    pass\n")
+    with pytest.raises(ccproxy.RuleError, match="has no `Missing`"):
+        ccproxy.build_rule(ccproxy.RuleSpec("x", "odd.Missing", {}), tmp_path)
+    with pytest.raises(ccproxy.RuleError, match="not a rule class"):
+        ccproxy.build_rule(ccproxy.RuleSpec("x", "odd.NOT_A_CLASS", {}), tmp_path)
+    with pytest.raises(ccproxy.RuleError, match="has no evaluate"):
+        ccproxy.build_rule(ccproxy.RuleSpec("x", "odd.Plain", {}), tmp_path)
+    pipeline = ccproxy.Pipeline(ccproxy.default_config())
+    broken = ccproxy.Rule()
+    broken.name = "broken"
+    pipeline.rules.insert(0, broken)                 # a rule that raises is skipped; the others decide
+    for _ in range(3):
+        data, ctx = ccproxy.run_pipeline(pipeline, {"model": "claude-haiku-5-5", "messages": []}, headers={})
+    assert ctx.hook_errors == ["rule broken failed: NotImplementedError: Rule implements neither evaluate nor check"]
+    assert ctx.decision.label == "background"
+    assert caplog.text.count("rule broken failed") == 1
+
+
 # ---- Hooks -----------------------------------------------------------------------------------
 
 def test_session_id_from_json_user_id_legacy_form_and_header():
@@ -953,7 +1189,7 @@ def test_background_thread_sweeps_idle_sessions():
     worker.start(pipeline)
     try:
         deadline = time.monotonic() + 5
-        while len(pipeline.sessions) and time.monotonic() < deadline:
+        while worker.swept < 50 and time.monotonic() < deadline:     # counted after the sweep
             time.sleep(0.02)
         assert len(pipeline.sessions) == 0 and worker.running and worker.swept == 50
     finally:
@@ -981,120 +1217,174 @@ def test_redact_hides_secrets():
     assert ccproxy.redact("user-agent", "claude-cli/2.1.332") == "claude-cli/2.1.332"
 
 
-# ---- LiteLLM adapter: contact points, doctor ------------------------------------------------
-
-def test_every_litellm_contact_is_checked_and_holds_on_the_pinned_release():
-    results = ccproxy.check_contacts()
-    assert [c.name for c, _ok in results] == [c.name for c in ccproxy.CONTACTS]
-    assert len({c.name for c in ccproxy.CONTACTS}) == len(ccproxy.CONTACTS) >= 15
-    assert [c.name for c, ok in results if not ok] == []
-    assert all(c.relies_on and c.breaks for c in ccproxy.CONTACTS)
-    assert ccproxy.litellm_version() == ccproxy.LITELLM_CHECKED
+def test_provider_detection():
+    assert ccproxy.provider_of({"model": "anthropic/x"}) == "anthropic"
+    assert ccproxy.provider_of({"model": "x", "custom_llm_provider": "bedrock"}) == "bedrock"
+    assert ccproxy.provider_of({"model": "claude-3-5-haiku-20241022"}) == "anthropic"   # via LiteLLM
+    assert ccproxy.provider_of({"model": "totally-unknown-model-xyz"}) is None
+    assert ccproxy.provider_of({}) is None
 
 
-def test_a_missing_contact_is_reported_by_start_health_and_doctor(tmp_path, monkeypatch, capsys):
-    litellm = ccproxy.import_litellm()
-    monkeypatch.delattr(litellm, "use_chat_completions_url_for_anthropic_messages")
-    monkeypatch.setattr(litellm.integrations.custom_logger.CustomLogger, "async_pre_call_hook",
-                        lambda self, data: data)         # a changed hook signature
-    missing = [c.name for c, ok in ccproxy.check_contacts() if not ok]
-    assert missing == ["callback hooks", "chat completions switch"]
-    core = ccproxy.Handler(config=ccproxy.default_config(tmp_path))
-    core.start()
-    assert core.health()["status"] == "degraded" and core.health()["missing"] == missing
-    errors = [ln for ln in capsys.readouterr().err.splitlines() if " ccproxy ERROR " in ln]
-    assert len(errors) == 2 and "use_chat_completions_url_for_anthropic_messages not found" \
-        in errors[1] and "use the Responses API" in errors[1], errors
-    assert ccproxy.main(["doctor", "--json", "--config-dir", str(tmp_path)]) == 1
-    report = json.loads(capsys.readouterr().out)
-    failed = [c["name"] for c in report["checks"] if c["status"] == "fail"]
-    assert failed == ["litellm: callback hooks", "litellm: chat completions switch"]
+def test_retired_and_malformed_hooks_and_sources(tmp_path):
+    (tmp_path / "ccproxy.yaml").write_text(
+        "ccproxy:\n  hooks: [rule_evaluator, ccproxy.hooks.add_beta_headers]\n"
+        "  oat_sources: {anthropic: 5}\n  rules:\n    - {name: a, rule: DefaultRule, sticky: maybe}\n")
+    with pytest.raises(ccproxy.ConfigError, match="`sticky` must be true or false"):
+        ccproxy.load_config(tmp_path)
+    (tmp_path / "ccproxy.yaml").write_text(
+        "ccproxy:\n  hooks: [rule_evaluator, ccproxy.hooks.add_beta_headers]\n  oat_sources: {anthropic: 5}\n")
+    problems = ccproxy.Pipeline(ccproxy.load_config(tmp_path)).problems
+    assert any("add_beta_headers skipped" in p for p in problems)
+    assert any("oat_sources.anthropic: expected a command" in p for p in problems)
+    report = run_cli("validate", "--json", "--config-dir", str(tmp_path))
+    assert json.loads(report.stdout)["ok"] is False
 
 
-@slow
-def test_start_stops_a_degraded_proxy_unless_allowed(tmp_path, upstream, monkeypatch, capsys):
-    write_config(tmp_path, upstream, free_port())
-    monkeypatch.setattr(ccproxy, "wait_until_live", lambda *a, **k: "degraded: this LiteLLM "
-                        "lacks what ccproxy uses for: callback hooks")
-    assert ccproxy.main(["start", "--detach", "--config-dir", str(tmp_path)]) == 1
-    err = capsys.readouterr().err
-    assert "degraded" in err and "doctor" in err and "--allow-degraded" in err
-    assert ccproxy.PidFile(tmp_path).read() == (None, None)
-    assert ccproxy.main(["start", "--detach", "--allow-degraded", "--config-dir", str(tmp_path)]) == 0
-    assert "kept running (--allow-degraded)" in capsys.readouterr().err
-    assert ccproxy.main(["stop", "--config-dir", str(tmp_path)]) == 0
+def test_auth_hooks_with_deployment_keys_and_failed_sources():
+    config = ccproxy.default_config()
+    models = [dict(m, litellm_params=dict(m["litellm_params"], api_key="sk-deploy")) if m["model_name"] == "think" else m
+              for m in config.model_list]
+    config = ccproxy.dataclasses.replace(config, litellm=dict(config.litellm, model_list=models))
+    pipeline = ccproxy.Pipeline(config)
+    pipeline.hooks.append(("forward_oauth", ccproxy.forward_oauth, {}))
+    pipeline.oauth["anthropic"] = ccproxy.OAuthSource("anthropic", "false")
+    body, headers = cc_request("think")
+    data, ctx = ccproxy.run_pipeline(pipeline, body, headers=headers)
+    assert "deployment api_key (client credentials not forwarded)" in ctx.auth
+    headers.pop("x-api-key")
+    data, ctx = ccproxy.run_pipeline(pipeline, cc_request("main")[0], headers=headers)
+    assert "no oauth token for anthropic (source failed); client auth kept" in ctx.auth
+    headers["authorization"] = "Bearer client-own"
+    data, ctx = ccproxy.run_pipeline(pipeline, cc_request("main")[0], headers=headers)
+    assert ccproxy.provider_headers(data, "anthropic")["authorization"] == "Bearer client-own"
+    assert ccproxy.provider_headers({"provider_specific_header": [{"custom_llm_provider": "openai,anthropic",
+                                                                   "extra_headers": {"a": "b"}}]}, "anthropic") == {"a": "b"}
+    assert ccproxy._secret("os.environ/NO_SUCH_VAR_XYZ") is None and ccproxy._secret("lit") == "lit"
 
 
-def test_wait_until_live_reads_the_nonce_and_the_missing_contacts():
-    answers = {"body": {}}
+# ---- Handler: its hooks called in-process --------------------------------------------------
 
-    class Health(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            payload = json.dumps(answers["body"]).encode()
-            self.wfile.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                             + f"content-length: {len(payload)}\r\n\r\n".encode() + payload)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-
-    class Running:
-        def poll(self):
-            return None
-    url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        answers["body"] = {"instance": "n1", "missing": []}
-        assert ccproxy.wait_until_live(Running(), url, 5, "n1", out=open(os.devnull, "w")) == "live"
-        assert "another ccproxy proxy" in ccproxy.wait_until_live(Running(), url, 5, "n2",
-                                                                 out=open(os.devnull, "w"))
-        answers["body"] = {"instance": "n1", "missing": ["callback hooks"]}
-        assert ccproxy.wait_until_live(Running(), url, 5, "n1", out=open(os.devnull, "w")) == (
-            "degraded: this LiteLLM lacks what ccproxy uses for: callback hooks "
-            "(the log says what stops working)")
-    finally:
-        server.shutdown()
-        server.server_close()
+def handler_data(body: dict, headers: dict, call_id: str = "call-1") -> dict:
+    """`data` as LiteLLM hands it to async_pre_call_hook on /v1/messages (measured shape)."""
+    data = copy.deepcopy(body)
+    public = {k: v for k, v in headers.items() if k not in ("x-api-key", "authorization")}
+    data.update(proxy_server_request={"url": "http://127.0.0.1:4000/v1/messages?beta=true",
+                                      "method": "POST", "headers": public, "body": body},
+                secret_fields={"raw_headers": dict(headers)},
+                litellm_metadata={"headers": public}, litellm_call_id=call_id)
+    return data
 
 
-@slow
-def test_doctor_lists_every_check_and_fails_on_a_broken_config(tmp_path):
-    done = run_cli("doctor", "--json", "--config-dir", str(tmp_path), env={"PATH": "/usr/bin:/bin"})
-    report = json.loads(done.stdout)
-    names = [c["name"] for c in report["checks"]]
-    for name in ("python", "litellm", "pyyaml", "tiktoken", "litellm line", "config", "port",
-                 "proxy", "claude code", "status line"):
-        assert name in names, names
-    assert [n for n in names if n.startswith("litellm: ")] == [
-        f"litellm: {c.name}" for c in ccproxy.CONTACTS]
-    assert done.returncode == 0 and report["ok"], done.stdout
-    (tmp_path / "ccproxy.yaml").write_text("ccproxy:\n  rules: 3\n")
-    broken = run_cli("doctor", "--config-dir", str(tmp_path))
-    assert broken.returncode == 1 and "fail  config:" in broken.stdout and "`rules` must be a list" in broken.stdout
-    assert "Traceback" not in broken.stdout + broken.stderr
+def test_handler_routes_in_process_and_tells_the_client(tmp_path, upstream, caplog):
+    import asyncio
+    write_config(tmp_path, upstream, 4000)
+    handler = ccproxy.CCProxyHandler(config_dir=tmp_path)
+    body, headers = cc_request("haiku")
+    data = asyncio.run(handler.async_pre_call_hook(None, None, handler_data(body, headers), "anthropic_messages"))
+    assert data["model"] == "background"
+    assert data["litellm_metadata"]["ccproxy"]["upstream"] == "anthropic/up-background"
+    assert data["metadata"] == body["metadata"]                 # the client's metadata untouched
+    extra = asyncio.run(handler.async_post_call_response_headers_hook(data, None, None))
+    assert extra == {"x-ccproxy-rule": "background", "x-ccproxy-model": "anthropic/up-background"}
+    assert asyncio.run(handler.async_pre_call_hook(None, None, {"input": "x"}, "aembedding")) == {"input": "x"}
+    failed = {"litellm_params": {"metadata": dict(data["litellm_metadata"])}}
+    asyncio.run(handler.async_log_failure_event(failed, None, 0, 0))
+    asyncio.run(handler.async_log_failure_event({"litellm_params": {"metadata": {
+        "user_api_key_alias": "litellm-internal-health-check"}}}, None, 0, 0))     # not counted
+    health = handler.core.health()
+    assert health["routes"] == {"background": 1} and health["failures"] == {"background": 1}
+    assert ccproxy.BACKGROUND.running
 
 
-def test_handler_init_has_no_side_effects_and_start_does_the_io(tmp_path, upstream):
-    write_config(tmp_path, upstream, 4000, settings={"token_cache_max_chars": 12345,
-                                                     "oat_sources": {"anthropic": "echo tok"}})
-    core = ccproxy.Handler(config_dir=tmp_path)
-    source = core.pipeline.oauth["anthropic"]
-    assert source.token is None and ccproxy.TOKENS.max_chars != 12345      # nothing ran yet
-    before = ccproxy.TOKENS.max_chars
-    try:
-        core.start()
-        assert source.token == "tok" and ccproxy.TOKENS.max_chars == 12345
-    finally:
-        ccproxy.TOKENS.max_chars = before
+def test_handler_with_a_broken_config_passes_everything_through(tmp_path, caplog):
+    import asyncio
+    (tmp_path / "ccproxy.yaml").write_text("ccproxy:\n  debug: maybe\n")
+    with caplog.at_level("ERROR", logger="ccproxy"):
+        handler = ccproxy.CCProxyHandler(config_dir=tmp_path)
+    assert handler.core.config_error and "routing disabled" in caplog.text and ":2:" in caplog.text
+    body, headers = cc_request("think")
+    data = asyncio.run(handler.async_pre_call_hook(None, None, handler_data(body, headers), "anthropic_messages"))
+    assert data["model"] == body["model"] and data["litellm_metadata"]["ccproxy"]["passthrough"]
 
 
-def test_loading_the_tokenizer_leaves_the_environment_alone(monkeypatch):
-    monkeypatch.delenv("TIKTOKEN_CACHE_DIR", raising=False)
-    before = dict(os.environ)
-    encoding = ccproxy.load_cl100k()
-    assert dict(os.environ) == before
-    assert encoding.encode_ordinary("hello world") == [15339, 1917]
+def test_handler_refreshes_oauth_after_401_in_process(tmp_path):
+    import asyncio
+    token = tmp_path / "tok"
+    token.write_text("tok-a\n")
+    (tmp_path / "ccproxy.yaml").write_text(
+        f"ccproxy:\n  hooks: [rule_evaluator, model_router, forward_oauth]\n"
+        f"  oat_sources: {{anthropic: 'cat {token}'}}\n"
+        "model_list: [{model_name: 'claude-*', litellm_params: {model: 'anthropic/claude-*'}}]\n")
+    handler = ccproxy.CCProxyHandler(config_dir=tmp_path)
+    body, headers = cc_request("main")
+    headers.pop("x-api-key")
+    data = asyncio.run(handler.async_pre_call_hook(None, None, handler_data(body, headers), "anthropic_messages"))
+    assert data["provider_specific_header"]["extra_headers"]["authorization"] == "Bearer tok-a"
+    token.write_text("tok-b\n")
+    handler.core.pipeline.oauth["anthropic"].loaded_at = 0
+    err = type("AuthError", (Exception,), {"status_code": 401})()
+    asyncio.run(handler.async_post_call_failure_deployment_hook(data, err, "anthropic_messages"))
+    assert handler.core.pipeline.oauth["anthropic"].token == "tok-b"
+    other = type("Boom", (Exception,), {"status_code": 500})()
+    asyncio.run(handler.async_post_call_failure_deployment_hook(data, other, "anthropic_messages"))
+
+
+def test_response_hooks_in_process(tmp_path, upstream):
+    import asyncio
+    write_config(tmp_path, upstream, 4000)
+    handler = ccproxy.CCProxyHandler(config_dir=tmp_path)
+    body, headers = cc_request("main", session="sess-hooks")
+    data = asyncio.run(handler.async_pre_call_hook(None, None, handler_data(body, headers), "anthropic_messages"))
+    stream = sse(message_events(upstream_message({"model": "claude-opus-5-5"}, [
+        {"type": "thinking", "thinking": "t", "signature": "sig.claude-opus-5-5.77"},
+        {"type": "text", "text": "hi"}])[1]))
+
+    async def chunks(raw, size):
+        for i in range(0, len(raw), size):
+            yield raw[i:i + size]
+
+    async def collect(gen):
+        return [c async for c in gen]
+
+    out = asyncio.run(collect(handler.async_post_call_streaming_iterator_hook(None, chunks(stream, 7), data)))
+    assert b"".join(out) == stream
+    session = handler.core.pipeline.sessions._sessions[("sess-hooks", None)]
+    assert handler.core.pipeline.sessions.producer(session, "sig.claude-opus-5-5.77") == "claude-opus-5-5"
+    # a JSON answer records too, and a zero usage from a translated route is filled in
+    long_body, long_headers = cc_request("long", session="sess-hooks")
+    long_data = asyncio.run(handler.async_pre_call_hook(None, None, handler_data(long_body, long_headers, "c2"), "anthropic_messages"))
+    answer = {"content": [{"type": "thinking", "thinking": "x", "signature": "sig.j"}], "usage": {"input_tokens": 0}}
+    assert asyncio.run(handler.async_post_call_success_hook(long_data, None, answer))["usage"]["input_tokens"] > 60000
+    zero = sse([("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 0}}}),
+                ("message_stop", {"type": "message_stop"})])
+    out = b"".join(asyncio.run(collect(handler.async_post_call_streaming_iterator_hook(None, chunks(zero, 5), long_data))))
+    assert json.loads(out.split(b"data: ")[1].split(b"\n")[0])["message"]["usage"]["input_tokens"] > 60000
+    plain = b"".join(asyncio.run(collect(handler.async_post_call_streaming_iterator_hook(None, chunks(zero, 5), {}))))
+    assert plain == zero
+    assert asyncio.run(handler.async_post_call_success_hook({}, None, "not a dict")) == "not a dict"
+
+
+def test_count_tokens_in_process_with_deployment_key_and_dead_upstream(tmp_path, upstream, monkeypatch):
+    import asyncio
+    write_config(tmp_path, upstream, 4000)
+    config = yaml.safe_load((tmp_path / "ccproxy.yaml").read_text())
+    for m in config["model_list"]:
+        if m["model_name"] == "think":
+            m["litellm_params"]["api_key"] = "os.environ/CCPROXY_TEST_KEY"
+        if m["model_name"] == "background":
+            m["litellm_params"]["api_base"] = f"http://127.0.0.1:{free_port()}/v1"
+    (tmp_path / "ccproxy.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("CCPROXY_TEST_KEY", "sk-from-env")
+    handler = ccproxy.CCProxyHandler(config_dir=tmp_path)
+    upstream.clear()
+    body, headers = cc_request("think")
+    status, answer = asyncio.run(handler.core.count_tokens({"model": body["model"], "messages": body["messages"],
+                                                       "output_config": {"effort": "max"},
+                                                       "thinking": {"type": "adaptive"}}, headers))
+    assert status == 200 and answer == {"input_tokens": 4242}
+    assert upstream.received()[-1]["headers"]["x-api-key"] == "sk-from-env"
+    status, answer = asyncio.run(handler.core.count_tokens({"model": "claude-haiku-5-5", "messages": []}, headers))
+    assert status == 502 and "count_tokens upstream failed" in answer["error"]["message"]
 
 
 # ---- Handler: end to end through a real LiteLLM proxy ---------------------------------------
@@ -1850,6 +2140,61 @@ def test_foreign_thinking_is_dropped_and_a_broken_tool_loop_stops_thinking():
     body["output_config"] = {"effort": "medium"}
     label, data, _ctx = route(session_pipeline(), body, headers)
     assert label == "default" and data["messages"][-2]["content"][0]["type"] == "thinking"
+
+
+def test_session_store_bounds_sweeps_and_logs(caplog):
+    caplog.set_level("INFO", logger="ccproxy")
+    store = ccproxy.SessionStore(ttl=0.0, max_sessions=1)
+    pipeline = ccproxy.Pipeline(ccproxy.default_config())
+    for session in ("s1", "s2"):
+        ctx = pipeline.context({"messages": [{"role": "user", "content": "x"}], "metadata": {}},
+                               headers={"x-claude-code-session-id": session})
+        store.attach(ctx, {"messages": [{"role": "user", "content": "x"}]})
+    assert len(store) == 1 and "session s1 evicted: 0 requests" in caplog.text
+    store.record_signature("s2", None, "sig", "m")
+    store.record_signature("nope", None, "sig", "m")
+    assert store.find("s2")["session_id"] == "s2" and store.find("nope") is None
+    time.sleep(0.01)
+    assert store.sweep() == 1 and "session s2 ended" in caplog.text
+    assert store.producer(None, "sig") is None and store.totals()["sessions"] == 0
+
+
+def test_fixes_fit_max_tokens_and_budget_and_a_failing_fix_is_skipped(monkeypatch):
+    config = ccproxy.default_config()
+    models = [dict(m, model_info={"max_output_tokens": 2000}) if m["model_name"] == "think" else m
+              for m in config.model_list]
+    settings = ccproxy.dataclasses.replace(config.settings, show_requested_model=False)
+    pipeline = ccproxy.Pipeline(ccproxy.dataclasses.replace(config, settings=settings,
+                                                            litellm=dict(config.litellm, model_list=models)))
+    body, headers = cc_request("think", "2.1.197")
+    body["thinking"] = {"type": "enabled", "budget_tokens": 40000}
+    data, ctx = ccproxy.run_pipeline(pipeline, copy.deepcopy(body), headers=headers)
+    assert data["max_tokens"] == 2000 and data["thinking"]["budget_tokens"] == 1999
+    assert data["litellm_metadata"]["_complexity_router_return_raw_model_name"] is True
+    models = [dict(m, model_info={"max_output_tokens": 1000}) if m["model_name"] == "think" else m
+              for m in config.model_list]
+    pipeline = ccproxy.Pipeline(ccproxy.dataclasses.replace(config, litellm=dict(config.litellm, model_list=models)))
+    data, ctx = ccproxy.run_pipeline(pipeline, copy.deepcopy(body), headers=headers)
+    assert data["thinking"] == {"type": "disabled"}
+    monkeypatch.setattr(ccproxy, "clamp_max_tokens", lambda d, c: 1 / 0)
+    broken = ccproxy.Pipeline(ccproxy.default_config())
+    data, ctx = ccproxy.run_pipeline(broken, copy.deepcopy(body), headers=headers)
+    assert any("ZeroDivisionError" in e for e in ctx.hook_errors) and ctx.decision is not None
+
+
+def test_sse_watcher_reads_split_frames_and_fills_input_tokens():
+    watcher = ccproxy.SSEWatcher()
+    stream = sse([("content_block_start", {"type": "content_block_start", "index": 0,
+                                           "content_block": {"type": "redacted_thinking", "data": "enc"}}),
+                  ("content_block_delta", {"type": "content_block_delta", "index": 1,
+                                           "delta": {"type": "signature_delta", "signature": "s1"}})])
+    frames = watcher.feed(stream[:10]) + watcher.feed(stream[10:])
+    assert b"".join(frames) == stream and watcher.signatures == ["enc", "s1"] and watcher.pending == b""
+    assert ccproxy.sse_data(b"event: x\ndata: {bad\n\n") is None and ccproxy.sse_data(b"event: x\n\n") is None
+    start = sse([("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 7}}})])
+    assert ccproxy.with_input_tokens(start, 99) == start
+    zero = sse([("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 0}}})])
+    assert b'"input_tokens":99' in ccproxy.with_input_tokens(zero, 99)
 
 
 # ---- Validation and explain ------------------------------------------------------------------
@@ -2792,6 +3137,55 @@ def test_foreground_start_with_proxy_key(tmp_path, upstream):
     assert key not in out and CLIENT_KEY not in out
 
 
+def test_stop_escalates_to_sigkill_for_a_process_that_ignores_sigterm():
+    stubborn = subprocess.Popen([sys.executable, "-c",
+                                 "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+                                 "print('ready', flush=True); time.sleep(60)"],
+                                stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert stubborn.stdout.readline().strip() == "ready"
+    assert ccproxy.stop_process(stubborn.pid, deadline=0.3).startswith("killed")
+    stubborn.wait(timeout=5)
+    assert ccproxy.stop_process(stubborn.pid) == "already gone"
+    assert ccproxy.process_cmdline(999999999) is None
+
+
+def test_logs_follow_prints_new_lines_until_interrupted(tmp_path):
+    directory = tmp_path / "cfg"
+    directory.mkdir()
+    log_file = directory / "ccproxy.log"
+    log_file.write_text("".join(f"line {i}\n" for i in range(100)))
+    tail = run_cli("logs", "-n", "3", env=cli_env(directory))
+    assert tail.stdout.splitlines() == ["line 97", "line 98", "line 99"]
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "logs", "-f", "-n", "1"],
+                            env=dict(os.environ, **cli_env(directory)), stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "line 99"
+        with open(log_file, "a") as f:
+            f.write("fresh line\n")
+        assert proc.stdout.readline().strip() == "fresh line"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    missing = run_cli("logs", env=cli_env(tmp_path / "none"))
+    assert missing.returncode == 1 and "no log at" in missing.stderr
+
+
+def test_run_reports_a_command_that_cannot_execute(tmp_path):
+    script = tmp_path / "notexec"
+    script.write_text("echo hi\n")
+    done = run_cli("run", str(script), env=cli_env(tmp_path / "cfg"))
+    assert done.returncode == 1 and "cannot run" in done.stderr
+
+
+@slow
+def test_status_text_while_running_and_bad_count_request(proxy):
+    done = run_cli("status", "--config-dir", str(proxy.directory))
+    assert done.returncode == 0 and f"ccproxy is running: {proxy.url}" in done.stdout
+    assert "rules: background (MatchModelRule)" in done.stdout and "requests:" in done.stdout
+    status, _h, raw = proxy.messages({"model": "x"}, path="/v1/messages/count_tokens")
+    assert status == 400 and b"model and messages" in raw
+
+
 # ---- Shell integration (real bash, zsh and fish) -------------------------------------------
 
 FAKE_CLAUDE = """#!/bin/sh
@@ -2944,149 +3338,6 @@ def test_shell_snippet_uses_the_configured_url(tmp_path):
     assert "__ccproxy_url='http://127.0.0.1:4998'" in snippet and "__ccproxy_notice=1" in snippet
 
 
-# ---- Edges: config shapes, the handler in-process, processes ---------------------------------
-
-def test_config_shape_errors_name_their_lines(tmp_path):
-    (tmp_path / "ccproxy.yaml").write_text(
-        "litellm:\n  host: 5\n  port: 70000\n  num_workers: 0\n  colour: blue\n"
-        "ccproxy:\n  hooks: {a: b}\n  rules: [7, {rule: X}, {name: a}, {name: b, rule: DefaultRule, weight: 2}]\n"
-        "  oat_sources: [x]\n")
-    with pytest.raises(ccproxy.ConfigError) as err:
-        ccproxy.load_config(tmp_path)
-    f = str(tmp_path / "ccproxy.yaml")
-    for expected in [f"{f}:2: host must be a string", f"{f}:3: port must be a number 1-65535",
-                     f"{f}:4: num_workers must be >= 1", f"{f}:7: `hooks` must be a list",
-                     f"{f}:8: a rule is a mapping", "rule without a `name`", "rule `a` has no `rule:` class",
-                     f"{f}:9: `oat_sources` must map a provider to a command"]:
-        assert expected in str(err.value), expected
-    (tmp_path / "ccproxy.yaml").write_text("- just\n- a list\n")
-    with pytest.raises(ccproxy.ConfigError, match="expected a mapping at the top level"):
-        ccproxy.load_config(tmp_path)
-    (tmp_path / "ccproxy.yaml").write_text("ccproxy: [1]\nlitellm: x\n")
-    with pytest.raises(ccproxy.ConfigError, match="must be a mapping"):
-        ccproxy.load_config(tmp_path)
-    (tmp_path / "ccproxy.yaml").write_text("ccproxy:\n  hooks: [5]\n  rules:\n    - {name: b, rule: DefaultRule, weight: 2}\nlitellm: {colour: blue}\n")
-    with pytest.raises(ccproxy.ConfigError, match="a hook is a name/path"):
-        ccproxy.load_config(tmp_path)
-    (tmp_path / "ccproxy.yaml").write_text("ccproxy:\n  rules:\n    - {name: b, rule: DefaultRule, weight: 2}\nlitellm: {colour: blue}\n")
-    warnings = ccproxy.load_config(tmp_path).warnings
-    assert any("rule `b`: unknown key `weight`" in w for w in warnings)
-    assert any("unknown key `litellm.colour`" in w for w in warnings)
-
-
-def handler_data(body: dict, headers: dict, call_id: str = "call-1") -> dict:
-    """`data` as LiteLLM hands it to async_pre_call_hook on /v1/messages (measured shape)."""
-    data = copy.deepcopy(body)
-    public = {k: v for k, v in headers.items() if k not in ("x-api-key", "authorization")}
-    data.update(proxy_server_request={"url": "http://127.0.0.1:4000/v1/messages?beta=true",
-                                      "method": "POST", "headers": public, "body": body},
-                secret_fields={"raw_headers": dict(headers)},
-                litellm_metadata={"headers": public}, litellm_call_id=call_id)
-    return data
-
-
-def test_handler_routes_in_process_and_tells_the_client(tmp_path, upstream, caplog):
-    import asyncio
-    write_config(tmp_path, upstream, 4000)
-    handler = ccproxy.CCProxyHandler(config_dir=tmp_path)
-    body, headers = cc_request("haiku")
-    data = asyncio.run(handler.async_pre_call_hook(None, None, handler_data(body, headers), "anthropic_messages"))
-    assert data["model"] == "background"
-    assert data["litellm_metadata"]["ccproxy"]["upstream"] == "anthropic/up-background"
-    assert data["metadata"] == body["metadata"]                 # the client's metadata untouched
-    extra = asyncio.run(handler.async_post_call_response_headers_hook(data, None, None))
-    assert extra == {"x-ccproxy-rule": "background", "x-ccproxy-model": "anthropic/up-background"}
-    assert asyncio.run(handler.async_pre_call_hook(None, None, {"input": "x"}, "aembedding")) == {"input": "x"}
-    failed = {"litellm_params": {"metadata": dict(data["litellm_metadata"])}}
-    asyncio.run(handler.async_log_failure_event(failed, None, 0, 0))
-    asyncio.run(handler.async_log_failure_event({"litellm_params": {"metadata": {
-        "user_api_key_alias": "litellm-internal-health-check"}}}, None, 0, 0))     # not counted
-    health = handler.core.health()
-    assert health["routes"] == {"background": 1} and health["failures"] == {"background": 1}
-    assert ccproxy.BACKGROUND.running
-
-
-def test_handler_with_a_broken_config_passes_everything_through(tmp_path, caplog):
-    import asyncio
-    (tmp_path / "ccproxy.yaml").write_text("ccproxy:\n  debug: maybe\n")
-    with caplog.at_level("ERROR", logger="ccproxy"):
-        handler = ccproxy.CCProxyHandler(config_dir=tmp_path)
-    assert handler.core.config_error and "routing disabled" in caplog.text and ":2:" in caplog.text
-    body, headers = cc_request("think")
-    data = asyncio.run(handler.async_pre_call_hook(None, None, handler_data(body, headers), "anthropic_messages"))
-    assert data["model"] == body["model"] and data["litellm_metadata"]["ccproxy"]["passthrough"]
-
-
-def test_handler_refreshes_oauth_after_401_in_process(tmp_path):
-    import asyncio
-    token = tmp_path / "tok"
-    token.write_text("tok-a\n")
-    (tmp_path / "ccproxy.yaml").write_text(
-        f"ccproxy:\n  hooks: [rule_evaluator, model_router, forward_oauth]\n"
-        f"  oat_sources: {{anthropic: 'cat {token}'}}\n"
-        "model_list: [{model_name: 'claude-*', litellm_params: {model: 'anthropic/claude-*'}}]\n")
-    handler = ccproxy.CCProxyHandler(config_dir=tmp_path)
-    body, headers = cc_request("main")
-    headers.pop("x-api-key")
-    data = asyncio.run(handler.async_pre_call_hook(None, None, handler_data(body, headers), "anthropic_messages"))
-    assert data["provider_specific_header"]["extra_headers"]["authorization"] == "Bearer tok-a"
-    token.write_text("tok-b\n")
-    handler.core.pipeline.oauth["anthropic"].loaded_at = 0
-    err = type("AuthError", (Exception,), {"status_code": 401})()
-    asyncio.run(handler.async_post_call_failure_deployment_hook(data, err, "anthropic_messages"))
-    assert handler.core.pipeline.oauth["anthropic"].token == "tok-b"
-    other = type("Boom", (Exception,), {"status_code": 500})()
-    asyncio.run(handler.async_post_call_failure_deployment_hook(data, other, "anthropic_messages"))
-
-
-def test_provider_detection():
-    assert ccproxy.provider_of({"model": "anthropic/x"}) == "anthropic"
-    assert ccproxy.provider_of({"model": "x", "custom_llm_provider": "bedrock"}) == "bedrock"
-    assert ccproxy.provider_of({"model": "claude-3-5-haiku-20241022"}) == "anthropic"   # via LiteLLM
-    assert ccproxy.provider_of({"model": "totally-unknown-model-xyz"}) is None
-    assert ccproxy.provider_of({}) is None
-
-
-def test_stop_escalates_to_sigkill_for_a_process_that_ignores_sigterm():
-    stubborn = subprocess.Popen([sys.executable, "-c",
-                                 "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
-                                 "print('ready', flush=True); time.sleep(60)"],
-                                stdout=subprocess.PIPE, text=True, start_new_session=True)
-    assert stubborn.stdout.readline().strip() == "ready"
-    assert ccproxy.stop_process(stubborn.pid, deadline=0.3).startswith("killed")
-    stubborn.wait(timeout=5)
-    assert ccproxy.stop_process(stubborn.pid) == "already gone"
-    assert ccproxy.process_cmdline(999999999) is None
-
-
-def test_logs_follow_prints_new_lines_until_interrupted(tmp_path):
-    directory = tmp_path / "cfg"
-    directory.mkdir()
-    log_file = directory / "ccproxy.log"
-    log_file.write_text("".join(f"line {i}\n" for i in range(100)))
-    tail = run_cli("logs", "-n", "3", env=cli_env(directory))
-    assert tail.stdout.splitlines() == ["line 97", "line 98", "line 99"]
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "logs", "-f", "-n", "1"],
-                            env=dict(os.environ, **cli_env(directory)), stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "line 99"
-        with open(log_file, "a") as f:
-            f.write("fresh line\n")
-        assert proc.stdout.readline().strip() == "fresh line"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=10) == 0
-    missing = run_cli("logs", env=cli_env(tmp_path / "none"))
-    assert missing.returncode == 1 and "no log at" in missing.stderr
-
-
-def test_run_reports_a_command_that_cannot_execute(tmp_path):
-    script = tmp_path / "notexec"
-    script.write_text("echo hi\n")
-    done = run_cli("run", str(script), env=cli_env(tmp_path / "cfg"))
-    assert done.returncode == 1 and "cannot run" in done.stderr
-
-
 def test_rc_block_is_replaced_not_duplicated_when_the_command_changes(tmp_path):
     rc = tmp_path / ".bashrc"
     rc.write_text("x=1\n")
@@ -3095,259 +3346,6 @@ def test_rc_block_is_replaced_not_duplicated_when_the_command_changes(tmp_path):
     assert rc.read_text().count(ccproxy.RC_MARK_START) == 1 and "/other/shell.bash" in rc.read_text()
     assert ccproxy.rc_uninstall(rc) and rc.read_text() == "x=1\n"
     assert not ccproxy.rc_uninstall(rc) and not ccproxy.rc_uninstall(tmp_path / "missing")
-
-
-@slow
-def test_status_text_while_running_and_bad_count_request(proxy):
-    done = run_cli("status", "--config-dir", str(proxy.directory))
-    assert done.returncode == 0 and f"ccproxy is running: {proxy.url}" in done.stdout
-    assert "rules: background (MatchModelRule)" in done.stdout and "requests:" in done.stdout
-    status, _h, raw = proxy.messages({"model": "x"}, path="/v1/messages/count_tokens")
-    assert status == 400 and b"model and messages" in raw
-
-
-# ---- More edges, in-process ------------------------------------------------------------------
-
-def test_token_counter_block_kinds_and_bounds():
-    c = ccproxy.TokenCounter(max_conversations=1)
-    assert c.count_block({"type": "redacted_thinking", "data": "x" * 500}) == 0
-    assert c.count_block({"type": "tool_reference", "tool_name": "WebSearch"}) == _encode("WebSearch")
-    assert c.count_block({"type": "document", "source": {"type": "text", "data": "abc def"}}) == _encode("abc def")
-    assert c.count_block({"type": "document", "source": {"type": "content", "content": [{"type": "text", "text": "hi"}]}}) == _encode("hi")
-    assert c.count_block({"type": "document", "source": {"type": "base64", "data": "QUJD"}}) == ccproxy.IMAGE_TOKENS
-    assert c.count_block({"type": "search_result", "title": "T", "content": [{"type": "text", "text": "x"}]}) == 2
-    openai = {"role": "assistant", "content": None,
-              "tool_calls": [{"function": {"name": "lookup", "arguments": '{"q": 1}'}}, "junk"]}
-    assert c.count_message(openai) == _encode("lookup") + _encode('{"q": 1}')
-    assert ccproxy._json_text({1, 2}).startswith("{")            # not JSON: its str()
-    body = {"system": "word " * 2000, "messages": [{"role": "user", "content": "hi"}]}
-    assert c.count_request(body, limit=10) == (c.count_value(body["system"]), False)
-    c.count_request({"messages": [{"role": "user", "content": "one"}]})
-    c.count_request({"messages": [{"role": "user", "content": "two"}]})
-    assert len(c._conversations) == 1
-    assert ccproxy.count_request_tokens({"messages": [{"role": "user", "content": "hello"}]}) == _encode("hello")
-
-
-def test_rule_constructors_reject_bad_params_and_describe_themselves():
-    for make in (lambda: ccproxy.MatchModelRule([]), lambda: ccproxy.ThinkingRule(min_budget_tokens="x"),
-                 lambda: ccproxy.TokenCountRule(100, lower_ratio=2), lambda: ccproxy.MatchToolRule(""),
-                 lambda: ccproxy.ThinkingRule(effort=[1])):
-        with pytest.raises(ccproxy.RuleError):
-            make()
-    assert ccproxy.ThinkingRule(types=["enabled"]).describe().endswith("type in enabled)")
-    assert ccproxy.MatchToolRule("Bash").describe() == "MatchToolRule(bash)"
-    assert ccproxy.SubagentRule(system_contains="x").describe() == "SubagentRule(x)"
-    assert ccproxy.DefaultRule(passthrough=True).describe() == "DefaultRule(passthrough=True)"
-    assert list(ccproxy._tool_names(["Bash", {"name": "Read"}])) == ["Bash", "Read"]
-    assert ccproxy._system_texts({"system": "plain"}) == ["plain"] and ccproxy._system_texts({}) == []
-
-
-class OldStyleRule(ccproxy.ClassificationRule):
-    """A ccproxy 1.x custom rule: evaluate(request, config) only."""
-
-    def evaluate(self, request, config):
-        return request.get("model") == "special"
-
-
-def test_custom_rules_old_style_and_broken(tmp_path, caplog):
-    assert ccproxy.rule_verdict(OldStyleRule(), {"model": "special"}, None).matched
-    with pytest.raises(NotImplementedError):
-        ccproxy.Rule().check({}, None)
-    (tmp_path / "odd.py").write_text("NOT_A_CLASS = 5\nclass Plain:\n    pass\n")
-    with pytest.raises(ccproxy.RuleError, match="has no `Missing`"):
-        ccproxy.build_rule(ccproxy.RuleSpec("x", "odd.Missing", {}), tmp_path)
-    with pytest.raises(ccproxy.RuleError, match="not a rule class"):
-        ccproxy.build_rule(ccproxy.RuleSpec("x", "odd.NOT_A_CLASS", {}), tmp_path)
-    with pytest.raises(ccproxy.RuleError, match="has no evaluate"):
-        ccproxy.build_rule(ccproxy.RuleSpec("x", "odd.Plain", {}), tmp_path)
-    pipeline = ccproxy.Pipeline(ccproxy.default_config())
-    broken = ccproxy.Rule()
-    broken.name = "broken"
-    pipeline.rules.insert(0, broken)                 # a rule that raises is skipped; the others decide
-    for _ in range(3):
-        data, ctx = ccproxy.run_pipeline(pipeline, {"model": "claude-haiku-5-5", "messages": []}, headers={})
-    assert ctx.hook_errors == ["rule broken failed: NotImplementedError: Rule implements neither evaluate nor check"]
-    assert ctx.decision.label == "background"
-    assert caplog.text.count("rule broken failed") == 1
-
-
-def test_retired_and_malformed_hooks_and_sources(tmp_path):
-    (tmp_path / "ccproxy.yaml").write_text(
-        "ccproxy:\n  hooks: [rule_evaluator, ccproxy.hooks.add_beta_headers]\n"
-        "  oat_sources: {anthropic: 5}\n  rules:\n    - {name: a, rule: DefaultRule, sticky: maybe}\n")
-    with pytest.raises(ccproxy.ConfigError, match="`sticky` must be true or false"):
-        ccproxy.load_config(tmp_path)
-    (tmp_path / "ccproxy.yaml").write_text(
-        "ccproxy:\n  hooks: [rule_evaluator, ccproxy.hooks.add_beta_headers]\n  oat_sources: {anthropic: 5}\n")
-    problems = ccproxy.Pipeline(ccproxy.load_config(tmp_path)).problems
-    assert any("add_beta_headers skipped" in p for p in problems)
-    assert any("oat_sources.anthropic: expected a command" in p for p in problems)
-    report = run_cli("validate", "--json", "--config-dir", str(tmp_path))
-    assert json.loads(report.stdout)["ok"] is False
-
-
-def test_auth_hooks_with_deployment_keys_and_failed_sources():
-    config = ccproxy.default_config()
-    models = [dict(m, litellm_params=dict(m["litellm_params"], api_key="sk-deploy")) if m["model_name"] == "think" else m
-              for m in config.model_list]
-    config = ccproxy.dataclasses.replace(config, litellm=dict(config.litellm, model_list=models))
-    pipeline = ccproxy.Pipeline(config)
-    pipeline.hooks.append(("forward_oauth", ccproxy.forward_oauth, {}))
-    pipeline.oauth["anthropic"] = ccproxy.OAuthSource("anthropic", "false")
-    body, headers = cc_request("think")
-    data, ctx = ccproxy.run_pipeline(pipeline, body, headers=headers)
-    assert "deployment api_key (client credentials not forwarded)" in ctx.auth
-    headers.pop("x-api-key")
-    data, ctx = ccproxy.run_pipeline(pipeline, cc_request("main")[0], headers=headers)
-    assert "no oauth token for anthropic (source failed); client auth kept" in ctx.auth
-    headers["authorization"] = "Bearer client-own"
-    data, ctx = ccproxy.run_pipeline(pipeline, cc_request("main")[0], headers=headers)
-    assert ccproxy.provider_headers(data, "anthropic")["authorization"] == "Bearer client-own"
-    assert ccproxy.provider_headers({"provider_specific_header": [{"custom_llm_provider": "openai,anthropic",
-                                                                   "extra_headers": {"a": "b"}}]}, "anthropic") == {"a": "b"}
-    assert ccproxy._secret("os.environ/NO_SUCH_VAR_XYZ") is None and ccproxy._secret("lit") == "lit"
-
-
-def test_session_store_bounds_sweeps_and_logs(caplog):
-    caplog.set_level("INFO", logger="ccproxy")
-    store = ccproxy.SessionStore(ttl=0.0, max_sessions=1)
-    pipeline = ccproxy.Pipeline(ccproxy.default_config())
-    for session in ("s1", "s2"):
-        ctx = pipeline.context({"messages": [{"role": "user", "content": "x"}], "metadata": {}},
-                               headers={"x-claude-code-session-id": session})
-        store.attach(ctx, {"messages": [{"role": "user", "content": "x"}]})
-    assert len(store) == 1 and "session s1 evicted: 0 requests" in caplog.text
-    store.record_signature("s2", None, "sig", "m")
-    store.record_signature("nope", None, "sig", "m")
-    assert store.find("s2")["session_id"] == "s2" and store.find("nope") is None
-    time.sleep(0.01)
-    assert store.sweep() == 1 and "session s2 ended" in caplog.text
-    assert store.producer(None, "sig") is None and store.totals()["sessions"] == 0
-
-
-def test_clamp_and_finish_fixes_edges(monkeypatch):
-    config = ccproxy.default_config()
-    models = [dict(m, model_info={"max_output_tokens": 2000}) if m["model_name"] == "think" else m
-              for m in config.model_list]
-    settings = ccproxy.dataclasses.replace(config.settings, show_requested_model=False)
-    pipeline = ccproxy.Pipeline(ccproxy.dataclasses.replace(config, settings=settings,
-                                                            litellm=dict(config.litellm, model_list=models)))
-    body, headers = cc_request("think", "2.1.197")
-    body["thinking"] = {"type": "enabled", "budget_tokens": 40000}
-    data, ctx = ccproxy.run_pipeline(pipeline, copy.deepcopy(body), headers=headers)
-    assert data["max_tokens"] == 2000 and data["thinking"]["budget_tokens"] == 1999
-    assert data["litellm_metadata"]["_complexity_router_return_raw_model_name"] is True
-    models = [dict(m, model_info={"max_output_tokens": 1000}) if m["model_name"] == "think" else m
-              for m in config.model_list]
-    pipeline = ccproxy.Pipeline(ccproxy.dataclasses.replace(config, litellm=dict(config.litellm, model_list=models)))
-    data, ctx = ccproxy.run_pipeline(pipeline, copy.deepcopy(body), headers=headers)
-    assert data["thinking"] == {"type": "disabled"}
-    monkeypatch.setattr(ccproxy, "clamp_max_tokens", lambda d, c: 1 / 0)
-    broken = ccproxy.Pipeline(ccproxy.default_config())
-    data, ctx = ccproxy.run_pipeline(broken, copy.deepcopy(body), headers=headers)
-    assert any("ZeroDivisionError" in e for e in ctx.hook_errors) and ctx.decision is not None
-
-
-def test_sse_helpers():
-    watcher = ccproxy.SSEWatcher()
-    stream = sse([("content_block_start", {"type": "content_block_start", "index": 0,
-                                           "content_block": {"type": "redacted_thinking", "data": "enc"}}),
-                  ("content_block_delta", {"type": "content_block_delta", "index": 1,
-                                           "delta": {"type": "signature_delta", "signature": "s1"}})])
-    frames = watcher.feed(stream[:10]) + watcher.feed(stream[10:])
-    assert b"".join(frames) == stream and watcher.signatures == ["enc", "s1"] and watcher.pending == b""
-    assert ccproxy.sse_data(b"event: x\ndata: {bad\n\n") is None and ccproxy.sse_data(b"event: x\n\n") is None
-    start = sse([("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 7}}})])
-    assert ccproxy.with_input_tokens(start, 99) == start
-    zero = sse([("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 0}}})])
-    assert b'"input_tokens":99' in ccproxy.with_input_tokens(zero, 99)
-
-
-def test_response_hooks_in_process(tmp_path, upstream):
-    import asyncio
-    write_config(tmp_path, upstream, 4000)
-    handler = ccproxy.CCProxyHandler(config_dir=tmp_path)
-    body, headers = cc_request("main", session="sess-hooks")
-    data = asyncio.run(handler.async_pre_call_hook(None, None, handler_data(body, headers), "anthropic_messages"))
-    stream = sse(message_events(upstream_message({"model": "claude-opus-5-5"}, [
-        {"type": "thinking", "thinking": "t", "signature": "sig.claude-opus-5-5.77"},
-        {"type": "text", "text": "hi"}])[1]))
-
-    async def chunks(raw, size):
-        for i in range(0, len(raw), size):
-            yield raw[i:i + size]
-
-    async def collect(gen):
-        return [c async for c in gen]
-
-    out = asyncio.run(collect(handler.async_post_call_streaming_iterator_hook(None, chunks(stream, 7), data)))
-    assert b"".join(out) == stream
-    session = handler.core.pipeline.sessions._sessions[("sess-hooks", None)]
-    assert handler.core.pipeline.sessions.producer(session, "sig.claude-opus-5-5.77") == "claude-opus-5-5"
-    # a JSON answer records too, and a zero usage from a translated route is filled in
-    long_body, long_headers = cc_request("long", session="sess-hooks")
-    long_data = asyncio.run(handler.async_pre_call_hook(None, None, handler_data(long_body, long_headers, "c2"), "anthropic_messages"))
-    answer = {"content": [{"type": "thinking", "thinking": "x", "signature": "sig.j"}], "usage": {"input_tokens": 0}}
-    assert asyncio.run(handler.async_post_call_success_hook(long_data, None, answer))["usage"]["input_tokens"] > 60000
-    zero = sse([("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 0}}}),
-                ("message_stop", {"type": "message_stop"})])
-    out = b"".join(asyncio.run(collect(handler.async_post_call_streaming_iterator_hook(None, chunks(zero, 5), long_data))))
-    assert json.loads(out.split(b"data: ")[1].split(b"\n")[0])["message"]["usage"]["input_tokens"] > 60000
-    plain = b"".join(asyncio.run(collect(handler.async_post_call_streaming_iterator_hook(None, chunks(zero, 5), {}))))
-    assert plain == zero
-    assert asyncio.run(handler.async_post_call_success_hook({}, None, "not a dict")) == "not a dict"
-
-
-def test_count_tokens_in_process_with_deployment_key_and_dead_upstream(tmp_path, upstream, monkeypatch):
-    import asyncio
-    write_config(tmp_path, upstream, 4000)
-    config = yaml.safe_load((tmp_path / "ccproxy.yaml").read_text())
-    for m in config["model_list"]:
-        if m["model_name"] == "think":
-            m["litellm_params"]["api_key"] = "os.environ/CCPROXY_TEST_KEY"
-        if m["model_name"] == "background":
-            m["litellm_params"]["api_base"] = f"http://127.0.0.1:{free_port()}/v1"
-    (tmp_path / "ccproxy.yaml").write_text(yaml.safe_dump(config))
-    monkeypatch.setenv("CCPROXY_TEST_KEY", "sk-from-env")
-    handler = ccproxy.CCProxyHandler(config_dir=tmp_path)
-    upstream.clear()
-    body, headers = cc_request("think")
-    status, answer = asyncio.run(handler.core.count_tokens({"model": body["model"], "messages": body["messages"],
-                                                       "output_config": {"effort": "max"},
-                                                       "thinking": {"type": "adaptive"}}, headers))
-    assert status == 200 and answer == {"input_tokens": 4242}
-    assert upstream.received()[-1]["headers"]["x-api-key"] == "sk-from-env"
-    status, answer = asyncio.run(handler.core.count_tokens({"model": "claude-haiku-5-5", "messages": []}, headers))
-    assert status == 502 and "count_tokens upstream failed" in answer["error"]["message"]
-
-
-def test_config_odds_and_ends(tmp_path, monkeypatch):
-    config = ccproxy.Config(settings=ccproxy.Settings(), litellm={}, host="0.0.0.0")
-    assert config.url == "http://127.0.0.1:4000"
-    assert ccproxy.Config(settings=ccproxy.Settings(), litellm={}, host="::1").url == "http://[::1]:4000"
-    (tmp_path / "ccproxy.yaml").mkdir()
-    with pytest.raises(ccproxy.ConfigError, match="cannot read"):
-        ccproxy.read_yaml(tmp_path / "ccproxy.yaml")
-    one = tmp_path / "one"
-    one.mkdir()
-    (one / "config.yaml").write_text("ccproxy:\n  debug: true\nmodel_list: []\n")
-    loaded = ccproxy.load_config(one)
-    assert loaded.ccproxy_file == loaded.litellm_file == one / "config.yaml" and loaded.settings.debug
-    monkeypatch.setattr(sys, "argv", ["litellm", "--config", str(one / "config.yaml")])
-    monkeypatch.delitem(sys.modules, "litellm.proxy.proxy_server", raising=False)
-    assert ccproxy.litellm_started_config() == (one / "config.yaml").resolve()
-    monkeypatch.setattr(sys, "argv", ["litellm", f"--config={one}/x.yaml"])
-    assert ccproxy.litellm_started_config() == (one / "x.yaml").resolve()
-    assert ccproxy.parse_params("solo") == ({}, ("solo",))
-    (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "ccproxy.yaml").write_text("ccproxy:\n  rules: 5\n  hooks: null\nmodel_list: {a: 1}\n")
-    with pytest.raises(ccproxy.ConfigError, match="`rules` must be a list"):
-        ccproxy.load_config(tmp_path / "r")
-    (tmp_path / "r" / "ccproxy.yaml").write_text("ccproxy:\n  rules: [{name: t, rule: ThinkingRule, params: {effort: [high]}}]\nmodel_list: {a: 1}\n")
-    config = ccproxy.load_config(tmp_path / "r")
-    report = ccproxy.validate_config(config, ccproxy.Pipeline(config))
-    assert any("model_list must be a list" in e for e in report.errors)
-    assert any("effort high matches every Claude Code main turn" in w for w in report.warnings)
 
 
 # ---- Docs and example config ---------------------------------------------------------------
