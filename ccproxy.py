@@ -3245,8 +3245,8 @@ def route_request(request: dict, config: Config | None = None,
 
 
 # ---- Handler -------------------------------------------------------------------------------
-# CCProxyHandler, the LiteLLM CustomLogger that LiteLLM loads as `ccproxy.handler`: it builds
-# the context, runs the pipeline and records outcomes. No routing logic of its own.
+# Handler (plain: runs the pipeline, watches answers, counts outcomes, serves ccproxy's routes),
+# the request guard in front of the proxy, and CCProxyHandler, the few lines LiteLLM loads.
 
 ROUTED_CALL_TYPES = frozenset({"anthropic_messages", "completion", "acompletion"})
 
@@ -3819,8 +3819,8 @@ def load_oauth_sources(pipeline: Pipeline, required: bool) -> list[str]:
 
 
 # ---- Background ----------------------------------------------------------------------------
-# The daemon thread that sweeps expired request metadata and refreshes OAuth tokens; started
-# once per process, stopped by its event (and with the process, being a daemon).
+# The daemon thread that forgets idle sessions (session_ttl) and refreshes OAuth tokens;
+# started once per process, stopped by its event (and with the process, being a daemon).
 
 
 OAUTH_RETRY_BASE = 5.0
