@@ -55,6 +55,7 @@ import importlib
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -871,7 +872,31 @@ def read_yaml(path: Path) -> tuple[Any, Any]:
                           "fix the syntax at that line (indentation, quotes, colons)") from exc
     finally:
         loader.dispose()
+    duplicate = _duplicate_key(node, yaml)
+    if duplicate is not None:
+        raise ConfigError(f"{path}:{duplicate[1]}: the key `{duplicate[0]}` appears twice in "
+                          "one mapping (YAML would silently keep the last one)",
+                          "remove one of them")
     return data, node
+
+
+def _duplicate_key(node: Any, yaml: Any) -> tuple[str, int] | None:
+    """The first key that a YAML mapping holds twice, with its line (iterative walk)."""
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, yaml.MappingNode):
+            seen = set()
+            for key, value in current.value:
+                name = getattr(key, "value", None)
+                if isinstance(name, str):
+                    if name in seen:
+                        return name, key.start_mark.line + 1
+                    seen.add(name)
+                stack.append(value)
+        elif isinstance(current, yaml.SequenceNode):
+            stack.extend(current.value)
+    return None
 
 
 def node_line(node: Any, *path: Any) -> int | None:
@@ -929,6 +954,10 @@ def load_config(config_dir: str | os.PathLike | None = None) -> Config:
     directory, _why = find_config_dir(config_dir)
     ccproxy_path = directory / CONFIG_FILE
     litellm_path = directory / LITELLM_CONFIG_FILE
+    for path in (ccproxy_path, litellm_path):
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"{path} is not a file", "it must be the YAML config file; "
+                              "move whatever is there out of the way")
     raw: dict = {}
     node = lnode = None
     ccproxy_file = litellm_file = None
@@ -1099,7 +1128,8 @@ def parse_settings(section: Mapping[str, Any], problems: ConfigProblems) -> Sett
                 problems.error(("ccproxy", key), f"`{key}` must be true or false, got {value!r}")
                 continue
         elif isinstance(default, (int, float)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
+                    or not math.isfinite(value):
                 problems.error(("ccproxy", key),
                                f"`{key}` must be a non-negative number, got {value!r}")
                 continue
@@ -1597,8 +1627,16 @@ class TokenCounter:
         """Tokens of a whole request (system, tools, messages): (count, complete).
 
         With `limit`, counting stops as soon as the count exceeds it; `complete` is then False
-        and the count is a lower bound above the limit.
+        and the count is a lower bound above the limit. A request nested too deeply to walk
+        counts as 0 (it is no conversation anyone sends).
         """
+        try:
+            return self._count_request(request, limit)
+        except RecursionError:
+            return 0, False
+
+    def _count_request(self, request: Mapping[str, Any], limit: int | None
+                       ) -> tuple[int, bool]:
         system = request.get("system")
         tools = request.get("tools")
         messages = request.get("messages")
@@ -1674,9 +1712,17 @@ def _json_text(value: Any) -> str:
     if isinstance(value, str):
         return value
     try:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
-    except (TypeError, ValueError):
-        return str(value)
+        try:
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+        except (TypeError, ValueError):
+            return str(value)
+    except RecursionError:        # absurdly deep nesting: nothing sensible to show or count
+        return ""
+
+
+def _scalar(value: Any) -> Any:
+    """A value safe to hash: strings and numbers as they are, anything else by its type."""
+    return value if isinstance(value, (str, int, float)) or value is None else type(value).__name__
 
 
 def _cheap_key(value: Any) -> Any:
@@ -1685,7 +1731,7 @@ def _cheap_key(value: Any) -> Any:
         return ("s", len(value), value[:48])
     if isinstance(value, dict):
         content = value.get("content", value.get("text"))
-        return ("d", value.get("role"), value.get("type"), _cheap_key(content))
+        return ("d", _scalar(value.get("role")), _scalar(value.get("type")), _cheap_key(content))
     if isinstance(value, list):
         return ("l", len(value) and 1, _cheap_key(value[0]) if value else None)
     return (type(value).__name__,)
@@ -1876,7 +1922,7 @@ class ThinkingRule(Rule):
             return Verdict(False, "no thinking")
         kind = thinking.get("type")
         if kind == "disabled" or not isinstance(kind, str):
-            return Verdict(False, f"thinking {kind or 'without type'}")
+            return Verdict(False, f"thinking {_scalar(kind) or 'without type'}")
         if kind in self.types:
             return Verdict(True, f"thinking type {kind}")
         budget = thinking.get("budget_tokens")
@@ -1890,9 +1936,9 @@ class ThinkingRule(Rule):
             return Verdict(True, f"effort {effort}")
         parts = [f"thinking {kind}"]
         if budget is not None:
-            parts.append(f"budget_tokens {budget}")
+            parts.append(f"budget_tokens {_scalar(budget)}")
         if effort is not None:
-            parts.append(f"effort {effort}")
+            parts.append(f"effort {_scalar(effort)}")
         return Verdict(False, ", ".join(parts))
 
     def describe(self) -> str:
@@ -3455,8 +3501,11 @@ class Handler:
         watcher = SSEWatcher()
         held = fill > 0    # hold bytes until message_start is complete
         async for chunk in response:
-            raw = chunk if isinstance(chunk, bytes) else str(chunk).encode()
-            frames = watcher.feed(raw)
+            if not isinstance(chunk, bytes):      # an OpenAI-format chunk object: not SSE bytes
+                held = False
+                yield chunk
+                continue
+            frames = watcher.feed(chunk)
             if not held:
                 yield chunk
                 continue
@@ -5554,6 +5603,10 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         _print(f"ccproxy: error: the package `{exc.name}` is missing\n  -> {INSTALL_HINT}",
                err=True)
+        return 1
+    except Exception as exc:  # the CLI's boundary: one line, never a traceback
+        _print(f"ccproxy: internal error: {type(exc).__name__}: {redact_secrets(str(exc))[:300]}"
+               "\n  -> please report it with the command you ran", err=True)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -1493,6 +1493,22 @@ def test_openai_route_translates_both_ways(proxy, clean_upstream):
     assert sse_text(raw) == "answer from up-cheap"
 
 
+
+@slow
+def test_openai_format_streams_on_chat_completions_pass_through_as_json(proxy, clean_upstream):
+    body = {"model": "gpt-cheap", "stream": True,
+            "messages": [{"role": "user", "content": "hello"}]}
+    status, _h, raw = http("POST", proxy.url + "/v1/chat/completions", body,
+                           {"content-type": "application/json"})
+    assert status == 200, raw[:300]
+    lines = [ln[5:].strip() for ln in raw.decode().splitlines() if ln.startswith("data:")]
+    assert lines and "ModelResponseStream" not in raw.decode()
+    assert all(ln == "[DONE]" or isinstance(json.loads(ln), dict) for ln in lines)
+    assert "answer from up-cheap" in "".join(
+        (json.loads(ln)["choices"][0]["delta"].get("content") or "") for ln in lines
+        if ln != "[DONE]" and json.loads(ln).get("choices"))
+
+
 @slow
 def test_proxy_log_has_one_line_per_decision_and_no_secret(proxy, clean_upstream):
     body, headers = cc_request("haiku", session="sess-logline")
@@ -2402,6 +2418,79 @@ def test_ccproxy_py_dropped_beside_a_litellm_config_routes_with_litellms_own_cli
     finally:
         ccproxy.stop_process(proc.pid, 10)
         log_file.close()
+
+
+# ---- Bad input: odd requests and config files never break anything -------------------------
+
+ODD_VALUES = [None, 0, -1, 1.5, float("nan"), float("inf"), True, "", "x" * 300, [], {}, [1, "a"],
+              {"a": [1]}, "\udcff", [[[]]], {"type": ["x"]}, {"type": {"a": 1}}, {"role": {"x": 1}}]
+
+
+def deeply_nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def mutated(value, rng, depth: int = 0):
+    """`value` with one part replaced by an odd value (wrong type, NaN, deep nesting...)."""
+    if isinstance(value, dict) and value:
+        key = rng.choice(sorted(value, key=str))
+        if rng.random() < 0.5 or depth > 6:
+            value[key] = deeply_nested(1500) if rng.random() < 0.05 else copy.deepcopy(rng.choice(ODD_VALUES))
+        else:
+            mutated(value[key], rng, depth + 1)
+    elif isinstance(value, list) and value:
+        i = rng.randrange(len(value))
+        if rng.random() < 0.5 or depth > 6:
+            value[i] = copy.deepcopy(rng.choice(ODD_VALUES))
+        else:
+            mutated(value[i], rng, depth + 1)
+    return value
+
+
+def test_odd_requests_never_break_a_rule_a_hook_or_a_session(capsys):
+    import random
+    rng = random.Random(15)
+    pipeline = ccproxy.Pipeline(ccproxy.default_config())
+    kinds = ["main", "tool_result", "haiku", "web_search", "think", "subagent", "long"]
+    for n in range(600):
+        body, headers = cc_request(rng.choice(kinds), session=f"odd-{n % 5}")
+        for _ in range(rng.randint(1, 3)):
+            mutated(body, rng)
+        _data, ctx = ccproxy.run_pipeline(pipeline, body, headers=headers)
+        assert ctx.hook_errors == [], (n, ctx.hook_errors)
+        assert ctx.decision is not None
+    assert " ERROR " not in capsys.readouterr().err
+
+
+def test_odd_config_files_give_clear_errors_never_an_internal_one(tmp_path, capsys):
+    import random
+    rng = random.Random(16)
+    base = yaml.safe_load(ccproxy.DEFAULT_CONFIG_YAML)
+    texts = ["", ":", "- a\n- b\n", "ccproxy: [\n", "ccproxy:\n  rules:\n    - 3\n", "\t\x00\x01",
+             "ccproxy:\n  hooks: {a: 1}\n", "model_list: 7\n", "litellm: {port: .inf}\n",
+             "ccproxy: {session_ttl: .nan}\n", "ccproxy: {debug: true, debug: false}\n"]
+    for _ in range(150):
+        data = mutated(copy.deepcopy(base), rng)
+        try:
+            texts.append(yaml.safe_dump(data))
+        except (yaml.YAMLError, RecursionError, UnicodeEncodeError):
+            continue
+    for i, text in enumerate(texts):
+        directory = tmp_path / f"c{i}"
+        directory.mkdir()
+        (directory / "ccproxy.yaml").write_text(text, errors="surrogateescape")
+        for argv in (["validate"], ["explain", str(tmp_path / "req.json")]):
+            (tmp_path / "req.json").write_text(json.dumps(cc_request("main")[0]))
+            code = ccproxy.main([*argv, "--config-dir", str(directory)])
+            captured = capsys.readouterr()
+            assert code in (0, 1), (text, captured.err)
+            assert "internal error" not in captured.err and "Traceback" not in captured.err, (text, captured.err)
+    (tmp_path / "dir" / "ccproxy.yaml").mkdir(parents=True)
+    assert ccproxy.main(["validate", "--config-dir", str(tmp_path / "dir")]) == 1
+    assert "ccproxy.yaml is not a file" in capsys.readouterr().out
 
 
 # ---- OAuth ------------------------------------------------------------------------------------
