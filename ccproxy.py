@@ -114,6 +114,9 @@ SECRET_HEADERS = frozenset({"authorization", "x-api-key", "cookie", "set-cookie"
                             "proxy-authorization", "x-goog-api-key", "api-key"})
 # Claude Code's thinking budget default (MAX_THINKING_TOKENS); a request above it asked for more.
 CLAUDE_CODE_DEFAULT_BUDGET = 31999
+# Models that answer 400 to `thinking: {type: disabled}` ("Use thinking.type.adaptive and
+# output_config.effort") and to `enabled` budgets: Claude Code 2.1.332's default among them.
+ADAPTIVE_ONLY_MODELS = ("claude-opus-5*", "claude-fable-5*")
 # Claude Code's baseline context (system prompt + tool definitions) is about this many tokens.
 CLAUDE_CODE_BASELINE_TOKENS = 19000
 WEB_SEARCH_TOOL_PREFIX = "web_search"
@@ -790,6 +793,7 @@ class Settings:
     session_ttl: float = 3600.0
     max_sessions: int = 2000
     allowed_origins: tuple[str, ...] = ()   # browser origins let through (README, "Security")
+    adaptive_only_models: tuple[str, ...] = ()   # more models that refuse `thinking: disabled`
 
 
 # Keys ccproxy once used that no longer do anything: accepted, with a warning saying so.
@@ -1138,6 +1142,13 @@ def parse_settings(section: Mapping[str, Any], problems: ConfigProblems) -> Sett
             value = parse_origins(value, problems)
             if value is None:
                 continue
+        elif key == "adaptive_only_models":
+            items = [value] if isinstance(value, str) else value
+            if not isinstance(items, list) or not all(isinstance(v, str) and v for v in items):
+                problems.error(("ccproxy", key), "`adaptive_only_models` must be a list of model "
+                               "names or patterns like claude-opus-5*")
+                continue
+            value = tuple(items)
         elif key == "oat_sources":
             if value is None:
                 value = {}
@@ -2322,6 +2333,7 @@ class RequestContext:
     continuation: bool = False       # the request continues a turn (its last message: tool_result)
     route_label: str | None = None   # a matching rule's Verdict.label, when it names the route
     notes: list[str] = dataclasses.field(default_factory=list)   # what the fixes changed
+    original_thinking: Any = None    # the client's `thinking`, as it arrived
 
     @property
     def config(self) -> Config:
@@ -2681,6 +2693,32 @@ def _log_session_end(session: SessionState, how: str) -> None:
              how, session.requests, session.switches, session.uncached_tokens)
 
 
+def adaptive_only(upstream: str, settings: Settings) -> bool:
+    """True for a model that refuses `thinking: disabled` (ADAPTIVE_ONLY_MODELS and the
+    `adaptive_only_models` setting; shell-style patterns on the name without provider)."""
+    import fnmatch
+
+    name = model_name(upstream)
+    return any(fnmatch.fnmatchcase(name, p)
+               for p in ADAPTIVE_ONLY_MODELS + tuple(settings.adaptive_only_models))
+
+
+def leading_thinking_is_foreign(data: Mapping[str, Any], ctx: RequestContext,
+                                upstream: str) -> bool:
+    """True when the last assistant message starts with a thinking block that `upstream`
+    did not sign: routed there, the block must go, and a tool loop then needs thinking off."""
+    messages = data.get("messages")
+    last = next((m for m in reversed(messages) if isinstance(m, dict)
+                 and m.get("role") == "assistant"), None) if isinstance(messages, list) else None
+    content = last.get("content") if last else None
+    signature = thinking_signature(content[0]) if isinstance(content, list) and content else None
+    if signature is None:
+        return False
+    producer = ctx.pipeline.sessions.producer(ctx.session, signature) \
+        or model_name(str(data.get("model", "")))
+    return producer != model_name(upstream)
+
+
 # ---- Hooks ---------------------------------------------------------------------------------
 # Plain functions `hook(data, ctx, **params) -> data`: label, route, credentials, session
 # id, captured headers; the OAuth token sources they use. Use Context and Sessions.
@@ -2736,6 +2774,13 @@ def model_router(data: dict, ctx: RequestContext, **params: Any) -> dict:
         if kept is not None and kept[0] != label:
             label, reason = kept[0], f"{kept[1]} on {kept[0]}"
             rule = next((r for r in pipeline.rules if getattr(r, "name", None) == label), None)
+    elif conversation is not None and ctx.continuation and conversation.turn_label \
+            not in (None, label) and _override_needs_thinking_off(data, ctx, label):
+        waited = conversation.turn_label
+        reason = (f"the turn continues on {waited}: `{label}` refuses thinking off, which its "
+                  "tool loop would need, so the switch waits for the turn's end")
+        label = waited
+        rule = next((r for r in pipeline.rules if getattr(r, "name", None) == label), None)
     passthrough = (rule is None and label == "default"
                    and pipeline.config.settings.default_model_passthrough) \
         or bool(getattr(rule, "passthrough", False))
@@ -2772,6 +2817,18 @@ def model_router(data: dict, ctx: RequestContext, **params: Any) -> dict:
     meta = litellm_metadata(data)
     meta[METADATA_KEY] = decision.as_dict()
     return data
+
+
+def _override_needs_thinking_off(data: dict, ctx: RequestContext, label: str) -> bool:
+    """True when switching this tool-loop request to `label` would need `thinking: disabled`
+    (its leading thinking block is another model's) and that model refuses it."""
+    thinking = data.get("thinking")
+    if not isinstance(thinking, dict) or thinking.get("type") == "disabled":
+        return False
+    resolved = ctx.pipeline.models().resolve(label)
+    upstream = resolved[1] if resolved else ""
+    return bool(upstream) and adaptive_only(upstream, ctx.config.settings) \
+        and leading_thinking_is_foreign(data, ctx, upstream)
 
 
 def _deployments_have_key(ctx: RequestContext) -> bool:
@@ -2965,6 +3022,29 @@ _OAUTH_RETRY: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ccpr
 # What keeps a routed request valid whatever `hooks:` lists: foreign thinking, max_tokens,
 # translated usage; and the SSE reading the answers need. Use Context and Sessions.
 
+def fit_thinking_to_model(data: dict, ctx: RequestContext) -> None:
+    """Never send `thinking: disabled` (or an `enabled` budget) to a model that refuses it:
+    without `thinking` it thinks adaptively, the only shape it takes. Passthrough requests
+    keep the client's own `thinking`."""
+    decision = ctx.decision
+    thinking = data.get("thinking")
+    if decision is None or not isinstance(thinking, dict) \
+            or thinking.get("type") not in ("disabled", "enabled") \
+            or not adaptive_only(decision.upstream, ctx.config.settings):
+        return
+    if decision.passthrough and thinking == ctx.original_thinking:
+        return
+    if thinking.get("type") == "disabled":
+        del data["thinking"]
+        ctx.notes.append(f"thinking: disabled left out: {model_name(decision.upstream)} refuses "
+                         "it (it thinks adaptively)")
+    else:
+        data["thinking"] = {k: v for k, v in thinking.items() if k == "display"}
+        data["thinking"]["type"] = "adaptive"
+        ctx.notes.append(f"thinking budget -> adaptive: {model_name(decision.upstream)} takes "
+                         "no `enabled` budget")
+
+
 def strip_foreign_thinking(data: dict, ctx: "RequestContext") -> None:
     """Drop thinking blocks another model signed; keep the request valid.
 
@@ -3135,6 +3215,11 @@ def with_input_tokens(frame: bytes, count: int) -> bytes:
 # Builds rules and hooks from a Config, makes each request's context, runs the hooks then
 # the fixes; `route_request` is `explain`'s entry. Uses everything above.
 
+def _top_level_copy(value: Any) -> Any:
+    """A dict's own keys copied (the fixes replace values, never edit nested ones)."""
+    return dict(value) if isinstance(value, dict) else value
+
+
 class Pipeline:
     """Rules, hooks and the model table built from one Config; runs hooks for a request."""
 
@@ -3230,7 +3315,8 @@ class Pipeline:
                              path=request_path(data),
                              session_id=parse_session(data.get("metadata"), hdrs),
                              agent_id=hdrs.get("x-claude-code-agent-id") or None,
-                             user_api_key_dict=user_api_key_dict)
+                             user_api_key_dict=user_api_key_dict,
+                             original_thinking=_top_level_copy(data.get("thinking")))
         if self.config.settings.sticky_turns and call_type != "count_tokens":
             self.sessions.attach(ctx, data)
         else:
@@ -3258,6 +3344,7 @@ class Pipeline:
         settings = self.config.settings
         steps = [(settings.strip_foreign_thinking, strip_foreign_thinking),
                  (settings.clamp_max_tokens, clamp_max_tokens),
+                 (True, fit_thinking_to_model),
                  (settings.local_usage, note_translated_usage)]
         for enabled, step in steps:
             if not enabled:

@@ -1725,15 +1725,22 @@ class StrictAnthropic:
     block another model signed (Anthropic's 400), and enforces that, with thinking on, the
     final assistant message of a tool loop starts with a thinking block."""
 
-    def __init__(self) -> None:
+    def __init__(self, adaptive_only: tuple[str, ...] = ()) -> None:
         self.count = 0
         self.rejected: list[str] = []
+        self.adaptive_only = adaptive_only     # model prefixes that refuse `disabled` (Opus 5)
 
     def __call__(self, record: dict):
         body = record["body"]
         if not record["path"].startswith("/v1/messages") or "count_tokens" in record["path"]:
             return None
         model = body["model"]
+        if model.startswith(self.adaptive_only or ("\0",)):
+            kind = (body.get("thinking") or {"type": "adaptive"}).get("type")   # omitted: adaptive
+            if kind in ("disabled", "enabled"):
+                return self.reject(f"thinking.type: {kind} is not supported for this model. Use "
+                                   "thinking.type.adaptive and output_config.effort")
+            body.setdefault("thinking", {"type": "adaptive"})
         messages = body.get("messages") or []
         for i, message in enumerate(messages):
             if message.get("role") != "assistant" or not isinstance(message.get("content"), list):
@@ -2158,6 +2165,90 @@ def test_foreign_thinking_is_dropped_and_a_broken_tool_loop_stops_thinking():
     assert label == "default" and data["messages"][-2]["content"][0]["type"] == "thinking"
 
 
+
+def test_models_that_refuse_disabled_thinking_never_get_it():
+    pipeline = session_pipeline()          # think -> anthropic/up-think; make it an Opus 5
+    config = pipeline.config
+    def with_think(entry="think", **info):
+        models = [dict(m, litellm_params={"model": "anthropic/claude-opus-5-5"}, model_info=info)
+                  if m["model_name"] == entry else m for m in config.model_list]
+        return ccproxy.Pipeline(ccproxy.dataclasses.replace(config, litellm=dict(config.litellm, model_list=models)))
+    body, headers = cc_request("think", "2.1.197")
+    body["thinking"] = {"type": "enabled", "budget_tokens": 40000}
+    label, data, ctx = route(with_think(), body, headers)
+    assert label == "think" and data["thinking"] == {"type": "adaptive"}       # no budget, no disabled
+    assert "thinking budget -> adaptive: claude-opus-5-5 takes no `enabled` budget" in ctx.notes
+    label, data, ctx = route(with_think(max_output_tokens=900), body, headers)  # clamping would disable it
+    assert data["max_tokens"] == 900 and "thinking" not in data
+    web, web_headers = cc_request("web_search", "2.1.197")                     # the client's own disabled
+    assert web["thinking"] == {"type": "disabled"}
+    label, data, ctx = route(with_think("web_search"), web, web_headers)
+    assert label == "web_search" and "thinking" not in data
+    passthrough, plain_headers = cc_request("main")
+    passthrough["thinking"] = {"type": "disabled"}
+    label, data, _ctx = route(session_pipeline(), passthrough, plain_headers)
+    assert label == "default" and data["thinking"] == {"type": "disabled"}    # the client's choice
+    custom = ccproxy.dataclasses.replace(config.settings, adaptive_only_models=("up-think",))
+    assert ccproxy.adaptive_only("anthropic/up-think", custom)
+    assert not ccproxy.adaptive_only("anthropic/claude-sonnet-5-5", config.settings)
+
+
+def test_a_switch_that_would_need_thinking_off_waits_for_the_turns_end():
+    config = ccproxy.default_config()
+    pipeline = ccproxy.Pipeline(config)          # long_context: Sonnet 5.5 in the default; make it Opus 5.5
+    models = [dict(m, litellm_params={"model": "anthropic/claude-opus-5-5"})
+              if m["model_name"] == "long_context" else m for m in config.model_list]
+    pipeline = ccproxy.Pipeline(ccproxy.dataclasses.replace(config, litellm=dict(config.litellm, model_list=models)))
+    body, headers = cc_request("main")
+    body["model"] = "claude-sonnet-5-5"
+    assert route(pipeline, body, headers)[0] == "default"
+    pipeline.sessions.record_signature("sess-1", None, "sig.sonnet.1", "claude-sonnet-5-5")
+    body["messages"] += [
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "t", "signature": "sig.sonnet.1"},
+                                          {"type": "tool_use", "id": "r1", "name": "Read", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "r1",
+                                      "content": [{"type": "text", "text": big_text(130000)}]}]}]
+    label, data, ctx = route(pipeline, body, headers)
+    assert label == "default" and "switch waits for the turn's end" in ctx.decision.reason
+    assert data["model"] == "claude-sonnet-5-5" and data["messages"][-2]["content"][0]["type"] == "thinking"
+    body["messages"] += [{"role": "assistant", "content": [{"type": "text", "text": "read it"}]},
+                         {"role": "user", "content": [{"type": "text", "text": "now explain it"}]}]
+    label, data, _ctx = route(pipeline, body, headers)                 # the next turn switches
+    assert label == "long_context" and data["thinking"]["type"] == "adaptive"
+
+
+@pytest.fixture(scope="module")
+def opus_long_proxy(upstream, tmp_path_factory):
+    """long_context on an Opus 5.5 deployment (1M context), the rest as in `proxy`."""
+    def write(directory, port):
+        path = write_config(directory, upstream, port)
+        config = yaml.safe_load(path.read_text())
+        for entry in config["model_list"]:
+            if entry["model_name"] == "long_context":
+                entry["litellm_params"] = {"model": "anthropic/claude-opus-5-5", "api_base": upstream.url}
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+    with started_proxy(tmp_path_factory, "opus-long", write) as run:
+        yield run
+
+
+@slow
+def test_a_sonnet_tool_loop_crossing_into_an_opus_long_context_is_answered(opus_long_proxy, clean_upstream):
+    strict = StrictAnthropic(adaptive_only=("claude-opus-5",))
+    clean_upstream.scripts.append(strict)
+    client = ScriptedClaudeCode(opus_long_proxy.url, "sess-opus-long", model="claude-sonnet-5-5")
+    client.messages.append({"role": "user", "content": [{"type": "text", "text": "USE-TOOL to read the module"}]})
+    first = client.request(stream=True)
+    use = next(b for b in first["content"] if b["type"] == "tool_use")
+    client.messages.append({"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": use["id"], "content": [{"type": "text", "text": big_text(64000)}]}]})
+    client.request(stream=False)                                   # the Read result crosses 60k
+    client.turn("what does function_7 do?")                        # the next turn
+    assert strict.rejected == [] and set(client.statuses) == {200}
+    assert [route for route, _model in client.routes] == ["small", "small", "long_context"]
+    assert [r["body"]["model"] for r in clean_upstream.received("/v1/messages")] == [
+        "up-small", "up-small", "claude-opus-5-5"]
+
+
 def test_session_store_bounds_sweeps_and_logs(caplog):
     caplog.set_level("INFO", logger="ccproxy")
     store = ccproxy.SessionStore(ttl=0.0, max_sessions=1)
@@ -2177,8 +2268,9 @@ def test_session_store_bounds_sweeps_and_logs(caplog):
 
 def test_fixes_fit_max_tokens_and_budget_and_a_failing_fix_is_skipped(monkeypatch):
     config = ccproxy.default_config()
-    models = [dict(m, model_info={"max_output_tokens": 2000}) if m["model_name"] == "think" else m
-              for m in config.model_list]
+    sonnet = {"model": "anthropic/claude-sonnet-5-5"}          # takes budgets and `disabled`
+    models = [dict(m, model_info={"max_output_tokens": 2000}, litellm_params=sonnet)
+              if m["model_name"] == "think" else m for m in config.model_list]
     settings = ccproxy.dataclasses.replace(config.settings, show_requested_model=False)
     pipeline = ccproxy.Pipeline(ccproxy.dataclasses.replace(config, settings=settings,
                                                             litellm=dict(config.litellm, model_list=models)))
@@ -2187,8 +2279,8 @@ def test_fixes_fit_max_tokens_and_budget_and_a_failing_fix_is_skipped(monkeypatc
     data, ctx = ccproxy.run_pipeline(pipeline, copy.deepcopy(body), headers=headers)
     assert data["max_tokens"] == 2000 and data["thinking"]["budget_tokens"] == 1999
     assert data["litellm_metadata"]["_complexity_router_return_raw_model_name"] is True
-    models = [dict(m, model_info={"max_output_tokens": 1000}) if m["model_name"] == "think" else m
-              for m in config.model_list]
+    models = [dict(m, model_info={"max_output_tokens": 1000}, litellm_params=sonnet)
+              if m["model_name"] == "think" else m for m in config.model_list]
     pipeline = ccproxy.Pipeline(ccproxy.dataclasses.replace(config, litellm=dict(config.litellm, model_list=models)))
     data, ctx = ccproxy.run_pipeline(pipeline, copy.deepcopy(body), headers=headers)
     assert data["thinking"] == {"type": "disabled"}
