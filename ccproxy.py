@@ -3289,7 +3289,14 @@ class Pipeline:
         self._last_reload = now
         deployments = None
         if self._model_source is not None:
-            deployments = self._model_source()
+            try:
+                deployments = self._model_source()
+            except Exception as exc:  # whatever the router does: the config's list, and
+                self.warn_once(f"model-source:{type(exc).__name__}",   # no retry before the cooldown
+                               f"reading LiteLLM's model list failed ({type(exc).__name__}: "
+                               f"{exc}); using the config's until it works")
+                self._models, self._models_loaded = ModelTable(self.config.model_list), True
+                return self._models
         if deployments is None:
             # The live router is not ready (or there is none): use the config's list, and
             # do not mark it loaded so the live list is picked up once it exists.
@@ -3663,7 +3670,12 @@ class Handler:
                 "type": "invalid_request_error",
                 "message": "body must be a JSON object with model and messages"}}, 400)
         headers = {k.lower(): v for k, v in request.headers.items()}
-        status, answer = await self.count_tokens(body, headers, request.url.query)
+        try:
+            status, answer = await self.count_tokens(body, headers, request.url.query)
+        except Exception as exc:  # the route's boundary: an Anthropic error, never plain text
+            log.error("count_tokens failed: %s: %s", type(exc).__name__, redact_secrets(str(exc)))
+            status, answer = 500, {"type": "error", "error": {
+                "type": "api_error", "message": f"ccproxy could not count: {type(exc).__name__}"}}
         return json_response(answer, status)
 
     async def _messages_route(self, request: Any, response: Any, key: Any) -> Any:
@@ -3686,8 +3698,10 @@ class Handler:
         """Answer /v1/messages/count_tokens for the route the rules pick: the Anthropic
         upstream's own count (with the same auth a message would get), or the offline
         tokenizer's count of the whole request for any other provider."""
-        data, ctx = run_pipeline(self.pipeline, dict(body), call_type="count_tokens",
-                                 headers=headers)
+        import asyncio
+
+        data, ctx = await asyncio.to_thread(run_pipeline, self.pipeline, dict(body),
+                                            call_type="count_tokens", headers=headers)
         decision = ctx.decision
         with self.stats.lock:
             self.stats.counts[decision.label if decision else "unrouted"] += 1
@@ -3699,7 +3713,7 @@ class Handler:
                      decision.requested_model, upstream_model)
             return await self._anthropic_count(dict(body, model=upstream_model), params,
                                                data, headers, query)
-        count = TOKENS.count_request(body)[0]
+        count = (await asyncio.to_thread(TOKENS.count_request, body))[0]
         log.info("count_tokens %s: %s -> %s (local count %d)",
                  decision.label if decision else "-", body.get("model"),
                  decision.upstream if decision else "-", count)
@@ -3770,7 +3784,12 @@ def _make_handler_class() -> type:
 
         async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any, data: Any,
                                       call_type: str) -> Any:
-            return self.core.pre_call(data, call_type, user_api_key_dict)
+            # In a worker thread: counting a long context takes milliseconds (tiktoken lets
+            # go of the GIL), which the event loop must not spend.
+            import asyncio
+
+            return await asyncio.to_thread(self.core.pre_call, data, call_type,
+                                           user_api_key_dict)
 
         async def async_post_call_response_headers_hook(self, data: dict, user_api_key_dict: Any,
                                                         response: Any, *args: Any,

@@ -1175,6 +1175,31 @@ def test_model_list_load_failure_is_not_marked_loaded_and_reload_has_cooldown():
     for _ in range(20):                              # a missing name reloads at most once per cooldown
         pipeline.models(missing="ghost")
     assert len(calls) == 2
+    failing = ccproxy.Pipeline(ccproxy.dataclasses.replace(config, settings=settings),
+                               model_source=lambda: calls.append(1) / 0)
+    for _ in range(20):                              # a source that raises: not on every request
+        assert "think" in failing.models() and "think" in failing.models(missing="ghost")
+    assert len(calls) == 3
+
+
+def test_count_tokens_route_answers_anthropic_json_when_counting_fails(tmp_path, monkeypatch):
+    import asyncio
+    core = ccproxy.Handler(config=ccproxy.default_config(tmp_path))
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("tokenizer exploded")
+    monkeypatch.setattr(core, "count_tokens", broken)
+
+    class Request:
+        scope = {"parsed_body": ((), {"model": "m", "messages": []})}
+        headers = {"content-type": "application/json"}
+
+        class url:
+            query = ""
+    answer = asyncio.run(core._count_tokens_route(Request(), None, None))
+    assert answer.status_code == 500
+    assert json.loads(answer.body) == {"type": "error", "error": {
+        "type": "api_error", "message": "ccproxy could not count: RuntimeError"}}
 
 
 def test_background_thread_sweeps_idle_sessions():
