@@ -3439,6 +3439,83 @@ class Stats:
                     "token_cache": {"hits": TOKENS.hits, "misses": TOKENS.misses}}
 
 
+# Anthropic's error types and the statuses it sends them with.
+ANTHROPIC_ERROR_STATUS = {"invalid_request_error": 400, "authentication_error": 401,
+                          "permission_error": 403, "not_found_error": 404,
+                          "request_too_large": 413, "rate_limit_error": 429, "api_error": 500,
+                          "overloaded_error": 529}
+# Upstream answer headers a client's retry logic reads (Claude Code reads retry-after and the
+# rate-limit family), passed on with the error.
+PASSED_ERROR_HEADERS = ("retry-after", "x-should-retry", "request-id")
+# Set per Anthropic-format request by UpstreamErrors; the failure hook fills it in.
+_UPSTREAM_ERROR: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "ccproxy_upstream_error", default=None)
+
+
+def upstream_error(exception: BaseException) -> dict | None:
+    """What the upstream answered, from LiteLLM's exception for it: the Anthropic error body
+    (LiteLLM keeps it inside its message), its status, and the headers worth passing on."""
+    message = str(getattr(exception, "message", "") or exception)
+    start = message.find("{")
+    try:
+        body, _end = json.JSONDecoder().raw_decode(message[start:]) if start >= 0 else (None, 0)
+    except ValueError:
+        return None
+    error = body.get("error") if isinstance(body, dict) and body.get("type") == "error" else None
+    if not isinstance(error, dict) or not isinstance(error.get("type"), str):
+        return None
+    code = getattr(exception, "status_code", None)
+    status = ANTHROPIC_ERROR_STATUS.get(error["type"]) or (code if isinstance(code, int) else 500)
+    raw = getattr(exception, "litellm_response_headers", None) or {}
+    headers = {str(k).lower(): str(v) for k, v in dict(raw).items()
+               if str(k).lower() in PASSED_ERROR_HEADERS
+               or str(k).lower().startswith("anthropic-ratelimit-")}
+    return {"status": status, "body": body, "headers": headers}
+
+
+class UpstreamErrors:
+    """ASGI layer for Anthropic-format routes: an error answer carries what the upstream
+    sent (its status, e.g. 529 overloaded or 429, its error JSON unwrapped, retry-after and
+    the rate-limit headers) instead of LiteLLM's 500 with the error inside its message."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http" or not str(scope.get("path", "")).startswith("/v1/messages"):
+            await self.app(scope, receive, send)
+            return
+        slot: dict = {}
+        token = _UPSTREAM_ERROR.set(slot)
+        held: dict | None = None
+
+        async def send_as_upstream(message: dict) -> None:
+            nonlocal held
+            if message.get("type") == "http.response.start" and message.get("status", 200) >= 400 \
+                    and slot.get("body"):
+                held = message
+                return
+            if held is None or message.get("type") != "http.response.body":
+                await send(message)
+                return
+            if message.get("more_body"):
+                return                         # LiteLLM's wrapped body: replaced below
+            body = json.dumps(slot["body"]).encode()
+            headers = [(k, v) for k, v in held.get("headers") or ()
+                       if k.lower() not in (b"content-length", b"content-type")]
+            headers += [(b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode())]
+            headers += [(k.encode("latin-1"), v.encode("latin-1"))
+                        for k, v in slot["headers"].items()]
+            await send(dict(held, status=slot["status"], headers=headers))
+            await send({"type": "http.response.body", "body": body})
+
+        try:
+            await self.app(scope, receive, send_as_upstream)
+        finally:
+            _UPSTREAM_ERROR.reset(token)
+
+
 class Handler:
     """ccproxy inside a LiteLLM proxy: runs the pipeline for each request, watches the
     answers (thinking signatures, usage), counts outcomes and serves ccproxy's routes.
@@ -3503,6 +3580,7 @@ class Handler:
         app = proxy_app()
         if app is not None and not getattr(app.state, "ccproxy", False):
             app.state.ccproxy = True
+            wrap_app(app, UpstreamErrors)
             self.guarded = wrap_app(app, RequestGuard, policy=AccessPolicy.from_config(config))
             if not self.guarded:
                 log.error("cannot guard the proxy: browser requests and the proxy key are "
@@ -3616,8 +3694,14 @@ class Handler:
 
     async def on_upstream_failure(self, request_data: Mapping[str, Any],
                                   exception: BaseException) -> None:
-        """An upstream 401 for a token from oat_sources: get a fresh one now. LiteLLM awaits
-        this after each failed upstream attempt, so the refresh is done before the retry."""
+        """A failed upstream attempt (LiteLLM awaits this after each): note what the upstream
+        answered, for UpstreamErrors to pass on; after a 401 for a token from oat_sources,
+        get a fresh one before the retry."""
+        slot = _UPSTREAM_ERROR.get()
+        found = upstream_error(exception) if slot is not None else None
+        if slot is not None:
+            slot.clear()
+            slot.update(found or {})
         if getattr(exception, "status_code", None) != 401:
             return
         provider = routing_metadata(request_data).get("oauth_provider")

@@ -91,8 +91,9 @@ class FakeUpstream:
                           "body": body}
                 with upstream.lock:
                     upstream.requests.append(record)
-                status, ctype, payload = upstream.answer(record)
-                head = (f"HTTP/1.1 {status} OK\r\ncontent-type: {ctype}\r\n"
+                status, ctype, payload, extra = upstream.answer(record)
+                more = "".join(f"{k}: {v}\r\n" for k, v in extra.items())
+                head = (f"HTTP/1.1 {status} OK\r\ncontent-type: {ctype}\r\n{more}"
                         f"content-length: {len(payload)}\r\n\r\n").encode()
                 self.wfile.write(head + payload)
                 self.wfile.flush()
@@ -123,15 +124,22 @@ class FakeUpstream:
             return [r for r in self.requests if path_part in r["path"]]
 
     # -- answers -------------------------------------------------------------------------
-    def answer(self, record: dict) -> tuple[int, str, bytes]:
+    def answer(self, record: dict) -> tuple[int, str, bytes, dict]:
+        """(status, content type, body, extra headers); a script may return (status, reply)
+        or (status, reply, headers)."""
+        extra: dict = {}
         path, body = record["path"], record["body"]
         for script in list(self.scripts):
             result = script(record)
             if result is not None:
-                status, reply = result
+                status, reply = result[:2]
+                extra = result[2] if len(result) > 2 else {}
                 if status == 200 and reply.get("type") == "message" and body.get("stream"):
-                    return status, "text/event-stream", sse(message_events(reply))
-                return status, "application/json", json.dumps(reply).encode()
+                    return status, "text/event-stream", sse(message_events(reply)), extra
+                return status, "application/json", json.dumps(reply).encode(), extra
+        return self._default_answer(path, body) + (extra,)
+
+    def _default_answer(self, path: str, body: dict) -> tuple[int, str, bytes]:
         model = body.get("model", "?")
         if path.startswith("/v1/messages/count_tokens"):
             return 200, "application/json", json.dumps({"input_tokens": 4242}).encode()
@@ -1532,6 +1540,32 @@ def test_openai_format_streams_on_chat_completions_pass_through_as_json(proxy, c
     assert "answer from up-cheap" in "".join(
         (json.loads(ln)["choices"][0]["delta"].get("content") or "") for ln in lines
         if ln != "[DONE]" and json.loads(ln).get("choices"))
+
+
+
+UPSTREAM_ERRORS = [
+    (529, "overloaded_error", "Overloaded", {}),
+    (429, "rate_limit_error", "This request would exceed your rate limit",
+     {"retry-after": "1", "anthropic-ratelimit-unified-status": "rejected",
+      "anthropic-ratelimit-unified-reset": "1795690000"}),
+    (400, "invalid_request_error", "prompt is too long: 250000 tokens > 200000 maximum", {}),
+    (401, "authentication_error", "invalid x-api-key", {}),
+]
+
+
+@slow
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("status,kind,message,extra", UPSTREAM_ERRORS)
+def test_upstream_errors_reach_the_client_as_sent(proxy, clean_upstream, status, kind, message, extra, stream):
+    error = {"type": "error", "error": {"type": kind, "message": message}}
+    clean_upstream.scripts.append(lambda record: (status, error, dict(extra, **{"request-id": "req_up_1"})))
+    body, headers = cc_request("main")
+    body["stream"] = stream
+    got_status, got_headers, raw = proxy.messages(body, headers)
+    assert (got_status, json.loads(raw)) == (status, error)
+    for name, value in extra.items():
+        assert got_headers[name] == value
+    assert got_headers["request-id"] == "req_up_1" and "litellm" not in raw.decode()
 
 
 @slow
