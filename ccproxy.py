@@ -794,6 +794,8 @@ class Settings:
     max_sessions: int = 2000
     allowed_origins: tuple[str, ...] = ()   # browser origins let through (README, "Security")
     adaptive_only_models: tuple[str, ...] = ()   # more models that refuse `thinking: disabled`
+    upstream_retries: int = 0       # LiteLLM's own retries (Claude Code retries by itself)
+    upstream_timeout: float = 600.0  # seconds for one upstream call (LiteLLM's is 6,000)
 
 
 # Keys ccproxy once used that no longer do anything: accepted, with a warning saying so.
@@ -4472,21 +4474,23 @@ def client_environment(config: Config, env: Mapping[str, str]) -> dict[str, str]
 
 
 def litellm_config_for_start(config: Config) -> Path:
-    """The file LiteLLM starts with: the user's, or a generated one beside it when the
-    user's lacks ccproxy's callback (or there is no file: built-in defaults)."""
+    """The file LiteLLM starts with, generated beside the user's (0600): LiteLLM's sections
+    as written, plus ccproxy's callback, the upstream retries and timeout ccproxy chooses for
+    Claude Code where LiteLLM's own settings do not say, and the proxy key if on."""
     settings = config.litellm.get("litellm_settings") or {}
     callbacks = settings.get("callbacks") if isinstance(settings, dict) else None
     listed = [callbacks] if isinstance(callbacks, str) else list(callbacks or [])
-    if config.litellm_file is not None and "ccproxy.handler" in listed \
-            and not config.settings.proxy_key:
-        return config.litellm_file
     directory = config.directory or Path(DEFAULT_CONFIG_DIR).expanduser()
     make_private_dir(directory)
     data = litellm_sections(config.litellm)
     litellm_settings = dict(settings) if isinstance(settings, dict) else {}
     if "ccproxy.handler" not in listed:
         litellm_settings["callbacks"] = listed + ["ccproxy.handler"]
+    litellm_settings.setdefault("request_timeout", config.settings.upstream_timeout)
     data["litellm_settings"] = litellm_settings
+    router = data.get("router_settings")
+    data["router_settings"] = dict(router) if isinstance(router, dict) else {}
+    data["router_settings"].setdefault("num_retries", config.settings.upstream_retries)
     if config.settings.proxy_key:
         # LiteLLM checks the key on its own header, so Claude Code's Authorization and
         # x-api-key stay free to carry the user's credentials upstream.

@@ -1566,6 +1566,23 @@ def test_upstream_errors_reach_the_client_as_sent(proxy, clean_upstream, status,
     for name, value in extra.items():
         assert got_headers[name] == value
     assert got_headers["request-id"] == "req_up_1" and "litellm" not in raw.decode()
+    assert len(clean_upstream.received()) == 1        # upstream_retries 0: Claude Code retries
+
+
+@slow
+def test_upstream_retries_and_timeout_are_ccproxys_unless_litellms_settings_say(opus_long_proxy, clean_upstream, tmp_path):
+    clean_upstream.scripts.append(lambda record: (529, {"type": "error", "error": {
+        "type": "overloaded_error", "message": "Overloaded"}}))
+    body, headers = cc_request("main")
+    assert opus_long_proxy.messages(body, headers)[0] == 529
+    assert len(clean_upstream.received()) == 2         # upstream_retries: 1 in that config
+    (tmp_path / "ccproxy.yaml").write_text(
+        "ccproxy: {upstream_timeout: 90}\nrouter_settings: {num_retries: 5}\n"
+        "model_list: [{model_name: x, litellm_params: {model: anthropic/x}}]\n")
+    generated = yaml.safe_load(ccproxy.litellm_config_for_start(ccproxy.load_config(tmp_path)).read_text())
+    assert generated["router_settings"]["num_retries"] == 5            # LiteLLM's own setting wins
+    assert generated["litellm_settings"]["request_timeout"] == 90.0
+    assert generated["litellm_settings"]["callbacks"] == ["ccproxy.handler"]
 
 
 @slow
@@ -2278,9 +2295,10 @@ def test_a_switch_that_would_need_thinking_off_waits_for_the_turns_end():
 
 @pytest.fixture(scope="module")
 def opus_long_proxy(upstream, tmp_path_factory):
-    """long_context on an Opus 5.5 deployment (1M context), the rest as in `proxy`."""
+    """long_context on an Opus 5.5 deployment (1M context) and one LiteLLM retry; the rest
+    as in `proxy`."""
     def write(directory, port):
-        path = write_config(directory, upstream, port)
+        path = write_config(directory, upstream, port, settings={"upstream_retries": 1})
         config = yaml.safe_load(path.read_text())
         for entry in config["model_list"]:
             if entry["model_name"] == "long_context":
