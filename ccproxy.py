@@ -443,6 +443,30 @@ def live_model_list() -> list | None:
     return list(models) if isinstance(models, list) and models else None
 
 
+def deployment_model(model_id: Any) -> str | None:
+    """The upstream model of the live deployment with this id (LiteLLM's `model_info.id`,
+    which it reports as the answer's `model_id` after retries and fallbacks)."""
+    if not model_id:
+        return None
+    for dep in live_model_list() or ():
+        info = dep.get("model_info") if isinstance(dep, Mapping) else None
+        if isinstance(info, Mapping) and info.get("id") == model_id:
+            params = dep.get("litellm_params")
+            model = params.get("model") if isinstance(params, Mapping) else None
+            return model if isinstance(model, str) else None
+    return None
+
+
+def answer_model_id(response: Any, call_info: Any = None) -> Any:
+    """The id of the deployment that answered: from the response-headers hook's call info,
+    else the response's hidden params."""
+    if isinstance(call_info, Mapping) and call_info.get("model_id"):
+        return call_info["model_id"]
+    hidden = response.get("_hidden_params") if isinstance(response, Mapping) \
+        else getattr(response, "_hidden_params", None)     # a dict answer keeps them as a key
+    return hidden.get("model_id") if isinstance(hidden, Mapping) else None
+
+
 def known_max_output(model: str) -> int | None:
     """A model's maximum output tokens from LiteLLM's model map (None when unknown or when
     litellm is not loaded)."""
@@ -694,6 +718,13 @@ CONTACTS: tuple[Contact, ...] = (
             "health checks count as client requests",
             _check_constant("litellm.constants", "LITTELM_INTERNAL_HEALTH_SERVICE_ACCOUNT_NAME",
                             HEALTH_CHECK_KEY)),
+    Contact("answering deployment", "an answer's _hidden_params carry the model_id of the "
+            "deployment that answered (a dict answer as a key), and the response-headers hook "
+            "gets it as litellm_call_info", "after a fallback, thinking blocks and x-ccproxy-model "
+            "name the routed deployment instead of the one that answered",
+            lambda: _has_source(_import("litellm.proxy.utils"), "litellm_call_info")
+            and _has_source(_import("litellm.router_utils.add_retry_fallback_headers"),
+                            "_hidden_params")),
     Contact("router model list", "proxy_server.llm_router.model_list",
             "routing follows the config file, not models added at run time",
             lambda: hasattr(_import("litellm.proxy.proxy_server"), "llm_router")),
@@ -3629,20 +3660,27 @@ class Handler:
                 log.debug("  hooks %.2f ms; auth: %s", elapsed, "; ".join(ctx.auth) or "-")
         return data
 
-    def response_headers(self, data: Mapping[str, Any]) -> dict:
-        """Tell the client where its request went (x-ccproxy-* response headers)."""
+    def response_headers(self, data: Mapping[str, Any], response: Any = None,
+                         call_info: Any = None) -> dict:
+        """Tell the client where its request went (x-ccproxy-* response headers): the
+        deployment that answered, which after a fallback is not the one routed to; noted
+        for the signature ledger too (an SSE answer's headers come before its blocks)."""
         decision = routing_metadata(data)
         if "label" not in decision:
             return {}
+        answered = deployment_model(answer_model_id(response, call_info)) \
+            or decision.get("answered_by")
+        if answered:
+            decision["answered_by"] = answered
         return {"x-ccproxy-rule": str(decision["label"]),
-                "x-ccproxy-model": str(decision.get("upstream") or decision.get("model"))}
+                "x-ccproxy-model": answered or str(decision.get("upstream") or decision.get("model"))}
 
     def _record_signatures(self, request_data: Mapping[str, Any], decision: dict,
                            signatures: Iterable[str]) -> None:
         headers = client_headers(request_data)
         session = parse_session(request_data.get("metadata"), headers)
         agent = headers.get("x-claude-code-agent-id") or None
-        producer = model_name(str(decision.get("upstream", "")))
+        producer = model_name(str(decision.get("answered_by") or decision.get("upstream", "")))
         for signature in signatures:
             self.pipeline.sessions.record_signature(session, agent, signature, producer)
 
@@ -3651,6 +3689,13 @@ class Handler:
         decision = routing_metadata(data)
         if not decision or not isinstance(response, dict):
             return response
+        answered = deployment_model(answer_model_id(response))
+        if answered:
+            decision["answered_by"] = answered
+            if answered != decision.get("upstream") and self.config.settings.show_requested_model \
+                    and decision.get("requested_model"):
+                # LiteLLM 1.108.7 restamps a fallback's SSE answer but not its JSON one.
+                response["model"] = decision["requested_model"]
         content = response.get("content")
         if isinstance(content, list):
             self._record_signatures(data, decision,
@@ -3878,9 +3923,9 @@ def _make_handler_class() -> type:
                                            user_api_key_dict)
 
         async def async_post_call_response_headers_hook(self, data: dict, user_api_key_dict: Any,
-                                                        response: Any, *args: Any,
-                                                        **kwargs: Any) -> dict:
-            return self.core.response_headers(data)
+                                                        response: Any, request_headers: Any = None,
+                                                        litellm_call_info: Any = None) -> dict:
+            return self.core.response_headers(data, response, litellm_call_info)
 
         async def async_post_call_success_hook(self, data: dict, user_api_key_dict: Any,
                                                response: Any) -> Any:

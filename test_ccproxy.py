@@ -1570,6 +1570,30 @@ def test_upstream_errors_reach_the_client_as_sent(proxy, clean_upstream, status,
 
 
 @slow
+def test_a_session_survives_a_fallback_and_its_return(opus_long_proxy, clean_upstream):
+    """think fails and LiteLLM's fallback (small) answers: ccproxy records small as the
+    producer of that answer's thinking, so when think is back those blocks are dropped for
+    it instead of drawing Anthropic's invalid-signature 400."""
+    down = {"think": True}
+    clean_upstream.scripts.append(lambda record: (500, {"type": "error", "error": {
+        "type": "api_error", "message": "think is down"}})
+        if down["think"] and record["body"].get("model") == "up-think" else None)
+    strict = StrictAnthropic()
+    clean_upstream.scripts.append(strict)
+    client = ScriptedClaudeCode(opus_long_proxy.url, "sess-fallback")
+    client.effort = "max"
+    client.turn("plan it, USE-TOOL first")                         # think down: small answers
+    assert client.routes[0] == ("think", "anthropic/up-small")    # who really answered
+    down["think"] = False
+    client.turn("go on, USE-TOOL again", stream=True)              # think is back
+    client.turn("and finish", stream=False)
+    assert strict.rejected == [] and set(client.statuses) == {200}
+    assert [model for _rule, model in client.routes[-3:]] == ["anthropic/up-think"] * 3
+    answered = [r for r in clean_upstream.received("/v1/messages") if r["body"]["model"] == "up-think"]
+    assert upstream_thinking_is_own(answered) == []
+
+
+@slow
 def test_upstream_retries_and_timeout_are_ccproxys_unless_litellms_settings_say(opus_long_proxy, clean_upstream, tmp_path):
     clean_upstream.scripts.append(lambda record: (529, {"type": "error", "error": {
         "type": "overloaded_error", "message": "Overloaded"}}))
@@ -2295,10 +2319,11 @@ def test_a_switch_that_would_need_thinking_off_waits_for_the_turns_end():
 
 @pytest.fixture(scope="module")
 def opus_long_proxy(upstream, tmp_path_factory):
-    """long_context on an Opus 5.5 deployment (1M context) and one LiteLLM retry; the rest
-    as in `proxy`."""
+    """long_context on an Opus 5.5 deployment (1M context), one LiteLLM retry and LiteLLM's
+    fallback from think to small; the rest as in `proxy`."""
     def write(directory, port):
-        path = write_config(directory, upstream, port, settings={"upstream_retries": 1})
+        path = write_config(directory, upstream, port, settings={"upstream_retries": 1},
+                            router_settings={"fallbacks": [{"think": ["small"]}]})
         config = yaml.safe_load(path.read_text())
         for entry in config["model_list"]:
             if entry["model_name"] == "long_context":
