@@ -453,7 +453,8 @@ def deployment_model(model_id: Any) -> str | None:
         if isinstance(info, Mapping) and info.get("id") == model_id:
             params = dep.get("litellm_params")
             model = params.get("model") if isinstance(params, Mapping) else None
-            return model if isinstance(model, str) else None
+            # A wildcard entry (`anthropic/claude-*`) names no model: the routed one stands.
+            return model if isinstance(model, str) and "*" not in model else None
     return None
 
 
