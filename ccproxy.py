@@ -3669,8 +3669,8 @@ class Handler:
         decision = routing_metadata(data)
         if "label" not in decision:
             return {}
-        answered = deployment_model(answer_model_id(response, call_info)) \
-            or decision.get("answered_by")
+        answered = decision.get("answered_by") \
+            or deployment_model(answer_model_id(response, call_info))
         if answered:
             decision["answered_by"] = answered
         return {"x-ccproxy-rule": str(decision["label"]),
@@ -5179,7 +5179,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         _print(f"backed up {target} to {backup}")
     write_private(target, DEFAULT_CONFIG_YAML)
     refresh_snippet_files(directory)
-    _print(f"wrote {target}\nstart the proxy with: python {Path(__file__).name} start --detach")
+    _print(f"wrote {target}\nstart the proxy with: {self_command(directory)} start --detach")
     return 0
 
 

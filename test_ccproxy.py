@@ -341,9 +341,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http(method: str, url: str, body: dict | None = None, headers: dict | None = None,
+def http(method: str, url: str, body: dict | bytes | None = None, headers: dict | None = None,
          timeout: float = 60) -> tuple[int, dict, bytes]:
-    data = json.dumps(body).encode() if body is not None else None
+    """(status, lower-case headers, body) of one request; a dict body goes as JSON, bytes as
+    they are (an empty body as none)."""
+    data = (body or None) if isinstance(body, bytes) else \
+        json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -2836,16 +2839,6 @@ DEPLOYMENT_KEY = "sk-ant-api03-deployment-own-key-0123"
 OPENAI_DEPLOYMENT_KEY = "sk-upstream-openai"
 
 
-def raw_post(url: str, payload: bytes, headers: dict, method: str = "POST") -> tuple[int, dict, bytes]:
-    req = urllib.request.Request(url, data=payload if method == "POST" else None, method=method,
-                                 headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
-
-
 def anthropic_error(raw: bytes) -> tuple[str, str]:
     body = json.loads(raw)
     assert body["type"] == "error" and "\n" not in body["error"]["message"]
@@ -2860,17 +2853,17 @@ def test_browser_requests_are_refused_before_the_upstream(proxy, clean_upstream)
                   {"origin": "null", "content-type": "text/plain"},
                   {"sec-fetch-site": "cross-site", "content-type": "text/plain"},
                   {"origin": "http://127.0.0.1:9", "sec-fetch-site": "same-site"}):
-        status, got_headers, raw = raw_post(proxy.url + "/v1/messages", payload, dict(headers, **extra))
+        status, got_headers, raw = http("POST", proxy.url + "/v1/messages", payload, dict(headers, **extra))
         assert status == 403 and anthropic_error(raw)[0] == "permission_error", (extra, raw)
         assert "access-control-allow-origin" not in got_headers
-    status, got_headers, _raw = raw_post(proxy.url + "/v1/messages", b"", {
-        "origin": EVIL_ORIGIN, "access-control-request-method": "POST"}, method="OPTIONS")
+    status, got_headers, _raw = http("OPTIONS", proxy.url + "/v1/messages", b"", {
+        "origin": EVIL_ORIGIN, "access-control-request-method": "POST"})
     assert status == 403 and "access-control-allow-origin" not in got_headers
     for path in ("/ccproxy/health", "/ccproxy/session/sess-1", "/v1/models"):
-        status, got_headers, _raw = raw_post(proxy.url + path, b"", {"origin": EVIL_ORIGIN}, method="GET")
+        status, got_headers, _raw = http("GET", proxy.url + path, b"", {"origin": EVIL_ORIGIN})
         assert status == 403 and "access-control-allow-origin" not in got_headers
     assert clean_upstream.received() == []
-    status, got_headers, raw = raw_post(proxy.url + "/v1/messages", payload, headers)   # no Origin
+    status, got_headers, raw = http("POST", proxy.url + "/v1/messages", payload, headers)   # no Origin
     assert status == 200 and "access-control-allow-origin" not in got_headers, raw[:300]
     assert len(clean_upstream.received()) == 1
     assert "refused a request (403 permission_error) from http://evil.example" in proxy.log()
@@ -2880,10 +2873,10 @@ def test_browser_requests_are_refused_before_the_upstream(proxy, clean_upstream)
 def test_a_page_on_a_rebound_name_or_another_host_is_refused(proxy, clean_upstream):
     body, headers = cc_request("main")
     for host in ("evil.example:%d" % proxy.port, "attacker.test:%d" % proxy.port):
-        status, _h, raw = raw_post(proxy.url + "/v1/messages", json.dumps(body).encode(),
+        status, _h, raw = http("POST", proxy.url + "/v1/messages", json.dumps(body).encode(),
                                    dict(headers, host=host))
         assert status == 403 and anthropic_error(raw)[0] == "permission_error"
-    status, _h, _raw = raw_post(proxy.url + "/ccproxy/health", b"", {"host": "evil.example"}, method="GET")
+    status, _h, _raw = http("GET", proxy.url + "/ccproxy/health", b"", {"host": "evil.example"})
     assert status == 403 and clean_upstream.received() == []
     policy = ccproxy.AccessPolicy()
     assert policy.refusal("/v1/messages", {"host": "localhost:4000"}, "10.0.0.7")[0] == 403
