@@ -117,6 +117,15 @@ CLAUDE_CODE_DEFAULT_BUDGET = 31999
 # Models that answer 400 to `thinking: {type: disabled}` ("Use thinking.type.adaptive and
 # output_config.effort") and to `enabled` budgets: Claude Code 2.1.332's default among them.
 ADAPTIVE_ONLY_MODELS = ("claude-opus-5*", "claude-fable-5*")
+# `retry_on` kinds and the fields of LiteLLM's router_settings.retry_policy each one sets.
+RETRY_KINDS = {"rate_limit": ("RateLimitErrorRetries",),           # 429
+               "server_error": ("InternalServerErrorRetries",),    # 500, 529 overloaded
+               "unavailable": ("ServiceUnavailableErrorRetries",),  # 503
+               "timeout": ("TimeoutErrorRetries",),
+               "connection": ("DefaultRetries",)}                  # refused, reset, other
+# Failures retrying cannot fix: never retried by LiteLLM when ccproxy writes the policy.
+NEVER_RETRIED = ("BadRequestErrorRetries", "AuthenticationErrorRetries",
+                 "NotFoundErrorRetries", "ContentPolicyViolationErrorRetries")
 # Claude Code's baseline context (system prompt + tool definitions) is about this many tokens.
 CLAUDE_CODE_BASELINE_TOKENS = 19000
 WEB_SEARCH_TOOL_PREFIX = "web_search"
@@ -827,7 +836,15 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()   # browser origins let through (README, "Security")
     adaptive_only_models: tuple[str, ...] = ()   # more models that refuse `thinking: disabled`
     upstream_retries: int = 0       # LiteLLM's own retries (Claude Code retries by itself)
+    retry_on: tuple[str, ...] = tuple(RETRY_KINDS)   # the failures upstream_retries applies to
+    retry_backoff: float = 0.0      # seconds at least between two of LiteLLM's retries
     upstream_timeout: float = 600.0  # seconds for one upstream call (LiteLLM's is 6,000)
+    # label -> labels that answer when it fails (LiteLLM's router fallbacks, session-safe)
+    fallbacks: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    context_window_fallbacks: Mapping[str, tuple[str, ...]] = dataclasses.field(
+        default_factory=dict)
+    quota_fallback: str = ""        # label for a session whose Claude plan limit is reached
+    unshared_workers: bool = False  # allow num_workers > 1 with per-process session state
 
 
 # Keys ccproxy once used that no longer do anything: accepted, with a warning saying so.
@@ -1183,6 +1200,21 @@ def parse_settings(section: Mapping[str, Any], problems: ConfigProblems) -> Sett
                                "names or patterns like claude-opus-5*")
                 continue
             value = tuple(items)
+        elif key in ("fallbacks", "context_window_fallbacks"):
+            value = parse_fallbacks(key, value, problems)
+            if value is None:
+                continue
+        elif key == "retry_on":
+            items = [value] if isinstance(value, str) else value
+            if not isinstance(items, list) or not all(v in RETRY_KINDS for v in items):
+                problems.error(("ccproxy", key), f"`retry_on` must list some of: "
+                               f"{', '.join(RETRY_KINDS)}; got {value!r}")
+                continue
+            value = tuple(items)
+        elif key == "quota_fallback":
+            if not isinstance(value, str):
+                problems.error(("ccproxy", key), "`quota_fallback` must name a model_list entry")
+                continue
         elif key == "oat_sources":
             if value is None:
                 value = {}
@@ -1216,6 +1248,23 @@ def parse_origins(value: Any, problems: ConfigProblems) -> tuple[str, ...] | Non
                        "wildcard: each listed site can spend your credentials)")
         return None
     return tuple(o.strip().rstrip("/").lower() for o in items)
+
+
+def parse_fallbacks(key: str, value: Any,
+                    problems: ConfigProblems) -> dict[str, tuple[str, ...]] | None:
+    """`fallbacks:` / `context_window_fallbacks:`: a label (or `*`) -> the labels to try."""
+    if value is None:
+        return {}
+    out: dict[str, tuple[str, ...]] = {}
+    for label, targets in value.items() if isinstance(value, dict) else [(None, None)]:
+        items = [targets] if isinstance(targets, str) else targets
+        if not isinstance(label, str) or not isinstance(items, list) or not items \
+                or not all(isinstance(t, str) and t for t in items):
+            problems.error(("ccproxy", key), f"`{key}` maps a model_list entry to the entries "
+                           "tried when it fails, e.g. {think: [default]}")
+            return None
+        out[label] = tuple(items)
+    return out
 
 
 def parse_hooks(hooks: Any, problems: ConfigProblems) -> tuple[HookSpec, ...]:
@@ -1407,6 +1456,13 @@ def validate_config(config: Config, pipeline: "Pipeline") -> ValidationReport:
         report.errors.append(f"{ccproblems.where(('ccproxy', 'default_model_passthrough'))}: "
                              "default_model_passthrough is false but model_list has no "
                              "`default` entry; add one or turn passthrough on")
+    report.errors += fallback_problems(config, table, ccproblems)
+    if config.num_workers > 1 and not config.settings.unshared_workers:
+        report.errors.append(
+            f"{ccproblems.where(('litellm', 'num_workers'))}: num_workers is "
+            f"{config.num_workers}, but each worker would keep its own session state: turns "
+            "would change model mid-tool-loop and thinking blocks would reach models that did "
+            "not sign them; use 1 (or `ccproxy.unshared_workers: true` to accept that)")
     report.warnings += readable_secret_warnings(config)
     for i, warning in pipeline.rule_warnings:
         report.warnings.append(f"{ccproblems.where(('ccproxy', 'rules', i))}: {warning}")
@@ -1436,6 +1492,24 @@ def validate_config(config: Config, pipeline: "Pipeline") -> ValidationReport:
                                  "needs model_name and litellm_params.model")
     report.errors += callback_problems(config, lproblems)
     return report
+
+
+def fallback_problems(config: Config, table: "ModelTable",
+                      problems: ConfigProblems) -> list[str]:
+    """Fallback and quota labels that name no model_list entry."""
+    out = []
+    settings = config.settings
+    for key in ("fallbacks", "context_window_fallbacks"):
+        for label, targets in getattr(settings, key).items():
+            for name in ((label,) if label != "*" else ()) + targets:
+                if table.resolve(name) is None:
+                    out.append(f"{problems.where(('ccproxy', key, label))}: {key}: model_list "
+                               f"has no entry named `{name}`{_did_you_mean(name, table.names())}")
+    if settings.quota_fallback and settings.quota_fallback not in table:
+        out.append(f"{problems.where(('ccproxy', 'quota_fallback'))}: quota_fallback: "
+                   f"model_list has no entry named `{settings.quota_fallback}`"
+                   f"{_did_you_mean(settings.quota_fallback, table.names())}")
+    return out
 
 
 def callback_problems(config: Config, problems: ConfigProblems) -> list[str]:
@@ -2368,6 +2442,7 @@ class RequestContext:
     route_label: str | None = None   # a matching rule's Verdict.label, when it names the route
     notes: list[str] = dataclasses.field(default_factory=list)   # what the fixes changed
     original_thinking: Any = None    # the client's `thinking`, as it arrived
+    quota_resend: bool = False       # sent again after the plan limit was reached (no session)
 
     @property
     def config(self) -> Config:
@@ -2601,6 +2676,7 @@ class SessionStore:
         self._lock = threading.Lock()
         self._sessions: collections.OrderedDict[tuple, SessionState] = \
             collections.OrderedDict()
+        self._quota: dict[str, float] = {}    # session id -> when its plan limit resets
 
     def attach(self, ctx: "RequestContext", request: Mapping[str, Any]) -> None:
         """Give the context its session and conversation (created on first sight)."""
@@ -2698,7 +2774,31 @@ class SessionStore:
             if main is None:
                 agents = [s for (sid, _a), s in self._sessions.items() if sid == session_id]
                 main = agents[-1] if agents else None
-            return main.as_dict() if main is not None else None
+            found = main.as_dict() if main is not None else None
+        if found is not None:
+            found["quota_until"] = self.quota_until(session_id)
+        return found
+
+    def limit_reached(self, session_id: str, until: float) -> bool:
+        """Note that the session's plan limit is reached until `until` (epoch seconds);
+        True when this starts a window (the caller logs it once)."""
+        with self._lock:
+            new = self._quota.get(session_id, 0.0) <= time.time()
+            self._quota[session_id] = until
+            while len(self._quota) > self.max_sessions:
+                del self._quota[next(iter(self._quota))]
+        return new
+
+    def quota_until(self, session_id: str | None) -> float | None:
+        """When the session's plan limit resets, while it is reached; None after that."""
+        with self._lock:
+            until = self._quota.get(session_id or "")
+            if until is None or until > time.time():
+                return until
+            del self._quota[session_id or ""]
+        log.info("session %s: its plan limit has reset; back to its own routes",
+                 (session_id or "")[:8])
+        return None
 
     def sweep(self) -> int:
         """Forget sessions idle longer than the TTL (logging their figures); how many."""
@@ -2714,8 +2814,11 @@ class SessionStore:
         """Switches and uncached tokens over the sessions remembered now."""
         with self._lock:
             sessions = list(self._sessions.values())
+            now = time.time()
+            limited = sum(1 for until in self._quota.values() if until > now)
         return {"sessions": len(sessions), "switches": sum(s.switches for s in sessions),
-                "uncached_tokens": sum(s.uncached_tokens for s in sessions)}
+                "uncached_tokens": sum(s.uncached_tokens for s in sessions),
+                "plan_limited": limited}
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -2815,6 +2918,12 @@ def model_router(data: dict, ctx: RequestContext, **params: Any) -> dict:
                   "tool loop would need, so the switch waits for the turn's end")
         label = waited
         rule = next((r for r in pipeline.rules if getattr(r, "name", None) == label), None)
+    quota = pipeline.config.settings.quota_fallback
+    until = pipeline.sessions.quota_until(ctx.session_id) if quota else None
+    if quota and (until or ctx.quota_resend) and label != quota:
+        label, rule = quota, next((r for r in pipeline.rules if getattr(r, "name", None) == quota),
+                                  None)
+        reason = "the plan limit is reached" + (f" until {clock(until)}" if until else "")
     passthrough = (rule is None and label == "default"
                    and pipeline.config.settings.default_model_passthrough) \
         or bool(getattr(rule, "passthrough", False))
@@ -2851,6 +2960,13 @@ def model_router(data: dict, ctx: RequestContext, **params: Any) -> dict:
     meta = litellm_metadata(data)
     meta[METADATA_KEY] = decision.as_dict()
     return data
+
+
+def clock(epoch: float) -> str:
+    """A reset time as the user reads it: local HH:MM, with the date when not today."""
+    moment = time.localtime(epoch)
+    same_day = time.strftime("%Y-%m-%d", moment) == time.strftime("%Y-%m-%d")
+    return time.strftime("%H:%M" if same_day else "%Y-%m-%d %H:%M", moment)
 
 
 def _override_needs_thinking_off(data: dict, ctx: RequestContext, label: str) -> bool:
@@ -3047,9 +3163,10 @@ class OAuthSource:
 
 _OAUTH_LOCK = threading.Lock()
 # Set by ccproxy's /v1/messages route for the request it serves: the failure hook marks it
-# for one retry once it has fetched a fresh OAuth token after an upstream 401.
-_OAUTH_RETRY: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ccproxy_oauth_retry",
-                                                                         default=None)
+# for one more send ("oauth": after an upstream 401 it fetched a fresh token; "quota": the
+# session's plan limit is reached and quota_fallback answers instead).
+_RESEND: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ccproxy_resend",
+                                                                    default=None)
 
 
 # ---- Fixes ---------------------------------------------------------------------------------
@@ -3188,37 +3305,60 @@ def note_translated_usage(data: dict, ctx: "RequestContext") -> None:
 
 
 class SSEWatcher:
-    """Reads an Anthropic SSE stream as it passes: thinking signatures, and a message_start
-    whose usage can be filled in. Frames may arrive split or merged across chunks."""
+    """Reads an Anthropic SSE stream as it passes: thinking signatures, a message_start whose
+    usage can be filled in, and whether the stream is whole (every `data:` is JSON, and it
+    ends with message_stop or an error event). Frames may arrive split or merged."""
 
     def __init__(self) -> None:
         self._buffer = b""
         self.signatures: list[str] = []
+        self.ended = False               # message_stop or an error event went by
+        self.problem: str | None = None  # why the stream is broken; nothing after it passes
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        """Complete frames seen so far (the incomplete tail is kept for the next chunk)."""
+        """Complete frames seen so far, up to a broken one (the incomplete tail is kept for
+        the next chunk)."""
         self._buffer += chunk
         frames = []
-        while True:
+        while self.problem is None:
             end = self._buffer.find(b"\n\n")
             if end < 0:
                 break
             frame, self._buffer = self._buffer[:end + 2], self._buffer[end + 2:]
+            event = sse_data(frame)
+            if event is None and (frame.startswith(b"data:") or b"\ndata:" in frame):
+                self.problem = "the upstream sent an event that is not JSON"
+                break
             frames.append(frame)
-            if b"signature_delta" in frame or b"redacted_thinking" in frame:
-                event = sse_data(frame)
-                delta = event.get("delta") if isinstance(event, dict) else None
-                block = event.get("content_block") if isinstance(event, dict) else None
-                signature = (delta or {}).get("signature") if isinstance(delta, dict) else None
-                signature = signature or thinking_signature(block)
+            kind = event.get("type") if isinstance(event, dict) else None
+            self.ended = self.ended or kind in ("message_stop", "error")
+            if kind in ("content_block_delta", "content_block_start"):
+                delta = event.get("delta")
+                signature = delta.get("signature") if isinstance(delta, dict) else None
+                signature = signature or thinking_signature(event.get("content_block"))
                 if isinstance(signature, str) and signature:
                     self.signatures.append(signature)
         return frames
 
-    @property
-    def pending(self) -> bytes:
-        """Bytes of an incomplete frame."""
-        return self._buffer
+    def close(self) -> bytes:
+        """At the stream's end: an Anthropic error event if it is not whole, else nothing."""
+        if self.problem is None and not self.ended:
+            self.problem = ("the upstream stream ended in the middle of an event"
+                            if self._buffer.strip() else
+                            "the upstream stream ended before message_stop")
+        if self.problem is None:
+            return b""
+        log.warning("stream cut short: %s; the client gets an error event", self.problem)
+        error = {"type": "error", "error": {"type": "api_error", "message": self.problem}}
+        return b"event: error\ndata: " + json.dumps(error).encode() + b"\n\n"
+
+
+async def close_quietly(stream: Any) -> None:
+    """Stop reading an upstream stream we gave up on (its connection is let go)."""
+    try:
+        await stream.aclose()
+    except Exception as exc:  # closing is a courtesy: nothing of it may reach the client
+        log.debug("closing the upstream stream: %s", type(exc).__name__)
 
 
 def sse_data(frame: bytes) -> Any:
@@ -3349,14 +3489,14 @@ class Pipeline:
 
     def context(self, data: dict, *, call_type: str = "anthropic_messages",
                 headers: Mapping[str, str] | None = None,
-                user_api_key_dict: Any = None) -> RequestContext:
+                user_api_key_dict: Any = None, quota_resend: bool = False) -> RequestContext:
         """The context for one request."""
         hdrs = dict(headers) if headers is not None else client_headers(data)
         ctx = RequestContext(pipeline=self, headers=hdrs, call_type=call_type,
                              path=request_path(data),
                              session_id=parse_session(data.get("metadata"), hdrs),
                              agent_id=hdrs.get("x-claude-code-agent-id") or None,
-                             user_api_key_dict=user_api_key_dict,
+                             user_api_key_dict=user_api_key_dict, quota_resend=quota_resend,
                              original_thinking=_top_level_copy(data.get("thinking")))
         if self.config.settings.sticky_turns and call_type != "count_tokens":
             self.sessions.attach(ctx, data)
@@ -3478,6 +3618,10 @@ ANTHROPIC_ERROR_STATUS = {"invalid_request_error": 400, "authentication_error": 
                           "permission_error": 403, "not_found_error": 404,
                           "request_too_large": 413, "rate_limit_error": 429, "api_error": 500,
                           "overloaded_error": 529}
+# A plan-limit 429 without a usable reset time: the fallback holds this long; a reset time
+# further away than a week is taken as a week.
+PLAN_LIMIT_DEFAULT_WAIT = 3600.0
+PLAN_LIMIT_MAX_WAIT = 7 * 86400.0
 # Upstream answer headers a client's retry logic reads (Claude Code reads retry-after and the
 # rate-limit family), passed on with the error.
 PASSED_ERROR_HEADERS = ("retry-after", "x-should-retry", "request-id")
@@ -3499,12 +3643,30 @@ def upstream_error(exception: BaseException) -> dict | None:
     if not isinstance(error, dict) or not isinstance(error.get("type"), str):
         return None
     code = getattr(exception, "status_code", None)
-    status = ANTHROPIC_ERROR_STATUS.get(error["type"]) or (code if isinstance(code, int) else 500)
+    # LiteLLM keeps the upstream's status, except that a 529 becomes its 500.
+    status = code if isinstance(code, int) and code not in (500, 529) \
+        else ANTHROPIC_ERROR_STATUS.get(error["type"], 500)
     raw = getattr(exception, "litellm_response_headers", None) or {}
     headers = {str(k).lower(): str(v) for k, v in dict(raw).items()
                if str(k).lower() in PASSED_ERROR_HEADERS
                or str(k).lower().startswith("anthropic-ratelimit-")}
     return {"status": status, "body": body, "headers": headers}
+
+
+def plan_limit_reset(headers: Mapping[str, str]) -> float | None:
+    """When a 429 says the Claude plan's limit is reached (Anthropic's unified rate-limit
+    headers: status `rejected`), the reset time it gives (epoch seconds); else None."""
+    if headers.get("anthropic-ratelimit-unified-status", "").strip().lower() != "rejected":
+        return None
+    now = time.time()
+    for name, base in (("anthropic-ratelimit-unified-reset", 0.0), ("retry-after", now)):
+        try:
+            value = float(headers.get(name, ""))
+        except ValueError:
+            continue
+        if math.isfinite(value) and value + base > now:
+            return min(value + base, now + PLAN_LIMIT_MAX_WAIT)
+    return now + PLAN_LIMIT_DEFAULT_WAIT
 
 
 class UpstreamErrors:
@@ -3637,8 +3799,10 @@ class Handler:
         if call_type not in ROUTED_CALL_TYPES or not isinstance(data, dict):
             return data
         started = time.perf_counter()
+        resend = _RESEND.get() or {}
         data, ctx = run_pipeline(self.pipeline, data, call_type=call_type,
-                                 user_api_key_dict=user_api_key_dict)
+                                 user_api_key_dict=user_api_key_dict,
+                                 quota_resend=resend.get("sent") == "quota")
         decision = ctx.decision
         if decision is not None and decision.provider == "anthropic":
             self.keep_thinking(decision.upstream)
@@ -3708,36 +3872,38 @@ class Handler:
         return response
 
     async def stream(self, response: Any, request_data: Mapping[str, Any]) -> Any:
-        """An SSE answer, passed through as it comes: note who signed its thinking blocks;
-        fill a zero input_tokens in message_start for translated routes."""
-        decision = routing_metadata(request_data)
-        if not decision:
-            async for chunk in response:
+        """An Anthropic SSE answer, passed on frame by frame as it comes: note who signed its
+        thinking blocks; fill a zero input_tokens in message_start for translated routes;
+        a stream that breaks (a `data:` that is not JSON, no message_stop: empty, cut off)
+        ends with an Anthropic error event. (An upstream that fails while sending raises
+        through here, and LiteLLM sends the error event.)"""
+        if not request_path(request_data).startswith("/v1/messages"):
+            async for chunk in response:          # OpenAI format: passed as it comes
                 yield chunk
             return
+        decision = routing_metadata(request_data)
         fill = decision.get("input_tokens") if decision.get("provider") != "anthropic" \
             else None
         fill = fill if isinstance(fill, int) else 0
         watcher = SSEWatcher()
-        held = fill > 0    # hold bytes until message_start is complete
         async for chunk in response:
-            if not isinstance(chunk, bytes):      # an OpenAI-format chunk object: not SSE bytes
-                held = False
+            if not isinstance(chunk, bytes):
                 yield chunk
                 continue
             frames = watcher.feed(chunk)
-            if not held:
-                yield chunk
-                continue
-            if not frames:
-                continue
-            out = [with_input_tokens(f, fill) if b"message_start" in f else f
-                   for f in frames]
-            held = False
-            yield b"".join(out) + watcher.pending
-        if held and watcher.pending:
-            yield watcher.pending
-        if watcher.signatures:
+            if fill and any(b"message_start" in f for f in frames):
+                frames = [with_input_tokens(f, fill) if b"message_start" in f else f
+                          for f in frames]
+                fill = 0
+            if frames:
+                yield b"".join(frames)
+            if watcher.problem:
+                await close_quietly(response)
+                break
+        ending = watcher.close()
+        if ending:
+            yield ending
+        if watcher.signatures and decision:
             self._record_signatures(request_data, decision, watcher.signatures)
 
     async def on_upstream_failure(self, request_data: Mapping[str, Any],
@@ -3750,6 +3916,9 @@ class Handler:
         if slot is not None:
             slot.clear()
             slot.update(found or {})
+        until = plan_limit_reset(found["headers"]) if found and found["status"] == 429 else None
+        if until is not None:
+            self.plan_limit_reached(request_data, until)
         if getattr(exception, "status_code", None) != 401:
             return
         provider = routing_metadata(request_data).get("oauth_provider")
@@ -3760,11 +3929,27 @@ class Handler:
 
         ok = await asyncio.to_thread(source.refresh_after_401,
                                      self.config.settings.oauth_timeout)
-        slot = _OAUTH_RETRY.get()
+        slot = _RESEND.get()
         if ok and slot is not None:
-            slot["retry"] = True
+            slot["again"] = "oauth"
         log.warning("upstream answered 401 for the oauth token of %s; %s", provider,
                     "fetched a fresh one" if ok else f"refreshing failed ({source.problem})")
+
+    def plan_limit_reached(self, request_data: Mapping[str, Any], until: float) -> None:
+        """An upstream said the Claude plan's limit is reached: the session goes to
+        quota_fallback until the reset, starting with this request (sent once more)."""
+        quota = self.config.settings.quota_fallback
+        decision = routing_metadata(request_data)
+        if not quota or decision.get("label") == quota:
+            return
+        slot = _RESEND.get()
+        if slot is not None:
+            slot["again"] = "quota"
+        session = parse_session(request_data.get("metadata"), client_headers(request_data))
+        if session and self.pipeline.sessions.limit_reached(session, until):
+            log.warning("session %s: the plan limit is reached (429 from %s); routing it to "
+                        "`%s` until %s", session[:8], decision.get("upstream", "?"), quota,
+                        clock(until))
 
     def record_failure(self, kwargs: Mapping[str, Any]) -> None:
         """Count a failed request against the route it took (health checks aside)."""
@@ -3780,7 +3965,7 @@ class Handler:
                   (SESSION_PATH + "/{session_id}", self._session_route, "GET", False)]
         if self.config.settings.route_count_tokens:     # LiteLLM runs no hook for it
             routes.append(("/v1/messages/count_tokens", self._count_tokens_route, "POST", True))
-        if self.pipeline.oauth:
+        if self.pipeline.oauth or self.config.settings.quota_fallback:
             routes.append(("/v1/messages", self._messages_route, "POST", True))
         return routes
 
@@ -3811,19 +3996,21 @@ class Handler:
         return json_response(answer, status)
 
     async def _messages_route(self, request: Any, response: Any, key: Any) -> Any:
-        # An upstream 401 for a token from oat_sources: the failure hook has fetched a fresh
-        # token by the time LiteLLM's endpoint returns; send the same request once more.
-        slot = {"retry": False}
-        token = _OAUTH_RETRY.set(slot)
+        # The failure hook has, by the time LiteLLM's endpoint returns, fetched a fresh token
+        # after a 401 for one from oat_sources, or noted that the plan limit is reached
+        # (quota_fallback): the same request is sent once more, routed anew.
+        slot: dict[str, str | None] = {"again": None, "sent": None}
+        token = _RESEND.set(slot)
         try:
             result = await litellm_messages_endpoint(request, response, key)
-            if slot["retry"] and getattr(result, "status_code", 200) == 401:
-                log.info("retrying the request once with the fresh oauth token")
-                slot["retry"] = False
+            if slot["again"] and getattr(result, "status_code", 200) >= 400:
+                log.info("sending the request once more (%s)", "with the fresh oauth token"
+                         if slot["again"] == "oauth" else "to quota_fallback")
+                slot.update(sent=slot["again"], again=None)
                 result = await litellm_messages_endpoint(request, response, key)
             return result
         finally:
-            _OAUTH_RETRY.reset(token)
+            _RESEND.reset(token)
 
     async def count_tokens(self, body: dict, headers: Mapping[str, str],
                            query: str = "") -> tuple[int, dict]:
@@ -4536,7 +4723,7 @@ def litellm_config_for_start(config: Config) -> Path:
     data["litellm_settings"] = litellm_settings
     router = data.get("router_settings")
     data["router_settings"] = dict(router) if isinstance(router, dict) else {}
-    data["router_settings"].setdefault("num_retries", config.settings.upstream_retries)
+    data["router_settings"].update(router_settings_for(config.settings, data["router_settings"]))
     if config.settings.proxy_key:
         # LiteLLM checks the key on its own header, so Claude Code's Authorization and
         # x-api-key stay free to carry the user's credentials upstream.
@@ -4552,6 +4739,29 @@ def litellm_config_for_start(config: Config) -> Path:
             + _yaml().safe_dump(data, sort_keys=False))
     write_private(path, text)
     return path
+
+
+def router_settings_for(settings: Settings, router: Mapping[str, Any]) -> dict[str, Any]:
+    """LiteLLM router settings from ccproxy's retry and fallback settings; what
+    `router_settings` itself says wins (per label for fallbacks)."""
+    out: dict[str, Any] = {"num_retries": router.get("num_retries", settings.upstream_retries)}
+    if settings.upstream_retries and "retry_policy" not in router:
+        policy = dict.fromkeys(NEVER_RETRIED, 0)
+        for kind, fields in RETRY_KINDS.items():
+            policy.update(dict.fromkeys(fields, settings.upstream_retries
+                                        if kind in settings.retry_on else 0))
+        out["retry_policy"] = policy
+    if settings.retry_backoff and "retry_after" not in router:
+        out["retry_after"] = settings.retry_backoff
+    for key in ("fallbacks", "context_window_fallbacks"):
+        own = getattr(settings, key)
+        listed = router.get(key)
+        theirs: list = listed if isinstance(listed, list) else []
+        named = {next(iter(item)) for item in theirs if isinstance(item, dict) and item}
+        extra = [{label: list(targets)} for label, targets in own.items() if label not in named]
+        if extra:
+            out[key] = list(theirs) + extra
+    return out
 
 
 def proxy_environment(config: Config) -> dict[str, str]:
@@ -5054,10 +5264,13 @@ def statusline_text(session: Mapping[str, Any] | None, up: bool) -> str:
     if not session:
         return "ccproxy: up (no request from this session yet)"
     switches = int(session.get("switches") or 0)
+    until = session.get("quota_until")
     return (f"ccproxy: {short_model(str(session.get('requested_model', '?')))}"
             f"\u2192{model_name(str(session.get('last_upstream', '?')))} "
             f"({session.get('last_label', '?')}) \u00b7 {switches} "
-            f"switch{'es' if switches != 1 else ''}")
+            f"switch{'es' if switches != 1 else ''}"
+            + (f" \u00b7 plan limit reached until {clock(until)}"
+               if isinstance(until, (int, float)) else ""))
 
 
 def claude_settings_file() -> Path:
@@ -5393,6 +5606,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             _print(f"sessions: {sessions.get('sessions', 0)}, model switches "
                    f"{sessions.get('switches', 0)}, ~{sessions.get('uncached_tokens', 0):,} "
                    "tokens re-sent uncached")
+            if sessions.get("plan_limited"):
+                _print(f"plan limit reached: {sessions['plan_limited']} session(s) answered by "
+                       "quota_fallback until their reset")
     return 0 if report["running"] else 1
 
 

@@ -60,6 +60,33 @@ def need_fixtures() -> None:
 
 # ---- Fixtures: fake upstream, Claude Code-shaped requests, proxy -----------------------------
 
+@dataclasses.dataclass
+class Raw:
+    """A faulty answer: `pieces` of body sent after their delays (seconds), then the
+    connection closed; `declared` is the content-length announced (None: none, the body
+    ends at the close), so a larger one cuts the body short."""
+    pieces: list
+    declared: int | None = None
+    status: int = 200
+    wait: float = 0.0               # before anything is sent
+
+    def send(self, handler) -> None:
+        time.sleep(self.wait)
+        head = f"HTTP/1.1 {self.status} OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
+        if self.declared is not None:
+            head += f"content-length: {self.declared}\r\n"
+        handler.close_connection = True
+        try:
+            handler.wfile.write(head.encode() + b"\r\n")
+            for delay, piece in self.pieces:
+                if delay:
+                    time.sleep(delay)
+                handler.wfile.write(piece)
+                handler.wfile.flush()
+        except OSError:
+            pass                      # the proxy gave up on us: that is what is tested
+
+
 class FakeUpstream:
     """A stdlib HTTP server speaking Anthropic Messages (JSON/SSE), OpenAI chat completions
     (JSON/SSE), the Responses API and count_tokens; it records what it receives.
@@ -91,7 +118,11 @@ class FakeUpstream:
                           "body": body}
                 with upstream.lock:
                     upstream.requests.append(record)
-                status, ctype, payload, extra = upstream.answer(record)
+                answer = upstream.answer(record)
+                if isinstance(answer, Raw):
+                    answer.send(self)
+                    return
+                status, ctype, payload, extra = answer
                 more = "".join(f"{k}: {v}\r\n" for k, v in extra.items())
                 head = (f"HTTP/1.1 {status} OK\r\ncontent-type: {ctype}\r\n{more}"
                         f"content-length: {len(payload)}\r\n\r\n").encode()
@@ -124,13 +155,15 @@ class FakeUpstream:
             return [r for r in self.requests if path_part in r["path"]]
 
     # -- answers -------------------------------------------------------------------------
-    def answer(self, record: dict) -> tuple[int, str, bytes, dict]:
-        """(status, content type, body, extra headers); a script may return (status, reply)
-        or (status, reply, headers)."""
+    def answer(self, record: dict) -> tuple[int, str, bytes, dict] | Raw:
+        """(status, content type, body, extra headers); a script may return (status, reply),
+        (status, reply, headers) or a Raw answer (faults)."""
         extra: dict = {}
         path, body = record["path"], record["body"]
         for script in list(self.scripts):
             result = script(record)
+            if isinstance(result, Raw):
+                return result
             if result is not None:
                 status, reply = result[:2]
                 extra = result[2] if len(result) > 2 else {}
@@ -1612,6 +1645,142 @@ def test_upstream_retries_and_timeout_are_ccproxys_unless_litellms_settings_say(
     assert generated["litellm_settings"]["callbacks"] == ["ccproxy.handler"]
 
 
+FAULT_SETTINGS = {"upstream_retries": 2, "retry_on": ["unavailable"], "upstream_timeout": 2, "fallbacks": {"think": ["small"]},
+                  "context_window_fallbacks": {"background": ["small"]}, "quota_fallback": "small"}
+
+
+@pytest.fixture(scope="module")
+def faults_proxy(upstream, tmp_path_factory):
+    """Retries, fallbacks and the quota fallback written in ccproxy.yaml itself."""
+    with started_proxy(tmp_path_factory, "faults",
+                       lambda d, p: write_config(d, upstream, p, settings=FAULT_SETTINGS)) as run:
+        yield run
+
+
+def failing(status: int, kind: str, message: str, model: str | None = None, headers: dict | None = None):
+    """A fake-upstream script: this Anthropic error for every request (or one model's)."""
+    error = {"type": "error", "error": {"type": kind, "message": message}}
+    return lambda record: (status, error, headers or {}) \
+        if model is None or record["body"].get("model") == model else None
+
+
+@slow
+def test_retries_apply_to_the_failures_retry_on_names(faults_proxy, clean_upstream):
+    clean_upstream.scripts.append(failing(503, "api_error", "unavailable"))
+    body, headers = cc_request("main")
+    assert faults_proxy.messages(body, headers)[0] == 503
+    assert len(clean_upstream.received()) == 3             # retry_on: [unavailable], 2 retries
+    clean_upstream.clear()
+    clean_upstream.scripts.append(failing(529, "overloaded_error", "Overloaded"))
+    assert faults_proxy.messages(body, headers)[0] == 529
+    assert len(clean_upstream.received()) == 1             # not in retry_on: Claude Code retries
+
+
+@slow
+@pytest.mark.parametrize("stream", [False, True])
+def test_fallbacks_written_in_ccproxy_yaml_answer_for_a_failed_label(faults_proxy, clean_upstream, stream):
+    clean_upstream.scripts.append(failing(500, "api_error", "think is down", model="up-think"))
+    clean_upstream.scripts.append(failing(400, "invalid_request_error",
+                                          "prompt is too long: 250000 tokens > 200000 maximum", model="up-background"))
+    for kind, failed in (("think", "up-think"), ("haiku", "up-background")):
+        body, headers = cc_request(kind)
+        body["stream"] = stream
+        status, got, raw = faults_proxy.messages(body, headers)
+        assert status == 200 and got["x-ccproxy-model"] == "anthropic/up-small", raw[:300]
+        assert [r["body"]["model"] for r in clean_upstream.received("/v1/messages")][-2:] == [failed, "up-small"]
+    generated = yaml.safe_load((faults_proxy.directory / ccproxy.GENERATED_CONFIG).read_text())["router_settings"]
+    assert generated["fallbacks"] == [{"think": ["small"]}]
+    assert generated["context_window_fallbacks"] == [{"background": ["small"]}]
+    assert generated["retry_policy"]["ServiceUnavailableErrorRetries"] == 2
+    assert generated["retry_policy"]["RateLimitErrorRetries"] == 0
+
+
+@slow
+def test_a_session_whose_plan_limit_is_reached_moves_to_quota_fallback_and_back(faults_proxy, clean_upstream):
+    """Claude plan exhausted: Anthropic's 429 with unified-status rejected. The request is
+    answered by quota_fallback (small) at once, the session stays there until the reset the
+    headers give, then returns; the thinking blocks small signed never reach Opus 4.8."""
+    reset = int(time.time()) + 4
+    limit = {"anthropic-ratelimit-unified-status": "rejected", "anthropic-ratelimit-unified-reset": str(reset),
+             "retry-after": "4"}
+    clean_upstream.scripts.append(lambda record: failing(
+        429, "rate_limit_error", "usage limit reached", model="claude-opus-4-8", headers=limit)(record)
+        if time.time() < reset else None)
+    strict = StrictAnthropic()
+    clean_upstream.scripts.append(strict)
+    client = ScriptedClaudeCode(faults_proxy.url, "sess-quota", model="claude-opus-4-8")
+    client.turn("start, USE-TOOL first", stream=True)
+    client.turn("go on")
+    assert set(client.statuses) == {200} and {m for _r, m in client.routes} == {"anthropic/up-small"}
+    session_url = f"{faults_proxy.url}{ccproxy.SESSION_PATH}/sess-quota"
+    state = json.loads(http("GET", session_url)[2])
+    assert state["quota_until"] == reset and "plan limit reached until" in ccproxy.statusline_text(state, True)
+    assert "plan limit reached: 1 session" in run_cli("status", "--config-dir", str(faults_proxy.directory)).stdout
+    deadline = time.monotonic() + 30
+    while json.loads(http("GET", session_url)[2]).get("quota_until") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    client.turn("back on my plan, USE-TOOL again", stream=True)
+    client.turn("done")
+    assert strict.rejected == [] and set(client.statuses) == {200}
+    assert client.routes[-1] == ("default", "anthropic/claude-opus-4-8")
+    sent = [r["body"]["model"] for r in clean_upstream.received("/v1/messages")]
+    assert sent.count("claude-opus-4-8") == 1 + 3            # the refused one, then the last two turns
+    log = faults_proxy.log()
+    assert log.count("the plan limit is reached (429") == 1 and "its plan limit has reset" in log
+
+
+def stream_parts(model: str) -> tuple[bytes, bytes]:
+    """An Anthropic SSE answer cut in two: message_start, a block's start and a delta; the rest."""
+    frames = [f + b"\n\n" for f in anthropic_sse(model, "hello there", 100).split(b"\n\n") if f]
+    return b"".join(frames[:3]), b"".join(frames[3:])
+
+
+def sse_event_types(raw: bytes) -> list[str]:
+    return [ln[7:].strip() for ln in raw.decode().splitlines() if ln.startswith("event:")]
+
+
+@slow
+@pytest.mark.parametrize("fault", ["empty", "not_json", "no_message_stop", "cut_off", "cut_at_start", "stalled"])
+def test_a_broken_upstream_stream_ends_with_one_error_event(faults_proxy, clean_upstream, fault):
+    head, rest = stream_parts("claude-opus-4-8")
+    raw = {"empty": Raw([], declared=0),
+           "not_json": Raw([(0, head + b"event: content_block_delta\ndata: {not json\n\n" + rest)]),
+           "no_message_stop": Raw([(0, head)]),                    # a clean close, no length
+           "cut_off": Raw([(0, head), (0.3, b"")], declared=len(head) + 500),   # the connection drops
+           "cut_at_start": Raw([(0, head)], declared=len(head) + 500),          # ... with the first read
+           "stalled": Raw([(0, head), (5, rest)])}[fault]           # upstream_timeout: 2 (idle)
+    clean_upstream.scripts.append(lambda record: raw if record["body"].get("model") == "claude-opus-4-8" else None)
+    body, headers = cc_request("main")
+    body.update(model="claude-opus-4-8", stream=True)
+    status, _headers, out = faults_proxy.messages(body, headers)
+    if fault == "cut_at_start":           # nothing sent yet: an error answer Claude Code retries
+        assert status == 500 and json.loads(out)["error"]["type"] == "api_error", out[:300]
+        return
+    events = sse_event_types(out)
+    assert status == 200 and events.count("error") == 1 and events[-1] == "error", out[-400:]
+    assert b"not json" not in out and json.loads(out.decode().rsplit("data:", 1)[1])["type"] == "error"
+    assert events[:-1][:3] == ([] if fault == "empty" else ["message_start", "content_block_start", "content_block_delta"])
+    clean_upstream.clear()
+    assert faults_proxy.messages(*cc_request("main"))[0] == 200               # and it keeps serving
+
+
+@slow
+def test_upstream_timeout_limits_silence_not_a_long_answer(faults_proxy, clean_upstream):
+    head, rest = stream_parts("claude-opus-4-8")
+    frames = [f + b"\n\n" for f in (head + rest).split(b"\n\n") if f]
+    steady = Raw([(1.2 if i % 2 else 0, f) for i, f in enumerate(frames)])    # 4 s in all, gaps < 2 s
+    clean_upstream.scripts.append(lambda record: steady)
+    body, headers = cc_request("main")
+    body.update(model="claude-opus-4-8", stream=True)
+    status, _headers, out = faults_proxy.messages(body, headers)
+    assert status == 200 and sse_event_types(out)[-1] == "message_stop", out[-300:]
+    clean_upstream.clear()
+    clean_upstream.scripts.append(lambda record: Raw([], wait=5))            # no first byte
+    body["stream"] = False
+    status, _headers, out = faults_proxy.messages(body, headers)
+    assert status == 408 and json.loads(out)["type"] == "error", out[:300]
+
+
 @slow
 def test_proxy_log_has_one_line_per_decision_and_no_secret(proxy, clean_upstream):
     body, headers = cc_request("haiku", session="sess-logline")
@@ -2402,7 +2571,16 @@ def test_sse_watcher_reads_split_frames_and_fills_input_tokens():
                   ("content_block_delta", {"type": "content_block_delta", "index": 1,
                                            "delta": {"type": "signature_delta", "signature": "s1"}})])
     frames = watcher.feed(stream[:10]) + watcher.feed(stream[10:])
-    assert b"".join(frames) == stream and watcher.signatures == ["enc", "s1"] and watcher.pending == b""
+    assert b"".join(frames) == stream and watcher.signatures == ["enc", "s1"]
+    assert b"before message_stop" in watcher.close()              # it did not end
+    whole = ccproxy.SSEWatcher()
+    assert whole.feed(b"event: ping\ndata: {\"type\": \"ping\"}\n\n: keepalive\n\n") != []
+    assert whole.feed(b'event: message_stop\ndata: {"type": "message_stop"}\n\n') and whole.close() == b""
+    cut = ccproxy.SSEWatcher()
+    assert cut.feed(b'event: message_start\ndata: {"type": "message_start"}\n\nevent: content_block_delta\ndata: {"ty')
+    assert b"in the middle of an event" in cut.close()
+    bad = ccproxy.SSEWatcher()
+    assert bad.feed(b"event: a\ndata: {bad\n\nevent: message_stop\ndata: {}\n\n") == [] and bad.problem
     assert ccproxy.sse_data(b"event: x\ndata: {bad\n\n") is None and ccproxy.sse_data(b"event: x\n\n") is None
     start = sse([("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 7}}})])
     assert ccproxy.with_input_tokens(start, 99) == start
@@ -2486,6 +2664,52 @@ def test_validate_reports_every_problem_with_its_line(tmp_path):
         assert w in warnings, w
     text = run_cli("validate", "--config-dir", str(tmp_path))
     assert text.returncode == 1 and "error(s): fix them" in text.stdout
+
+
+def test_validate_checks_retries_fallbacks_quota_and_workers(tmp_path):
+    f = tmp_path / "ccproxy.yaml"
+    f.write_text("ccproxy:\n  retry_on: [rate_limit, flaky]\n")
+    with pytest.raises(ccproxy.ConfigError, match=f"{f}:2: `retry_on` must list some of: rate_limit, server_error"):
+        ccproxy.load_config(tmp_path)
+    f.write_text(
+        "litellm: {num_workers: 2}\n"
+        "ccproxy:\n  retry_on: [rate_limit]\n  fallbacks: {think: [defualt], nowhere: [think]}\n"
+        "  context_window_fallbacks: {think: long}\n  quota_fallback: api\n"
+        "model_list:\n  - {model_name: think, litellm_params: {model: anthropic/x}}\n"
+        "  - {model_name: default, litellm_params: {model: anthropic/y}}\n")
+    config = ccproxy.load_config(tmp_path)
+    errors = "\n".join(ccproxy.validate_config(config, ccproxy.Pipeline(config)).errors)
+    assert f"{f}:4: fallbacks: model_list has no entry named `defualt` (did you mean `default`?)" in errors
+    assert f"{f}:4: fallbacks: model_list has no entry named `nowhere`" in errors
+    assert f"{f}:5: context_window_fallbacks: model_list has no entry named `long`" in errors
+    assert f"{f}:6: quota_fallback: model_list has no entry named `api`" in errors
+    assert f"{f}:1: num_workers is 2, but each worker would keep its own session state" in errors
+    (tmp_path / "ccproxy.yaml").write_text("litellm: {num_workers: 2}\nccproxy: {unshared_workers: true, "
+                                          "fallbacks: {'*': [think]}}\n"
+                                          "model_list: [{model_name: think, litellm_params: {model: anthropic/x}}]\n")
+    config = ccproxy.load_config(tmp_path)
+    assert ccproxy.validate_config(config, ccproxy.Pipeline(config)).errors == []
+    assert ccproxy.router_settings_for(config.settings, {}) == {"num_retries": 0, "fallbacks": [{"*": ["think"]}]}
+
+
+def test_a_plan_limit_429_is_told_by_the_unified_headers():
+    now = time.time()
+    reset = ccproxy.plan_limit_reset
+    assert reset({"anthropic-ratelimit-unified-status": "allowed_warning", "retry-after": "30"}) is None
+    assert reset({}) is None                                      # an ordinary rate limit
+    assert reset({"anthropic-ratelimit-unified-status": "rejected",
+                  "anthropic-ratelimit-unified-reset": str(int(now) + 600)}) == int(now) + 600
+    assert now + 29 < reset({"anthropic-ratelimit-unified-status": "rejected", "retry-after": "30",
+                             "anthropic-ratelimit-unified-reset": "soon"}) < now + 32
+    assert now + 3500 < reset({"anthropic-ratelimit-unified-status": "Rejected",
+                               "anthropic-ratelimit-unified-reset": str(int(now) - 5)}) < now + 3700
+    assert reset({"anthropic-ratelimit-unified-status": "rejected",
+                  "anthropic-ratelimit-unified-reset": "1e300"}) <= time.time() + 7 * 86400
+    store = ccproxy.SessionStore(max_sessions=2)
+    assert store.limit_reached("s1", now + 60) and not store.limit_reached("s1", now + 90)
+    assert store.quota_until("s1") == now + 90 and store.quota_until(None) is None
+    store.limit_reached("s2", now - 1)
+    assert store.quota_until("s2") is None and store.totals()["plan_limited"] == 1
 
 
 def test_validate_passes_with_warnings_only(tmp_path):
@@ -2584,27 +2808,13 @@ def test_ccproxy_py_dropped_beside_a_litellm_config_routes_with_litellms_own_cli
     """No ccproxy command, no PYTHONPATH from us: LiteLLM's CLI finds ccproxy.py beside its
     config.yaml, and the ccproxy section in that config.yaml routes."""
     shutil.copy(SCRIPT, tmp_path / "ccproxy.py")
-    port = free_port()
     config = {
         "ccproxy": {"rules": [{"name": "background", "rule": "MatchModelRule", "params": {"model_name": "haiku"}}]},
         "model_list": [
             {"model_name": "background", "litellm_params": {"model": "anthropic/up-dropped", "api_base": upstream.url}},
             {"model_name": "claude-*", "litellm_params": {"model": "anthropic/claude-*", "api_base": upstream.url}}],
         "litellm_settings": {"callbacks": ["ccproxy.handler"]}}
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CCPROXY_CONFIG_DIR")}
-    env.update({ccproxy.WEAK_KEY_PERMIT_ENV: "True", "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
-    log_file = open(tmp_path / "litellm.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "litellm.proxy.proxy_cli", "--config",
-                             str(tmp_path / "config.yaml"), "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=tmp_path, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while ccproxy.http_get(url + "/health/liveliness")[0] != 200:
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "litellm.log").read_text()[-2000:]
-            time.sleep(0.25)
+    with litellm_proxy(tmp_path, config) as url:
         upstream.clear()
         body, headers = cc_request("haiku")
         status, answered, raw = http("POST", url + "/v1/messages", body, headers)
@@ -2612,9 +2822,31 @@ def test_ccproxy_py_dropped_beside_a_litellm_config_routes_with_litellms_own_cli
         assert answered["x-ccproxy-rule"] == "background"
         assert upstream.received()[0]["body"]["model"] == "up-dropped"
         assert json.loads(http("GET", url + "/ccproxy/health")[2])["guarded"] is True
-    finally:
-        ccproxy.stop_process(proc.pid, 10)
-        log_file.close()
+
+
+@contextlib.contextmanager
+def litellm_proxy(directory: Path, config: dict):
+    """LiteLLM's own CLI on `config` written as config.yaml in `directory` (no ccproxy
+    command, no PYTHONPATH from us); yields its URL once live."""
+    (directory / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CCPROXY_CONFIG_DIR")}
+    env.update({ccproxy.WEAK_KEY_PERMIT_ENV: "True", "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(directory / "litellm.log", "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "litellm.proxy.proxy_cli", "--config",
+                                 str(directory / "config.yaml"), "--host", "127.0.0.1", "--port", str(port)],
+                                cwd=directory, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 180
+            while ccproxy.http_get(url + "/health/liveliness")[0] != 200:
+                assert proc.poll() is None and time.monotonic() < deadline, \
+                    (directory / "litellm.log").read_text()[-2000:]
+                time.sleep(0.25)
+            yield url
+        finally:
+            ccproxy.stop_process(proc.pid, 10)
 
 
 # ---- Bad input: odd requests and config files never break anything -------------------------
@@ -2660,6 +2892,95 @@ def test_odd_requests_never_break_a_rule_a_hook_or_a_session(capsys):
         assert ctx.hook_errors == [], (n, ctx.hook_errors)
         assert ctx.decision is not None
     assert " ERROR " not in capsys.readouterr().err
+
+
+def odd_body(kind: str, pick: int, odd: list, encoding: str) -> bytes:
+    """A Claude Code-shaped request (or an OpenAI chat one) with the odd values put at places
+    `pick` chooses, encoded as `encoding` says (NaN, invalid UTF-8, huge strings...)."""
+    import random
+    rng = random.Random(pick)
+    if kind == "chat":
+        body = {"model": rng.choice(["gpt-cheap", "claude-opus-5-5", "claude-haiku-5-5"]), "max_tokens": 50,
+                "messages": [{"role": "user", "content": "hi"}], "stream": rng.random() < 0.5}
+    else:
+        body = cc_request(kind, session=f"fuzz-{pick % 7}")[0]
+        body["stream"] = rng.random() < 0.5
+    for value in odd:
+        place = body
+        while isinstance(place, (dict, list)) and place and rng.random() < 0.7:
+            key = rng.choice(sorted(place, key=str)) if isinstance(place, dict) else rng.randrange(len(place))
+            if not isinstance(place[key], (dict, list)) or not place[key]:
+                break
+            place = place[key]
+        if isinstance(place, dict) and place:
+            place[rng.choice(sorted(place, key=str))] = value
+        elif isinstance(place, list) and place:
+            place[rng.randrange(len(place))] = value
+    if encoding == "huge":
+        huge = {"role": "user", "content": "y" * 600_000}
+        body["messages"] = body["messages"] + [huge] if isinstance(body.get("messages"), list) else [huge]
+    raw = json.dumps(body).encode("utf-8", "surrogatepass")
+    if encoding == "bad_utf8":
+        raw = raw.replace(b'"hi"', b'"h\xff\xfei"', 1).replace(b"You are", b"You \xc3\x28are", 1)
+    return raw
+
+
+def routed_as_ccproxy_would(raw: bytes, config, headers: dict) -> bytes:
+    """The body with the model ccproxy's rules pick (what `explain` says), for a proxy
+    without ccproxy: both proxies then send the same request to the same deployment."""
+    try:
+        body = json.loads(raw)
+        decision = ccproxy.route_request(body, config, headers).decision if isinstance(body, dict) else None
+    except (ValueError, RecursionError):        # not JSON, or too deep to copy
+        return raw
+    if decision is None:
+        return raw
+    return json.dumps(dict(body, model=decision.model)).encode("utf-8", "surrogatepass")
+
+
+@slow
+def test_generated_bodies_through_the_proxy_get_no_5xx_that_litellm_alone_does_not(proxy, clean_upstream, tmp_path):
+    """Hypothesis mutates Claude Code-shaped bodies (wrong types, NaN, deep nesting, invalid
+    UTF-8, huge strings) and sends each to the ccproxy proxy and to a bare LiteLLM proxy with
+    the same model_list: ccproxy answers no 5xx where LiteLLM alone does not, and every error
+    it answers is JSON."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    models = yaml.safe_load((proxy.directory / "ccproxy.yaml").read_text())["model_list"]
+    for entry in models:           # the key ccproxy forwards from the client, given directly
+        entry["litellm_params"].setdefault("api_key", CLIENT_KEY)
+    bare = {"model_list": models,     # openai_chat_completions: true, as LiteLLM spells it
+            "litellm_settings": {"use_chat_completions_url_for_anthropic_messages": True},
+            "router_settings": {"num_retries": 0}}
+    odd_value = st.one_of(st.sampled_from(ODD_VALUES), st.integers(min_value=-2**70, max_value=2**70),
+                          st.text(max_size=30), st.builds(deeply_nested, st.integers(1, 1500)),
+                          st.recursive(st.none() | st.booleans() | st.floats() | st.text(max_size=5),
+                                       lambda inner: st.lists(inner, max_size=3)
+                                       | st.dictionaries(st.sampled_from(["type", "role", "text", "content"]),
+                                                         inner, max_size=3), max_leaves=8))
+    config = ccproxy.load_config(proxy.directory)
+    found: list = []
+    log_start = len(proxy.log())
+    with litellm_proxy(tmp_path, bare) as bare_url:
+        @settings(max_examples=int(os.environ.get("CCPROXY_FUZZ_EXAMPLES", "300")), deadline=None,
+                  derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+        @given(kind=st.sampled_from(["main", "tool_result", "haiku", "web_search", "think", "subagent", "chat"]),
+               pick=st.integers(0, 2**32), odd=st.lists(odd_value, min_size=1, max_size=3),
+               encoding=st.sampled_from(["json", "json", "bad_utf8", "huge"]))
+        def one(kind, pick, odd, encoding):
+            raw = odd_body(kind, pick, odd, encoding)
+            path = "/v1/chat/completions" if kind == "chat" else "/v1/messages"
+            headers = {"content-type": "application/json", "x-api-key": CLIENT_KEY,
+                       "anthropic-version": "2023-06-01"}
+            ours, _h, answer = http("POST", proxy.url + path, raw, headers)
+            theirs = http("POST", bare_url + path, routed_as_ccproxy_would(raw, config, headers), headers)[0]
+            found.append((ours, theirs))
+            assert ours < 500 or theirs >= 500, (kind, encoding, ours, theirs, answer[:300])
+            if ours >= 400:
+                assert isinstance(json.loads(answer), dict), answer[:300]
+        one()
+    assert len(found) >= 50 and {s for s, _t in found if s < 500} >= {200, 400}, sorted(set(found))
+    errors = [ln for ln in proxy.log()[log_start:].splitlines() if " ccproxy ERROR " in ln]
+    assert errors == [], errors[:5]
 
 
 def test_odd_config_files_give_clear_errors_never_an_internal_one(tmp_path, capsys):
@@ -3164,6 +3485,7 @@ def test_workers_left_by_a_killed_main_process_are_seen_and_stopped(tmp_path, up
     write_config(directory, upstream, port)
     config = yaml.safe_load((directory / "ccproxy.yaml").read_text())
     config["litellm"]["num_workers"] = 2
+    config["ccproxy"]["unshared_workers"] = True
     (directory / "ccproxy.yaml").write_text(yaml.safe_dump(config))
     assert run_cli("start", "--detach", "--config-dir", str(directory)).returncode == 0
     try:
