@@ -477,6 +477,36 @@ def answer_model_id(response: Any, call_info: Any = None) -> Any:
     return hidden.get("model_id") if isinstance(hidden, Mapping) else None
 
 
+PROVIDER_HEADER_PREFIX = "llm_provider-"
+
+
+def upstream_answer_headers(data: Mapping[str, Any], response: Any) -> dict[str, str]:
+    """The upstream's answer headers as it sent them (lower-case names). LiteLLM keeps those
+    of a /v1/messages call in the logging object's model_call_details["response_headers"]
+    (llm_http_handler) and drops them from a JSON answer; it hands the others on renamed
+    `llm_provider-NAME` in the answer's _hidden_params["additional_headers"]
+    (core_helpers.process_response_headers)."""
+    details = getattr(data.get("litellm_logging_obj"), "model_call_details", None)
+    raw = details.get("response_headers") if isinstance(details, Mapping) else None
+    if isinstance(raw, Mapping):            # httpx.Headers and aiohttp's are Mappings
+        return {str(k).lower(): str(v) for k, v in raw.items()}
+    hidden = getattr(response, "_hidden_params", None)
+    extra = hidden.get("additional_headers") if isinstance(hidden, Mapping) else None
+    if not isinstance(extra, Mapping):
+        return {}
+    size = len(PROVIDER_HEADER_PREFIX)
+    return {str(k)[size:].lower(): str(v) for k, v in extra.items()
+            if str(k).lower().startswith(PROVIDER_HEADER_PREFIX)}
+
+
+def set_request_api_key(data: dict, key: str) -> None:
+    """Give this request an api_key of its own. LiteLLM's chat-completions call to Anthropic
+    takes a credential only as api_key (a header alone: "Missing Anthropic API Key"); the
+    router merges the request's api_key over the deployment's, for every deployment the
+    request reaches, fallbacks included (router: {**litellm_params, **kwargs})."""
+    data["api_key"] = key
+
+
 def known_max_output(model: str) -> int | None:
     """A model's maximum output tokens from LiteLLM's model map (None when unknown or when
     litellm is not loaded)."""
@@ -735,6 +765,14 @@ CONTACTS: tuple[Contact, ...] = (
             lambda: _has_source(_import("litellm.proxy.utils"), "litellm_call_info")
             and _has_source(_import("litellm.router_utils.add_retry_fallback_headers"),
                             "_hidden_params")),
+    Contact("upstream answer headers", "a /v1/messages call's raw answer headers in "
+            "model_call_details['response_headers']; others as llm_provider-NAME in "
+            "_hidden_params['additional_headers']", "anthropic-* answer headers (rate limits, "
+            "anthropic-thinking-prefix-mismatch) do not reach Claude Code",
+            lambda: _has_source(_import("litellm.llms.custom_httpx.llm_http_handler"),
+                                '["response_headers"]')
+            and _has_source(_import("litellm.litellm_core_utils.core_helpers"),
+                            PROVIDER_HEADER_PREFIX)),
     Contact("router model list", "proxy_server.llm_router.model_list",
             "routing follows the config file, not models added at run time",
             lambda: hasattr(_import("litellm.proxy.proxy_server"), "llm_router")),
@@ -3000,13 +3038,38 @@ def client_credential(ctx: RequestContext) -> dict[str, str]:
 
 
 def _forward_client_credential(data: dict, ctx: RequestContext) -> None:
-    """Forward the client's own credential to the routed Anthropic deployment, once."""
+    """Forward the client's own credential to the routed Anthropic deployment, once: as a
+    header only Anthropic gets; on chat completions as the request's api_key, unless the
+    route has fallbacks (which would get it too)."""
     credential = client_credential(ctx)
-    name = next(iter(credential), "")
-    ctx.auth.append(f"client {'Authorization' if name == 'authorization' else name} forwarded")
+    name, value = next(iter(credential.items()), ("", ""))
+    shown = "Authorization" if name == "authorization" else name
+    if ctx.call_type != "anthropic_messages":
+        if route_has_fallbacks(ctx):
+            ctx.auth.append(f"client {shown} not forwarded: on chat completions it would "
+                            "reach this route's fallbacks too")
+            return
+        ctx.auth.append(f"client {shown} forwarded (as api_key)")
+        set_request_api_key(data, value.removeprefix("Bearer ").strip())
+        return
+    ctx.auth.append(f"client {shown} forwarded")
     if not any(k in provider_headers(data, "anthropic")
                                    for k in ("authorization", "x-api-key")):
         add_provider_headers(data, "anthropic", credential)
+
+
+def route_has_fallbacks(ctx: RequestContext) -> bool:
+    """True when LiteLLM may send this request on to another model group (fallbacks from
+    ccproxy.yaml or router_settings, for its group or `*`)."""
+    group = ctx.decision.model if ctx.decision else ""
+    config = ctx.config
+    router = config.litellm.get("router_settings")
+    named: set = set()
+    for key in ("fallbacks", "context_window_fallbacks", "content_policy_fallbacks"):
+        named |= set(getattr(config.settings, key, None) or ())
+        listed = router.get(key) if isinstance(router, dict) else None
+        named |= {next(iter(item)) for item in listed or () if isinstance(item, dict) and item}
+    return bool(named & {group, "*"})
 
 
 def forward_apikey(data: dict, ctx: RequestContext, **params: Any) -> dict:
@@ -3829,16 +3892,21 @@ class Handler:
                          call_info: Any = None) -> dict:
         """Tell the client where its request went (x-ccproxy-* response headers): the
         deployment that answered, which after a fallback is not the one routed to; noted
-        for the signature ledger too (an SSE answer's headers come before its blocks)."""
+        for the signature ledger too (an SSE answer's headers come before its blocks). The
+        upstream's anthropic-* headers (rate limits, thinking-prefix mismatch) and request-id
+        go on as sent (LiteLLM drops or renames them)."""
+        passed = {k: v for k, v in upstream_answer_headers(data, response).items()
+                  if k.startswith("anthropic-") or k == "request-id"}
         decision = routing_metadata(data)
         if "label" not in decision:
-            return {}
+            return passed
         answered = decision.get("answered_by") \
             or deployment_model(answer_model_id(response, call_info))
         if answered:
             decision["answered_by"] = answered
-        return {"x-ccproxy-rule": str(decision["label"]),
-                "x-ccproxy-model": answered or str(decision.get("upstream") or decision.get("model"))}
+        return dict(passed, **{
+            "x-ccproxy-rule": str(decision["label"]),
+            "x-ccproxy-model": answered or str(decision.get("upstream") or decision.get("model"))})
 
     def _record_signatures(self, request_data: Mapping[str, Any], decision: dict,
                            signatures: Iterable[str]) -> None:

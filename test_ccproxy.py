@@ -1280,6 +1280,56 @@ def test_forward_apikey_only_for_anthropic_deployments_without_a_key(upstream, t
                                                 "extra_headers": {"authorization": "Bearer sk-ant-oat01-secret"}}
 
 
+def test_on_chat_completions_the_client_credential_goes_as_api_key_unless_the_route_has_fallbacks(upstream, tmp_path):
+    write_config(tmp_path, upstream, 4000)
+    chat = {"model": "claude-opus-5-5", "messages": [{"role": "user", "content": "hi"}]}
+    pipeline = ccproxy.Pipeline(ccproxy.load_config(tmp_path))
+    data, ctx = ccproxy.run_pipeline(pipeline, copy.deepcopy(chat), call_type="acompletion",
+                                     headers={"authorization": "Bearer sk-ant-oat01-secret"})
+    assert data["api_key"] == "sk-ant-oat01-secret" and "provider_specific_header" not in data
+    assert ctx.auth == ["client Authorization forwarded (as api_key)"]
+    write_config(tmp_path, upstream, 4000, settings={"fallbacks": {"*": ["small"]}})
+    pipeline = ccproxy.Pipeline(ccproxy.load_config(tmp_path))
+    data, ctx = ccproxy.run_pipeline(pipeline, copy.deepcopy(chat), call_type="acompletion",
+                                     headers={"x-api-key": CLIENT_KEY})
+    assert "api_key" not in data and "would reach this route's fallbacks too" in ctx.auth[0]
+
+
+@slow
+def test_client_credentials_reach_anthropic_from_chat_completions(proxy, clean_upstream):
+    chat = {"model": "claude-opus-5-5", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+    for headers, sent in (({"x-api-key": CLIENT_KEY}, ("x-api-key", CLIENT_KEY)),
+                          ({"authorization": "Bearer sk-ant-oat01-chat-token"},
+                           ("authorization", "Bearer sk-ant-oat01-chat-token"))):
+        clean_upstream.clear()
+        status, _h, raw = http("POST", proxy.url + "/v1/chat/completions", chat,
+                               dict(headers, **{"content-type": "application/json"}))
+        assert status == 200, raw[:300]
+        assert clean_upstream.received("/v1/messages")[0]["headers"][sent[0]] == sent[1]
+    assert "sk-ant-oat01-chat-token" not in proxy.log() and CLIENT_KEY not in proxy.log()
+
+
+@slow
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_answer_headers_and_new_thinking_fields_pass_as_sent(proxy, clean_upstream, stream):
+    """Claude Code 2.1.332 reads anthropic-thinking-prefix-mismatch and the unified rate-limit
+    headers of an answer, and sends thinking.block_binding under a beta: both ways untouched."""
+    sent_headers = {"anthropic-thinking-prefix-mismatch": "1", "anthropic-ratelimit-unified-status": "allowed_warning",
+                    "anthropic-ratelimit-unified-5h-utilization": "0.91", "request-id": "req_pass_1"}
+    clean_upstream.scripts.append(lambda record: upstream_message(
+        record["body"], [{"type": "text", "text": "ok"}]) + (sent_headers,))
+    body, headers = cc_request("main")
+    body.update(stream=stream, thinking={"type": "adaptive", "display": "omitted", "block_binding": "bb_123"})
+    headers["anthropic-beta"] += ",thinking-block-binding-2026-11-01"
+    status, got, raw = proxy.messages(body, headers)
+    assert status == 200, raw[:300]
+    for name, value in sent_headers.items():
+        assert got[name] == value, (name, sorted(got))
+    received = clean_upstream.received("/v1/messages")[0]
+    assert received["body"]["thinking"] == body["thinking"]
+    assert "thinking-block-binding-2026-11-01" in received["headers"]["anthropic-beta"].split(",")
+
+
 def test_redact_hides_secrets():
     assert ccproxy.redact("Authorization", "Bearer sk-ant-oat01-xyz") == "<redacted>"
     assert ccproxy.redact("x-api-key", CLIENT_KEY) == "<redacted>"
@@ -3094,7 +3144,7 @@ def test_upstream_401_refreshes_the_oauth_token(oauth_proxy, clean_upstream):
     assert status == 200 and clean_upstream.received()[-1]["headers"]["authorization"] == f"Bearer {OAUTH_TOKEN_2}"
     log = oauth_proxy.log()
     assert "upstream answered 401 for the oauth token of anthropic; fetched a fresh one" in log
-    assert "retrying the request once with the fresh oauth token" in log
+    assert "sending the request once more (with the fresh oauth token)" in log
     # a token that stays bad is not retried forever: one retry, then the client gets the 401
     clean_upstream.clear()
     clean_upstream.scripts.append(lambda r: (401, {"type": "error", "error": {
@@ -3991,7 +4041,7 @@ def test_readme_custom_rule_and_hook_work(tmp_path):
     assert ctx.decision.label == "default" and data["litellm_metadata"]["tags"] == ["team:platform"]
 
 
-@pytest.mark.parametrize("name", ["callback", "providers", "oauth"])
+@pytest.mark.parametrize("name", ["callback", "providers", "oauth", "fallbacks"])
 def test_readme_yaml_snippets_validate(tmp_path, name, capsys):
     snippet = yaml.safe_load(readme_blocks()[name])
     config = yaml.safe_load(ccproxy.DEFAULT_CONFIG_YAML)
