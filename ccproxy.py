@@ -3044,7 +3044,7 @@ def _forward_client_credential(data: dict, ctx: RequestContext) -> None:
     credential = client_credential(ctx)
     name, value = next(iter(credential.items()), ("", ""))
     shown = "Authorization" if name == "authorization" else name
-    if ctx.call_type != "anthropic_messages":
+    if ctx.call_type in ("completion", "acompletion"):
         if route_has_fallbacks(ctx):
             ctx.auth.append(f"client {shown} not forwarded: on chat completions it would "
                             "reach this route's fallbacks too")

@@ -72,6 +72,9 @@ class Raw:
 
     def send(self, handler) -> None:
         time.sleep(self.wait)
+        handler.close_connection = True
+        if not self.status:                       # status 0: close without answering
+            return
         head = f"HTTP/1.1 {self.status} OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
         if self.declared is not None:
             head += f"content-length: {self.declared}\r\n"
@@ -1790,7 +1793,8 @@ def sse_event_types(raw: bytes) -> list[str]:
 
 
 @slow
-@pytest.mark.parametrize("fault", ["empty", "not_json", "no_message_stop", "cut_off", "cut_at_start", "stalled"])
+@pytest.mark.parametrize("fault", ["empty", "not_json", "no_message_stop", "cut_off", "cut_at_start", "no_answer",
+                                   "stalled"])
 def test_a_broken_upstream_stream_ends_with_one_error_event(faults_proxy, clean_upstream, fault):
     head, rest = stream_parts("claude-opus-4-8")
     raw = {"empty": Raw([], declared=0),
@@ -1798,12 +1802,13 @@ def test_a_broken_upstream_stream_ends_with_one_error_event(faults_proxy, clean_
            "no_message_stop": Raw([(0, head)]),                    # a clean close, no length
            "cut_off": Raw([(0, head), (0.3, b"")], declared=len(head) + 500),   # the connection drops
            "cut_at_start": Raw([(0, head)], declared=len(head) + 500),          # ... with the first read
+           "no_answer": Raw([], status=0),                                       # closed, not a byte
            "stalled": Raw([(0, head), (5, rest)])}[fault]           # upstream_timeout: 2 (idle)
     clean_upstream.scripts.append(lambda record: raw if record["body"].get("model") == "claude-opus-4-8" else None)
     body, headers = cc_request("main")
     body.update(model="claude-opus-4-8", stream=True)
     status, _headers, out = faults_proxy.messages(body, headers)
-    if fault == "cut_at_start":           # nothing sent yet: an error answer Claude Code retries
+    if fault in ("cut_at_start", "no_answer"):    # nothing sent yet: an error answer Claude Code retries
         assert status == 500 and json.loads(out)["error"]["type"] == "api_error", out[:300]
         return
     events = sse_event_types(out)
@@ -2192,6 +2197,41 @@ def run_switching_session(url: str, session: str) -> tuple[ScriptedClaudeCode, S
     big["content"] = [{"type": "text", "text": "[pasted module cleared from context]"}]
     main.turn("thanks, USE-TOOL to finish", stream=True)                 # default again
     return main, agent
+
+
+def load_client(url: str, i: int, barrier) -> tuple[ScriptedClaudeCode, list]:
+    """Client i of 200 (50 sessions x main + 3 subagents): a tool-loop turn at one effort,
+    started with all the others, then a turn at the other effort (a switch)."""
+    client = ScriptedClaudeCode(url, f"load-{i // 4}", agent=None if i % 4 == 0 else f"agent-{i % 4}")
+    first, second = ("max", "medium") if i % 2 else ("medium", "max")
+    expected = {"max": ("think", "anthropic/up-think"), "medium": ("default", "anthropic/claude-opus-5-5")}
+    client.effort = first
+    client.messages.append({"role": "user", "content": [{"type": "text", "text": f"client {i}: USE-TOOL"}]})
+    barrier.wait(timeout=60)
+    message = client.request(stream=True)
+    if message is not None and message.get("stop_reason") == "tool_use":
+        use = next(b for b in message["content"] if b["type"] == "tool_use")
+        client.messages.append({"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": use["id"], "content": "ok"}]})
+        client.request(stream=True)
+    client.effort = second
+    client.turn(f"client {i}: and now?")
+    return client, [expected[first]] * 2 + [expected[second]]
+
+
+@slow
+def test_200_concurrent_streams_from_50_sessions_keep_their_routes_and_state(proxy, clean_upstream):
+    from concurrent.futures import ThreadPoolExecutor
+    strict = StrictAnthropic()
+    clean_upstream.scripts.append(strict)
+    barrier = threading.Barrier(200)
+    with ThreadPoolExecutor(max_workers=200) as pool:
+        results = list(pool.map(lambda i: load_client(proxy.url, i, barrier), range(200)))
+    assert [c.statuses for c, _e in results] == [[200] * 3] * 200
+    assert [c.routes for c, _e in results] == [expected for _c, expected in results]     # no cross-talk
+    assert strict.rejected == [] and len(clean_upstream.received("/v1/messages")) == 600
+    state = json.loads(http("GET", proxy.url + "/ccproxy/session/load-7")[2])
+    assert state["requests"] == 3 and state["switches"] == 1          # its main thread's own figures
 
 
 def strict_session(url: str, upstream: FakeUpstream, session: str):
@@ -2975,6 +3015,13 @@ def odd_body(kind: str, pick: int, odd: list, encoding: str) -> bytes:
     return raw
 
 
+def nested_in(inner):
+    """Lists and objects (with Claude Code's key names) of what `inner` makes."""
+    from hypothesis import strategies as st
+    keys = st.sampled_from(["type", "role", "text", "content"])
+    return st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=3)
+
+
 def routed_as_ccproxy_would(raw: bytes, config, headers: dict) -> bytes:
     """The body with the model ccproxy's rules pick (what `explain` says), for a proxy
     without ccproxy: both proxies then send the same request to the same deployment."""
@@ -3004,9 +3051,7 @@ def test_generated_bodies_through_the_proxy_get_no_5xx_that_litellm_alone_does_n
     odd_value = st.one_of(st.sampled_from(ODD_VALUES), st.integers(min_value=-2**70, max_value=2**70),
                           st.text(max_size=30), st.builds(deeply_nested, st.integers(1, 1500)),
                           st.recursive(st.none() | st.booleans() | st.floats() | st.text(max_size=5),
-                                       lambda inner: st.lists(inner, max_size=3)
-                                       | st.dictionaries(st.sampled_from(["type", "role", "text", "content"]),
-                                                         inner, max_size=3), max_leaves=8))
+                                       nested_in, max_leaves=8))
     config = ccproxy.load_config(proxy.directory)
     found: list = []
     log_start = len(proxy.log())
@@ -4198,6 +4243,99 @@ def print_hook_bench(rows: list[dict]) -> None:
         print(f"{row['chars']:>10,} " + " ".join(f"{c:>15}" for c in cells) + f" {ratio:>11.0f}x")
 
 
+def rss_mb() -> float:
+    """This process's resident memory, MB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def bench_memory(counts=(2_000, 20_000)) -> list[tuple[int, float, int]]:
+    """(sessions seen, RSS MB, sessions remembered) while a pipeline with the default config
+    routes one request and records one thinking signature for each of `counts[-1]` sessions."""
+    import gc
+    pipeline = ccproxy.Pipeline(ccproxy.default_config())
+    template, headers = cc_request("main", session="mem-session")
+    rows, seen = [], 0
+    for target in counts:
+        while seen < target:
+            body = copy.deepcopy(template)
+            body["metadata"]["user_id"] = body["metadata"]["user_id"].replace("mem-session", f"mem-{seen}")
+            ccproxy.run_pipeline(pipeline, body, headers=headers)
+            pipeline.sessions.record_signature(f"mem-{seen}", None, f"sig.{seen}" + "x" * 300, "claude-opus-5-5")
+            seen += 1
+        gc.collect()
+        rows.append((seen, rss_mb(), len(pipeline.sessions)))
+    return rows
+
+
+def print_memory_bench(rows) -> None:
+    print("memory: RSS after N sessions (one routed request and one thinking signature each)")
+    for seen, rss, kept in rows:
+        print(f"  {seen:>7,} sessions  {rss:7.1f} MB  (+{rss - rows[0][1]:5.1f} MB; {kept:,} remembered, "
+              f"max_sessions {ccproxy.Settings().max_sessions:,})")
+
+
+def bench_proxy(requests: int = 200, concurrent: int = 200) -> dict:
+    """Added latency: the same Claude Code main turn (JSON) sent alternately to a ccproxy
+    proxy and to a bare LiteLLM proxy with the same model_list, one fake upstream; then
+    `concurrent` streaming requests at once to each (wall time, per-request p50/p95)."""
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+    upstream = FakeUpstream()
+    with tempfile.TemporaryDirectory() as tmp:
+        ours_dir, bare_dir = Path(tmp) / "ccproxy", Path(tmp) / "bare"
+        bare_dir.mkdir()
+        port = free_port()
+        write_config(ours_dir, upstream, port, settings={"debug": False})
+        models = yaml.safe_load((ours_dir / "ccproxy.yaml").read_text())["model_list"]
+        bare_config = {"model_list": models, "router_settings": {"num_retries": 0}}
+        ours = Proxy(ours_dir, port)
+        ours.start()
+        try:
+            with litellm_proxy(bare_dir, bare_config) as bare_url:
+                urls = {"bare LiteLLM": bare_url, "ccproxy": ours.url}
+                body, headers = cc_request("main", session="bench-proxy")
+                samples: dict[str, list[float]] = {name: [] for name in urls}
+                for round_ in range(requests + 10):        # interleaved; 10 rounds warm up
+                    for name, url in urls.items():
+                        t = time.perf_counter()
+                        status = http("POST", url + "/v1/messages", body, headers)[0]
+                        assert status == 200, (name, status)
+                        if round_ >= 10:
+                            samples[name].append((time.perf_counter() - t) * 1000)
+                stream = dict(body, stream=True)
+                burst: dict[str, tuple] = {}
+                for name, url in urls.items():
+                    def one(_i, url=url):
+                        t = time.perf_counter()
+                        status = http("POST", url + "/v1/messages", stream, headers)[0]
+                        return status, (time.perf_counter() - t) * 1000
+                    t = time.perf_counter()
+                    with ThreadPoolExecutor(max_workers=concurrent) as pool:
+                        done = list(pool.map(one, range(concurrent)))
+                    wall = time.perf_counter() - t
+                    burst[name] = (wall, *percentiles([ms for _s, ms in done]),
+                                   sum(1 for status, _ms in done if status != 200))
+        finally:
+            ours.stop()
+            upstream.close()
+    return {"sequential": {name: percentiles(v) for name, v in samples.items()}, "burst": burst,
+            "requests": requests, "concurrent": concurrent}
+
+
+def print_proxy_bench(result: dict) -> None:
+    base = result["sequential"]["bare LiteLLM"]
+    print(f"a Claude Code main turn through the proxy, {result['requests']} JSON requests each, "
+          "ms: p50 / p95 (added to bare LiteLLM)")
+    for name, (p50, p95) in result["sequential"].items():
+        print(f"  {name:<14} {p50:7.1f} / {p95:7.1f}   +{p50 - base[0]:5.1f}")
+    print(f"{result['concurrent']} streaming requests at once: wall s, per request ms p50 / p95, failures")
+    for name, (wall, p50, p95, failed) in result["burst"].items():
+        print(f"  {name:<14} {wall:6.2f} s  {p50:7.1f} / {p95:7.1f}   {failed} failed")
+
+
 def bench_cli(runs: int = 15) -> list[tuple[str, float, float]]:
     """Wall time of CLI commands that must stay fast, beside bare `python -c pass`."""
     import tempfile
@@ -4333,6 +4471,8 @@ def test_benchmark_runs_and_its_incremental_count_is_exact():
     assert naive_count(ccproxy.load_cl100k(), body) > 0
     shell_rows = bench_shell(runs=2)
     assert [r[0] for r in shell_rows] == list(SHELL_VARIANTS)
+    memory = bench_memory(counts=(500, 2_500))
+    assert [(seen, kept) for seen, _rss, kept in memory] == [(500, 500), (2_500, 2_000)]   # max_sessions holds
 
 
 STATIC_CHECKS = (
@@ -4385,5 +4525,9 @@ if __name__ == "__main__":
             print_cli_bench(bench_cli() + bench_statusline())
         if which in ("all", "shell"):
             print_shell_bench(bench_shell())
+        if which in ("all", "memory"):
+            print_memory_bench(bench_memory())
+        if which in ("all", "proxy"):
+            print_proxy_bench(bench_proxy())
         sys.exit(0)
     sys.exit(run_suite())
