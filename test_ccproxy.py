@@ -2952,23 +2952,6 @@ def deeply_nested(depth: int) -> list:
     return value
 
 
-def mutated(value, rng, depth: int = 0):
-    """`value` with one part replaced by an odd value (wrong type, NaN, deep nesting...)."""
-    if isinstance(value, dict) and value:
-        key = rng.choice(sorted(value, key=str))
-        if rng.random() < 0.5 or depth > 6:
-            value[key] = deeply_nested(1500) if rng.random() < 0.05 else copy.deepcopy(rng.choice(ODD_VALUES))
-        else:
-            mutated(value[key], rng, depth + 1)
-    elif isinstance(value, list) and value:
-        i = rng.randrange(len(value))
-        if rng.random() < 0.5 or depth > 6:
-            value[i] = copy.deepcopy(rng.choice(ODD_VALUES))
-        else:
-            mutated(value[i], rng, depth + 1)
-    return value
-
-
 def test_odd_requests_never_break_a_rule_a_hook_or_a_session(capsys):
     import random
     rng = random.Random(15)
@@ -2976,12 +2959,37 @@ def test_odd_requests_never_break_a_rule_a_hook_or_a_session(capsys):
     kinds = ["main", "tool_result", "haiku", "web_search", "think", "subagent", "long"]
     for n in range(600):
         body, headers = cc_request(rng.choice(kinds), session=f"odd-{n % 5}")
-        for _ in range(rng.randint(1, 3)):
-            mutated(body, rng)
+        put_odd_values(body, rng, [deeply_nested(1500) if rng.random() < 0.05 else copy.deepcopy(rng.choice(ODD_VALUES))
+                                   for _ in range(rng.randint(1, 3))])
         _data, ctx = ccproxy.run_pipeline(pipeline, body, headers=headers)
         assert ctx.hook_errors == [], (n, ctx.hook_errors)
         assert ctx.decision is not None
     assert " ERROR " not in capsys.readouterr().err
+
+
+def put_odd_values(value, rng, odd: list):
+    """`value` with each of `odd` put in place of one of its parts, at a depth `rng` picks."""
+    for item in odd:
+        place = value
+        while isinstance(place, (dict, list)) and place and rng.random() < 0.7:
+            key = rng.choice(sorted(place, key=str)) if isinstance(place, dict) else rng.randrange(len(place))
+            if not isinstance(place[key], (dict, list)) or not place[key]:
+                break
+            place = place[key]
+        if isinstance(place, dict) and place:
+            place[rng.choice(sorted(place, key=str))] = item
+        elif isinstance(place, list) and place:
+            place[rng.randrange(len(place))] = item
+    return value
+
+
+def odd_values():
+    """Hypothesis: wrong types, NaN, huge integers, odd text, deep nesting, odd structures."""
+    from hypothesis import strategies as st
+    return st.one_of(st.sampled_from(ODD_VALUES), st.integers(min_value=-2**70, max_value=2**70),
+                     st.text(max_size=30), st.builds(deeply_nested, st.integers(1, 1500)),
+                     st.recursive(st.none() | st.booleans() | st.floats() | st.text(max_size=5),
+                                  nested_in, max_leaves=8))
 
 
 def odd_body(kind: str, pick: int, odd: list, encoding: str) -> bytes:
@@ -2995,17 +3003,7 @@ def odd_body(kind: str, pick: int, odd: list, encoding: str) -> bytes:
     else:
         body = cc_request(kind, session=f"fuzz-{pick % 7}")[0]
         body["stream"] = rng.random() < 0.5
-    for value in odd:
-        place = body
-        while isinstance(place, (dict, list)) and place and rng.random() < 0.7:
-            key = rng.choice(sorted(place, key=str)) if isinstance(place, dict) else rng.randrange(len(place))
-            if not isinstance(place[key], (dict, list)) or not place[key]:
-                break
-            place = place[key]
-        if isinstance(place, dict) and place:
-            place[rng.choice(sorted(place, key=str))] = value
-        elif isinstance(place, list) and place:
-            place[rng.randrange(len(place))] = value
+    put_odd_values(body, rng, odd)
     if encoding == "huge":
         huge = {"role": "user", "content": "y" * 600_000}
         body["messages"] = body["messages"] + [huge] if isinstance(body.get("messages"), list) else [huge]
@@ -3013,6 +3011,19 @@ def odd_body(kind: str, pick: int, odd: list, encoding: str) -> bytes:
     if encoding == "bad_utf8":
         raw = raw.replace(b'"hi"', b'"h\xff\xfei"', 1).replace(b"You are", b"You \xc3\x28are", 1)
     return raw
+
+
+def bare_litellm_config(directory: Path) -> dict:
+    """A LiteLLM config without ccproxy doing what a ccproxy config in `directory` does to
+    requests that are not routed: its model_list (with the key ccproxy forwards from the
+    client given directly), chat completions for openai/ (openai_chat_completions: true, as
+    LiteLLM spells it) and no LiteLLM retries (upstream_retries: 0)."""
+    models = yaml.safe_load((directory / "ccproxy.yaml").read_text())["model_list"]
+    for entry in models:
+        entry["litellm_params"].setdefault("api_key", CLIENT_KEY)
+    return {"model_list": models,
+            "litellm_settings": {"use_chat_completions_url_for_anthropic_messages": True},
+            "router_settings": {"num_retries": 0}}
 
 
 def nested_in(inner):
@@ -3042,16 +3053,7 @@ def test_generated_bodies_through_the_proxy_get_no_5xx_that_litellm_alone_does_n
     the same model_list: ccproxy answers no 5xx where LiteLLM alone does not, and every error
     it answers is JSON."""
     from hypothesis import HealthCheck, given, settings, strategies as st
-    models = yaml.safe_load((proxy.directory / "ccproxy.yaml").read_text())["model_list"]
-    for entry in models:           # the key ccproxy forwards from the client, given directly
-        entry["litellm_params"].setdefault("api_key", CLIENT_KEY)
-    bare = {"model_list": models,     # openai_chat_completions: true, as LiteLLM spells it
-            "litellm_settings": {"use_chat_completions_url_for_anthropic_messages": True},
-            "router_settings": {"num_retries": 0}}
-    odd_value = st.one_of(st.sampled_from(ODD_VALUES), st.integers(min_value=-2**70, max_value=2**70),
-                          st.text(max_size=30), st.builds(deeply_nested, st.integers(1, 1500)),
-                          st.recursive(st.none() | st.booleans() | st.floats() | st.text(max_size=5),
-                                       nested_in, max_leaves=8))
+    bare = bare_litellm_config(proxy.directory)
     config = ccproxy.load_config(proxy.directory)
     found: list = []
     log_start = len(proxy.log())
@@ -3059,7 +3061,7 @@ def test_generated_bodies_through_the_proxy_get_no_5xx_that_litellm_alone_does_n
         @settings(max_examples=int(os.environ.get("CCPROXY_FUZZ_EXAMPLES", "300")), deadline=None,
                   derandomize=True, database=None, suppress_health_check=list(HealthCheck))
         @given(kind=st.sampled_from(["main", "tool_result", "haiku", "web_search", "think", "subagent", "chat"]),
-               pick=st.integers(0, 2**32), odd=st.lists(odd_value, min_size=1, max_size=3),
+               pick=st.integers(0, 2**32), odd=st.lists(odd_values(), min_size=1, max_size=3),
                encoding=st.sampled_from(["json", "json", "bad_utf8", "huge"]))
         def one(kind, pick, odd, encoding):
             raw = odd_body(kind, pick, odd, encoding)
@@ -3079,28 +3081,41 @@ def test_generated_bodies_through_the_proxy_get_no_5xx_that_litellm_alone_does_n
 
 
 def test_odd_config_files_give_clear_errors_never_an_internal_one(tmp_path, capsys):
+    """validate and explain on broken files (hand-written, and Hypothesis-mutated default
+    configs and requests): exit 0 or 1 with clear lines, never an internal error."""
     import random
-    rng = random.Random(16)
-    base = yaml.safe_load(ccproxy.DEFAULT_CONFIG_YAML)
+    from hypothesis import HealthCheck, given, settings, strategies as st
     texts = ["", ":", "- a\n- b\n", "ccproxy: [\n", "ccproxy:\n  rules:\n    - 3\n", "\t\x00\x01",
              "ccproxy:\n  hooks: {a: 1}\n", "model_list: 7\n", "litellm: {port: .inf}\n",
              "ccproxy: {session_ttl: .nan}\n", "ccproxy: {debug: true, debug: false}\n"]
-    for _ in range(150):
-        data = mutated(copy.deepcopy(base), rng)
-        try:
-            texts.append(yaml.safe_dump(data))
-        except (yaml.YAMLError, RecursionError, UnicodeEncodeError):
-            continue
-    for i, text in enumerate(texts):
-        directory = tmp_path / f"c{i}"
-        directory.mkdir()
-        (directory / "ccproxy.yaml").write_text(text, errors="surrogateescape")
-        for argv in (["validate"], ["explain", str(tmp_path / "req.json")]):
-            (tmp_path / "req.json").write_text(json.dumps(cc_request("main")[0]))
-            code = ccproxy.main([*argv, "--config-dir", str(directory)])
+    request = tmp_path / "req.json"
+
+    def check(text: str, request_bytes: bytes) -> None:
+        (tmp_path / "ccproxy.yaml").write_text(text, errors="surrogateescape")
+        request.write_bytes(request_bytes)
+        for argv in (["validate"], ["explain", str(request)]):
+            code = ccproxy.main([*argv, "--config-dir", str(tmp_path)])
             captured = capsys.readouterr()
             assert code in (0, 1), (text, captured.err)
             assert "internal error" not in captured.err and "Traceback" not in captured.err, (text, captured.err)
+
+    for text in texts:
+        check(text, json.dumps(cc_request("main")[0]).encode())
+
+    @settings(max_examples=150, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(pick=st.integers(0, 2**32), odd=st.lists(odd_values(), min_size=1, max_size=3))
+    def generated(pick, odd):
+        config = put_odd_values(yaml.safe_load(ccproxy.DEFAULT_CONFIG_YAML), random.Random(pick), odd)
+        try:
+            text = yaml.safe_dump(config)
+        except (yaml.YAMLError, RecursionError, UnicodeEncodeError):
+            text = "ccproxy: {debug: [\n"
+        check(text, odd_body("main", pick, odd, "json"))
+        checked.append(text)
+    checked: list = []
+    generated()
+    assert len(checked) >= 100 and len(set(checked)) >= 50
     (tmp_path / "dir" / "ccproxy.yaml").mkdir(parents=True)
     assert ccproxy.main(["validate", "--config-dir", str(tmp_path / "dir")]) == 1
     assert "ccproxy.yaml is not a file" in capsys.readouterr().out
@@ -4289,8 +4304,7 @@ def bench_proxy(requests: int = 200, concurrent: int = 200) -> dict:
         bare_dir.mkdir()
         port = free_port()
         write_config(ours_dir, upstream, port, settings={"debug": False})
-        models = yaml.safe_load((ours_dir / "ccproxy.yaml").read_text())["model_list"]
-        bare_config = {"model_list": models, "router_settings": {"num_retries": 0}}
+        bare_config = bare_litellm_config(ours_dir)
         ours = Proxy(ours_dir, port)
         ours.start()
         try:
