@@ -2480,7 +2480,7 @@ class RequestContext:
     route_label: str | None = None   # a matching rule's Verdict.label, when it names the route
     notes: list[str] = dataclasses.field(default_factory=list)   # what the fixes changed
     original_thinking: Any = None    # the client's `thinking`, as it arrived
-    quota_resend: bool = False       # sent again after the plan limit was reached (no session)
+    quota_resend: bool = False       # sent once more because the plan limit was reached
 
     @property
     def config(self) -> Config:
