@@ -1495,6 +1495,12 @@ def validate_config(config: Config, pipeline: "Pipeline") -> ValidationReport:
                              "default_model_passthrough is false but model_list has no "
                              "`default` entry; add one or turn passthrough on")
     report.errors += fallback_problems(config, table, ccproblems)
+    report.warnings += [
+        f"{ccproblems.where(('ccproxy', key, label))}: {key}: `{name}` is a wildcard entry's "
+        "model: its answers would count as the failed route's in the signature ledger; name an "
+        "exact model_list entry" for key in ("fallbacks", "context_window_fallbacks")
+        for label, targets in getattr(config.settings, key).items() for name in targets
+        if name not in table and table.resolve(name) is not None]
     if config.num_workers > 1 and not config.settings.unshared_workers:
         report.errors.append(
             f"{ccproblems.where(('litellm', 'num_workers'))}: num_workers is "

@@ -2780,6 +2780,14 @@ def test_validate_checks_retries_fallbacks_quota_and_workers(tmp_path):
     config = ccproxy.load_config(tmp_path)
     assert ccproxy.validate_config(config, ccproxy.Pipeline(config)).errors == []
     assert ccproxy.router_settings_for(config.settings, {}) == {"num_retries": 0, "fallbacks": [{"*": ["think"]}]}
+    f.write_text("ccproxy: {fallbacks: {think: [claude-sonnet-5-5]}}\nmodel_list:\n"
+                 "  - {model_name: think, litellm_params: {model: anthropic/x}}\n"
+                 "  - {model_name: 'claude-*', litellm_params: {model: 'anthropic/claude-*'}}\n")
+    config = ccproxy.load_config(tmp_path)
+    report = ccproxy.validate_config(config, ccproxy.Pipeline(config))
+    assert report.errors == [] and report.warnings == [
+        f"{f}:1: fallbacks: `claude-sonnet-5-5` is a wildcard entry's model: its answers would count as the "
+        "failed route's in the signature ledger; name an exact model_list entry"]
 
 
 def test_a_plan_limit_429_is_told_by_the_unified_headers():
@@ -2968,12 +2976,15 @@ def test_odd_requests_never_break_a_rule_a_hook_or_a_session(capsys):
 
 
 def put_odd_values(value, rng, odd: list):
-    """`value` with each of `odd` put in place of one of its parts, at a depth `rng` picks."""
+    """`value` with each of `odd` put in place of one of its parts, at a depth `rng` picks
+    (never inside an odd value put before: the same object twice would make a cycle)."""
+    placed: set[int] = set()
     for item in odd:
+        placed.add(id(item))
         place = value
         while isinstance(place, (dict, list)) and place and rng.random() < 0.7:
             key = rng.choice(sorted(place, key=str)) if isinstance(place, dict) else rng.randrange(len(place))
-            if not isinstance(place[key], (dict, list)) or not place[key]:
+            if not isinstance(place[key], (dict, list)) or not place[key] or id(place[key]) in placed:
                 break
             place = place[key]
         if isinstance(place, dict) and place:
@@ -2986,7 +2997,7 @@ def put_odd_values(value, rng, odd: list):
 def odd_values():
     """Hypothesis: wrong types, NaN, huge integers, odd text, deep nesting, odd structures."""
     from hypothesis import strategies as st
-    return st.one_of(st.sampled_from(ODD_VALUES), st.integers(min_value=-2**70, max_value=2**70),
+    return st.one_of(st.sampled_from(ODD_VALUES).map(copy.deepcopy), st.integers(min_value=-2**70, max_value=2**70),
                      st.text(max_size=30), st.builds(deeply_nested, st.integers(1, 1500)),
                      st.recursive(st.none() | st.booleans() | st.floats() | st.text(max_size=5),
                                   nested_in, max_leaves=8))
