@@ -885,6 +885,7 @@ class Settings:
     unshared_workers: bool = False  # allow num_workers > 1 with per-process session state
 
 
+LEGACY_HANDLER = "ccproxy.handler:CCProxyHandler"   # 1.x's `handler:` default: still true
 # Keys ccproxy once used that no longer do anything: accepted, with a warning saying so.
 RETIRED_SETTINGS = {
     "metadata_ttl": "ccproxy keeps no per-request store any more (sessions use session_ttl)",
@@ -1209,6 +1210,10 @@ def parse_settings(section: Mapping[str, Any], problems: ConfigProblems) -> Sett
         if key in RETIRED_SETTINGS:
             problems.warn(("ccproxy", key), f"`{key}` has no effect: {RETIRED_SETTINGS[key]}")
             continue
+        if key == "handler" and value != LEGACY_HANDLER:
+            problems.warn(("ccproxy", key), f"`handler: {value}` has no effect: LiteLLM loads "
+                          "ccproxy from `litellm_settings.callbacks: [ccproxy.handler]`; to add "
+                          "your own callback, list it there too")
         if key in ("handler", "metrics_enabled", "hooks", "rules"):
             continue
         if key == "credentials":          # ccproxy 1.x: one command for the Anthropic token
@@ -1495,6 +1500,14 @@ def validate_config(config: Config, pipeline: "Pipeline") -> ValidationReport:
                              "default_model_passthrough is false but model_list has no "
                              "`default` entry; add one or turn passthrough on")
     report.errors += fallback_problems(config, table, ccproblems)
+    circles: set[frozenset] = set()
+    for name in table.exact:
+        chain = table.aliases(name)
+        if chain[-1] == name and len(chain) > 1 and frozenset(chain) not in circles:
+            circles.add(frozenset(chain))
+            report.errors.append(f"{lproblems.where(('model_list',))}: model_list entries name "
+                                 f"each other in a circle ({' -> '.join(chain)}); an entry's "
+                                 "model may name another entry only once along the way")
     report.warnings += [
         f"{ccproblems.where(('ccproxy', key, label))}: {key}: `{name}` is a wildcard entry's "
         "model: its answers would count as the failed route's in the signature ledger; name an "
@@ -2031,6 +2044,7 @@ class MatchModelRule(Rule):
             raise RuleError(f"MatchModelRule: model_name must be a name or list of names, "
                             f"got {model_name!r}", "e.g. params: {model_name: haiku}")
         self.names = [n.lower() for n in names]
+        self.model_name = model_name          # as ccproxy 1.x named it
 
     def check(self, request: dict, ctx: Any) -> Verdict:
         model = request.get("model")
@@ -2115,6 +2129,10 @@ class ThinkingRule(Rule):
         return f"ThinkingRule({', '.join(bits)})"
 
 
+# Fields in which a client may state a request's size (ccproxy 1.x read them too).
+EXPLICIT_TOKEN_FIELDS = ("token_count", "num_tokens", "input_tokens")
+
+
 class TokenCountRule(Rule):
     """Matches when the whole request (system, tools, messages) exceeds `threshold` tokens.
 
@@ -2145,6 +2163,10 @@ class TokenCountRule(Rule):
         count, complete = TOKENS.count_request(request, limit)
         approx = "" if TOKENS.exact else " (estimated: tokenizer unavailable)"
         mark = f"{limit:,} (lower mark: already on {self.name})" if staying else f"{limit:,}"
+        given = max((v for v in (request.get(k) for k in EXPLICIT_TOKEN_FIELDS)
+                     if isinstance(v, int) and not isinstance(v, bool)), default=0)
+        if given > max(count, limit):      # a count the client states (as ccproxy 1.x read)
+            return Verdict(True, f"{given:,} tokens (as the request states) > {mark}")
         if count > limit:
             amount = f"{count:,}" if complete else f"over {count - 1:,}"
             return Verdict(True, f"{amount} tokens > {mark}{approx}")
@@ -2310,6 +2332,9 @@ def shadow_warning(rule: Any) -> str | None:
         if common:
             return (f"ThinkingRule effort {'/'.join(sorted(common))} matches every Claude Code "
                     "main turn (its defaults: high in 2.1.197, medium in 2.1.332)")
+    if isinstance(rule, DefaultRule):
+        return ("DefaultRule matches every request that reaches it and routes it to its name "
+                "(in ccproxy 1.x it never matched): the rules after it never run")
     if isinstance(rule, TokenCountRule) and rule.threshold < CLAUDE_CODE_BASELINE_TOKENS:
         return (f"TokenCountRule threshold {rule.threshold:,} is below Claude Code's baseline "
                 f"of about {CLAUDE_CODE_BASELINE_TOKENS:,} tokens (system prompt and tools), "
@@ -2400,6 +2425,54 @@ def build_rule(spec: RuleSpec, search_dir: Path | None = None) -> Rule:
                         "add `name`, `override` and `sticky` to its __slots__, or drop "
                         "__slots__") from exc
     return rule
+
+
+class RuleConfig:
+    """ccproxy 1.x's `ccproxy.config.RuleConfig`: one `rules:` entry (`model_name` is the
+    route it names, `rule_path` the class, `params` its arguments in either form)."""
+
+    def __init__(self, name: str, rule_path: str, params: Any = None) -> None:
+        self.model_name, self.rule_path = name, rule_path
+        self.params = params if params is not None else []
+
+    def create_instance(self) -> Any:
+        params, args = parse_params(self.params)
+        return build_rule(RuleSpec(self.model_name, self.rule_path, params, args))
+
+
+class CCProxyConfig:
+    """ccproxy 1.x's `ccproxy.config.CCProxyConfig`, read from a Config: what a 1.x rule's
+    `evaluate(request, config)` or a 1.x hook reads (`config.debug`, `config.rules`, ...).
+    `tokens` gives the OAuth sources whose tokens `oat_values` and get_oauth_token show."""
+
+    def __init__(self, config: Config | None = None,
+                 tokens: Mapping[str, Any] | None = None) -> None:
+        config = config or Config(settings=Settings(), litellm={})
+        settings = config.settings
+        directory = config.directory or Path(".")
+        self.debug = settings.debug
+        self.metrics_enabled = True
+        self.default_model_passthrough = settings.default_model_passthrough
+        self.handler = LEGACY_HANDLER
+        self.oat_sources = dict(settings.oat_sources or {})
+        self.hooks = [h.path if not h.params else {"hook": h.path, "params": dict(h.params)}
+                      for h in settings.hooks]
+        self.rules = [RuleConfig(r.name, r.rule, dict(r.params) or list(r.args))
+                      for r in settings.rules]
+        self.ccproxy_config_path = config.ccproxy_file or directory / CONFIG_FILE
+        self.litellm_config_path = config.litellm_file or directory / LITELLM_CONFIG_FILE
+        self._tokens = tokens or {}
+
+    @property
+    def oat_values(self) -> dict[str, str]:
+        """provider -> the OAuth token loaded for it."""
+        return {p: s.token for p, s in self._tokens.items() if getattr(s, "token", None)}
+
+    def get_oauth_token(self, provider: str) -> str | None:
+        return self.oat_values.get(provider)
+
+    def get_oauth_user_agent(self, provider: str) -> str | None:
+        return getattr(self._tokens.get(provider), "user_agent", None)
 
 
 def _signature_text(obj: Any) -> str:
@@ -2493,6 +2566,13 @@ class RequestContext:
         """The configuration in use."""
         return self.pipeline.config
 
+    def __getattr__(self, name: str) -> Any:
+        # A ccproxy 1.x rule is called `evaluate(request, config)` and reads config.debug,
+        # config.rules, ...: the context answers those as 1.x's CCProxyConfig did.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.pipeline.legacy_config, name)
+
 
 def parse_session(metadata: Any, headers: Mapping[str, str]) -> str | None:
     """Claude Code's session id: metadata.user_id (JSON or 1.x string form), else the header."""
@@ -2511,6 +2591,27 @@ def parse_session(metadata: Any, headers: Mapping[str, str]) -> str | None:
             if session:
                 return session
     return headers.get("x-claude-code-session-id") or None
+
+
+def claude_user(metadata: Any) -> dict[str, str]:
+    """Who is behind a Claude Code request, from metadata.user_id: the user (device) hash and
+    the account id, under ccproxy 1.x's trace names; the JSON form or 1.x's
+    `user_HASH_account_UUID_session_UUID` string."""
+    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
+    if not isinstance(user_id, str):
+        return {}
+    if user_id.startswith("{"):
+        try:
+            parsed = json.loads(user_id)
+        except ValueError:
+            return {}
+        found = {"claude_user_hash": parsed.get("device_id"),
+                 "claude_account_id": parsed.get("account_uuid")} \
+            if isinstance(parsed, dict) else {}
+    else:
+        user, _, account = user_id.split("_session_", 1)[0].partition("_account_")
+        found = {"claude_user_hash": user.removeprefix("user_"), "claude_account_id": account}
+    return {k: v for k, v in found.items() if isinstance(v, str) and v}
 
 
 class ModelTable:
@@ -2534,6 +2635,20 @@ class ModelTable:
     def names(self) -> list[str]:
         """Every model_name, exact ones first."""
         return list(self.exact) + [n for n, _ in self.wildcards]
+
+    def aliases(self, name: str) -> list[str]:
+        """ccproxy 1.x's aliases: an entry whose litellm_params.model is another entry's
+        model_name stands for that entry. The names followed from `name` (itself first); a
+        cycle ends the list with the name that closes it."""
+        chain = [name]
+        while True:
+            deps = self.exact.get(chain[-1])
+            model = _litellm_params(deps[0]).get("model") if deps else None
+            if not isinstance(model, str) or model not in self.exact or model == chain[-1]:
+                return chain
+            chain.append(model)
+            if model in chain[:-1]:
+                return chain
 
     def resolve(self, name: str) -> tuple[Mapping[str, Any], str] | None:
         """(deployment, upstream model) for a model name, wildcards included."""
@@ -2904,6 +3019,112 @@ def leading_thinking_is_foreign(data: Mapping[str, Any], ctx: RequestContext,
 # Plain functions `hook(data, ctx, **params) -> data`: label, route, credentials, session
 # id, captured headers; the OAuth token sources they use. Use Context and Sessions.
 
+# ccproxy 1.x's hook contract: `hook(data, user_api_key_dict, classifier=, router=, **params)`,
+# the route in data["metadata"] under these keys. Hooks written that way are called that way.
+V1_METADATA_KEYS = ("ccproxy_model_name", "ccproxy_alias_model", "ccproxy_litellm_model",
+                    "ccproxy_model_config", "ccproxy_is_passthrough")
+
+
+class V1Classifier:
+    """What a 1.x hook got as `classifier=`: `classify(request)` gives the request's label."""
+
+    def __init__(self, pipeline: "Pipeline") -> None:
+        self.pipeline = pipeline
+
+    def classify(self, request: Any) -> str:
+        ctx = RequestContext(pipeline=self.pipeline, headers={})
+        rule_evaluator(request if isinstance(request, dict) else {}, ctx)
+        return ctx.label or "default"
+
+
+class V1Router:
+    """What a 1.x hook got as `router=`: the model_list by label."""
+
+    def __init__(self, pipeline: "Pipeline") -> None:
+        self.pipeline = pipeline
+
+    @property
+    def model_list(self) -> list:
+        return list(self.pipeline.config.model_list)
+
+    def get_model_for_label(self, label: str) -> dict | None:
+        """The label's model_list entry, else `default`'s, else None (as 1.x did)."""
+        exact = self.pipeline.models().exact
+        found = exact.get(label) or exact.get("default")
+        return dict(found[0]) if found else None
+
+    def reload_models(self) -> None:
+        self.pipeline.models(missing="\0")
+
+
+def is_v1_hook(fn: Any) -> bool:
+    """A hook written for ccproxy 1.x: its second parameter is `user_api_key_dict`."""
+    return _params(fn)[1:2] == ["user_api_key_dict"] and fn not in BUILTIN_HOOKS.values()
+
+
+def put_v1_metadata(data: dict, ctx: RequestContext) -> dict:
+    """Put the route where 1.x hooks read it (data["metadata"]); that dict."""
+    meta = data.setdefault("metadata", {})
+    if not isinstance(meta, dict):
+        return {}
+    decision = ctx.decision
+    if decision is None:
+        meta.update(ccproxy_model_name=ctx.label or "default")
+        meta.setdefault("ccproxy_alias_model", data.get("model"))
+        return meta
+    entry = ctx.pipeline.models().exact.get(decision.model)
+    meta.update(ccproxy_model_name=decision.label, ccproxy_alias_model=decision.requested_model,
+                ccproxy_litellm_model=decision.model, ccproxy_is_passthrough=decision.passthrough,
+                ccproxy_model_config=None if decision.passthrough or not entry else dict(entry[0]))
+    return meta
+
+
+def v1_hook(fn: Callable[..., Any]) -> Callable[..., dict]:
+    """A 1.x hook as a ccproxy hook: called the 1.x way, the route put where it looks."""
+    def call(data: dict, ctx: RequestContext, **params: Any) -> dict:
+        meta = put_v1_metadata(data, ctx)
+        result = fn(data, ctx.user_api_key_dict or {}, classifier=V1Classifier(ctx.pipeline),
+                    router=V1Router(ctx.pipeline), **params)
+        label = meta.get("ccproxy_model_name")
+        if ctx.decision is None and isinstance(label, str) and label != (ctx.label or "default"):
+            ctx.label, ctx.route_label = label, None       # the hook chose the route
+        return result if isinstance(result, dict) else data
+
+    call.__name__ = getattr(fn, "__name__", "hook")
+    return call
+
+
+def accepts_v1_call(fn: Callable[..., dict]) -> Callable[..., dict]:
+    """A built-in hook that also takes 1.x's call form: `hook(data, user_api_key_dict,
+    classifier=..., router=..., **params)` (as 1.x code and tests call them)."""
+    @functools.wraps(fn)
+    def call(data: dict, ctx: Any, **params: Any) -> dict:
+        if not isinstance(ctx, RequestContext):
+            stand_in = params.pop("router", None) or params.pop("classifier", None)
+            params.pop("classifier", None)
+            pipeline = getattr(stand_in, "pipeline", None) or default_pipeline()
+            ctx = pipeline.context(data, user_api_key_dict=ctx)
+            label = (data.get("metadata") or {}).get("ccproxy_model_name") \
+                if isinstance(data.get("metadata"), dict) else None
+            ctx.label = label if isinstance(label, str) and label != "default" else None
+            result = fn(data, ctx, **params)
+            put_v1_metadata(result, ctx)
+            return result
+        return fn(data, ctx, **params)
+
+    return call
+
+
+@functools.lru_cache(maxsize=1)
+def default_pipeline() -> "Pipeline":
+    """The pipeline of the config found as `start` would find it (for hooks called alone)."""
+    try:
+        return Pipeline(load_config())
+    except ConfigError:
+        return Pipeline(Config(settings=Settings(), litellm={}))
+
+
+@accepts_v1_call
 def rule_evaluator(data: dict, ctx: RequestContext, **params: Any) -> dict:
     """Label the request with the first rule that matches (none: `default`)."""
     ctx.label = None
@@ -2932,6 +3153,7 @@ def _describe(rule: Any) -> str:
     return describe() if callable(describe) else type(rule).__name__
 
 
+@accepts_v1_call
 def model_router(data: dict, ctx: RequestContext, **params: Any) -> dict:
     """Send the request to the model_list entry named like its label; record the decision.
 
@@ -2977,7 +3199,7 @@ def model_router(data: dict, ctx: RequestContext, **params: Any) -> dict:
         if label not in table:
             table = pipeline.models(missing=label)
         if label in table:
-            target = label
+            target = table.aliases(label)[-1]
         else:
             if label != "default":
                 pipeline.warn_once(f"no-entry:{label}",
@@ -3019,7 +3241,8 @@ def _override_needs_thinking_off(data: dict, ctx: RequestContext, label: str) ->
     thinking = data.get("thinking")
     if not isinstance(thinking, dict) or thinking.get("type") == "disabled":
         return False
-    resolved = ctx.pipeline.models().resolve(label)
+    table = ctx.pipeline.models()
+    resolved = table.resolve(table.aliases(label)[-1])
     upstream = resolved[1] if resolved else ""
     return bool(upstream) and adaptive_only(upstream, ctx.config.settings) \
         and leading_thinking_is_foreign(data, ctx, upstream)
@@ -3078,6 +3301,7 @@ def route_has_fallbacks(ctx: RequestContext) -> bool:
     return bool(named & {group, "*"})
 
 
+@accepts_v1_call
 def forward_apikey(data: dict, ctx: RequestContext, **params: Any) -> dict:
     """Forward the client's own credentials (x-api-key or Authorization) to Anthropic.
 
@@ -3093,6 +3317,7 @@ def forward_apikey(data: dict, ctx: RequestContext, **params: Any) -> dict:
     return data
 
 
+@accepts_v1_call
 def forward_oauth(data: dict, ctx: RequestContext, **params: Any) -> dict:
     """Send a cached OAuth token (from `oat_sources`) to the provider it belongs to.
 
@@ -3134,6 +3359,7 @@ def forward_oauth(data: dict, ctx: RequestContext, **params: Any) -> dict:
     return data
 
 
+@accepts_v1_call
 def extract_session_id(data: dict, ctx: RequestContext, **params: Any) -> dict:
     """Put Claude Code's session id (and subagent id) in LiteLLM's metadata for callbacks."""
     if ctx.session_id:
@@ -3142,11 +3368,13 @@ def extract_session_id(data: dict, ctx: RequestContext, **params: Any) -> dict:
         trace = meta.setdefault("trace_metadata", {})
         if isinstance(trace, dict):
             trace["claude_session_id"] = ctx.session_id
+            trace.update(claude_user(data.get("metadata")))
             if ctx.agent_id:
                 trace["claude_agent_id"] = ctx.agent_id
     return data
 
 
+@accepts_v1_call
 def capture_headers(data: dict, ctx: RequestContext, headers: list[str] | None = None,
                     **params: Any) -> dict:
     """Copy request headers, secrets redacted, into LiteLLM's trace metadata."""
@@ -3159,6 +3387,10 @@ def capture_headers(data: dict, ctx: RequestContext, headers: list[str] | None =
         if value and (wanted is None or name in wanted):
             trace[f"header_{name}"] = redact(name, value)
     trace["http_path"] = ctx.path
+    request = data.get("proxy_server_request")
+    method = request.get("method") if isinstance(request, dict) else None
+    if isinstance(method, str) and method:
+        trace["http_method"] = method
     return data
 
 
@@ -3166,6 +3398,7 @@ BUILTIN_HOOKS: dict[str, Callable[..., dict]] = {
     f.__name__: f for f in (rule_evaluator, model_router, forward_oauth, forward_apikey,
                             extract_session_id, capture_headers)
 }
+
 # ccproxy 1.x hooks whose work ccproxy 2 does elsewhere or that it leaves to LiteLLM.
 RETIRED_HOOKS = {
     "add_beta_headers": "Claude Code sends its own anthropic-beta header, which is forwarded",
@@ -3472,6 +3705,7 @@ class Pipeline:
         self.config = config
         self.rules: list[Any] = []
         self.hooks: list[tuple[str, Callable[..., dict], dict]] = []
+        self.v1_hooks = False        # a hook written for ccproxy 1.x is configured
         self.problems: list[str] = []
         search_dir = config.directory
         self.rule_warnings: list[tuple[int, str]] = []   # (index in `rules:`, why)
@@ -3496,6 +3730,9 @@ class Pipeline:
             except RuleError as exc:
                 self.problems.append(f"{hook.where}: {exc}")
                 continue
+            if is_v1_hook(fn):
+                self.v1_hooks = True
+                fn = v1_hook(fn)
             self.hooks.append((getattr(fn, "__name__", hook.path), fn, dict(hook.params)))
         self.oauth: dict[str, OAuthSource] = {}
         for provider, source in (config.settings.oat_sources or {}).items():
@@ -3515,6 +3752,14 @@ class Pipeline:
         self._last_reload = 0.0
         self._warned: set[str] = set()
         self._lock = threading.Lock()
+        self._legacy: CCProxyConfig | None = None
+
+    @property
+    def legacy_config(self) -> CCProxyConfig:
+        """This config as ccproxy 1.x's CCProxyConfig (for 1.x rules and hooks)."""
+        if self._legacy is None:
+            self._legacy = CCProxyConfig(self.config, self.oauth)
+        return self._legacy
 
     def models(self, missing: str | None = None) -> ModelTable:
         """The model table; reloaded from the live router when not loaded yet, or (at most
@@ -3585,6 +3830,10 @@ class Pipeline:
                 continue
             if isinstance(result, dict):
                 data = result
+        if self.v1_hooks and isinstance(data.get("metadata"), dict) \
+                and ctx.call_type == "anthropic_messages":
+            for key in V1_METADATA_KEYS:      # Anthropic's metadata takes user_id alone
+                data["metadata"].pop(key, None)
         self.finish(data, ctx)
         return data
 
@@ -4468,6 +4717,7 @@ def __getattr__(name: str) -> Any:
 
 PID_FILE = "ccproxy.pid"
 LOG_FILE = "ccproxy.log"
+LEGACY_PID_FILE = "litellm.lock"     # ccproxy 1.x's PID file (its log: litellm.log)
 LOCK_FILE = "ccproxy.lock"
 GENERATED_CONFIG = ".ccproxy-litellm.yaml"
 
@@ -5588,11 +5838,28 @@ def _run_foreground(config: Config, cmd: list[str], env: dict[str, str],
         pidfile.remove()
 
 
+def legacy_proxy_pid(directory: Path) -> int | None:
+    """The pid of a LiteLLM proxy that ccproxy 1.x started from this config dir (its
+    `litellm.lock`), while it runs."""
+    try:
+        pid = int((directory / LEGACY_PID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    cmd = process_cmdline(pid) if pid > 0 and pid_alive(pid) else None
+    return pid if cmd and any("litellm" in part for part in cmd) else None
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
-    """Stop the detached proxy of this config dir."""
+    """Stop the detached proxy of this config dir (or the one ccproxy 1.x started there)."""
     directory = _config_dir(args)
     pidfile = PidFile(directory)
     state, problem = pidfile.read()
+    legacy = legacy_proxy_pid(directory) if state is None else None
+    if legacy is not None:
+        how = stop_process(legacy, args.timeout)
+        (directory / LEGACY_PID_FILE).unlink(missing_ok=True)
+        _print(f"ccproxy 1.x's proxy (pid {legacy}, from {LEGACY_PID_FILE}) {how}")
+        return 0
     if state is None:
         if problem:
             pidfile.remove()
@@ -5634,6 +5901,9 @@ def status_report(args: argparse.Namespace) -> dict:
         report["proxy_key"] = PROXY_KEY_HEADER if config.settings.proxy_key else None
     if problem:
         report["pid_file_problem"] = problem
+    legacy = legacy_proxy_pid(directory) if state is None else None
+    if legacy is not None:
+        report["legacy_1x_pid"] = legacy
     if state is not None and state.orphans:
         report.update(running=False, orphans=list(state.orphans), url=state.url)
     elif state is not None:
@@ -5663,6 +5933,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                + (f": {report['pid_file_problem']}" if report.get("pid_file_problem") else ""))
         if report.get("orphans"):
             _print(f"stop them with: {self_command(Path(report['config_dir']))} stop")
+        if report.get("legacy_1x_pid"):
+            _print(f"ccproxy 1.x's proxy runs from this config dir (pid {report['legacy_1x_pid']}, "
+                   f"{LEGACY_PID_FILE}; log litellm.log): stop it with "
+                   f"`{self_command(Path(report['config_dir']))} stop`, then start this one")
     if "config_error" in report:
         _print(f"config error: {report['config_error']}")
     else:

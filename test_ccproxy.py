@@ -755,6 +755,203 @@ def test_legacy_module_paths_resolve_to_this_module():
     assert ccproxy.hooks.model_router is ccproxy.model_router
 
 
+V1_DOCS_RULE = """\
+from typing import Any
+
+from ccproxy.config import CCProxyConfig
+from ccproxy.rules import ClassificationRule
+
+
+class KeywordRule(ClassificationRule):
+    \"\"\"The custom-rule template of ccproxy 1.2.0's docs, reading the config it is given.\"\"\"
+
+    def __init__(self, keyword: str) -> None:
+        self.keyword = keyword
+
+    def evaluate(self, request: dict[str, Any], config: CCProxyConfig) -> bool:
+        if config.debug and not config.rules:
+            raise AssertionError("1.x config attributes missing")
+        return self.keyword in str(request.get("messages", ""))
+"""
+
+V1_HOOK = """\
+from typing import Any
+
+
+def cap_background(data: dict[str, Any], user_api_key_dict: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    \"\"\"A ccproxy 1.x hook (its signature, its kwargs, its metadata keys).\"\"\"
+    label = data.get("metadata", {}).get("ccproxy_model_name")
+    entry = kwargs["router"].get_model_for_label(label)
+    if label == "background" and entry and kwargs["classifier"].classify(data) == label:
+        data["max_tokens"] = kwargs.get("max_tokens", 1000)
+    return data
+"""
+
+V1_CCPROXY_YAML = """\
+litellm:
+  host: 127.0.0.1
+  port: {port}
+ccproxy:
+  debug: true
+  hooks:
+    - ccproxy.hooks.rule_evaluator
+    - ccproxy.hooks.model_router
+    - hook: docs_hook.cap_background
+      params:
+        max_tokens: 777
+    - ccproxy.hooks.forward_oauth
+  rules:
+    - name: think
+      rule: docs_rule.KeywordRule
+      params:
+        - keyword: ultrathink
+    - name: background
+      rule: ccproxy.rules.MatchModelRule
+      params:
+        - model_name: haiku
+    - name: long_context
+      rule: ccproxy.rules.TokenCountRule
+      params:
+        - threshold: 60000
+"""
+
+V1_CONFIG_YAML = """\
+model_list:
+  # aliases, as ccproxy 1.2.0's README writes them
+  - model_name: default
+    litellm_params:
+      model: claude-sonnet-4-5-20250929
+  - model_name: think
+    litellm_params:
+      model: claude-opus-4-5-20251101
+  - model_name: background
+    litellm_params:
+      model: claude-3-5-haiku-20241022
+  - model_name: long_context
+    litellm_params:
+      model: claude-sonnet-4-5-20250929
+  # deployments
+  - model_name: claude-sonnet-4-5-20250929
+    litellm_params:
+      model: anthropic/claude-sonnet-4-5-20250929
+      api_base: {base}
+  - model_name: claude-opus-4-5-20251101
+    litellm_params:
+      model: anthropic/claude-opus-4-5-20251101
+      api_base: {base}
+  - model_name: claude-3-5-haiku-20241022
+    litellm_params:
+      model: anthropic/claude-3-5-haiku-20241022
+      api_base: {base}
+litellm_settings:
+  callbacks:
+    - ccproxy.handler
+"""
+
+
+def write_v1_docs_config(directory: Path, upstream: FakeUpstream, port: int) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "ccproxy.yaml").write_text(V1_CCPROXY_YAML.format(port=port))
+    (directory / "config.yaml").write_text(V1_CONFIG_YAML.format(base=upstream.url))
+    (directory / "docs_rule.py").write_text(V1_DOCS_RULE)
+    (directory / "docs_hook.py").write_text(V1_HOOK)
+
+
+V1_ROUTES = [  # (what the request is, what it changes, the deployment ccproxy 1.2.0 reaches)
+    ("main", {"model": "claude-sonnet-4-5-20250929"}, "claude-sonnet-4-5-20250929"),        # passthrough
+    ("main", {"messages": [{"role": "user", "content": "ultrathink about it"}]}, "claude-opus-4-5-20251101"),
+    ("haiku", {}, "claude-3-5-haiku-20241022"),
+    ("main", {"token_count": 90000}, "claude-sonnet-4-5-20250929"),     # long_context, an alias too
+]
+
+
+def test_a_1x_docs_config_routes_as_1x_did(tmp_path, upstream):
+    write_v1_docs_config(tmp_path, upstream, 4556)
+    config = ccproxy.load_config(tmp_path)
+    report = ccproxy.validate_config(config, ccproxy.Pipeline(config))
+    assert report.errors == [], report.errors
+    from ccproxy.config import CCProxyConfig, RuleConfig
+    legacy = ccproxy.Pipeline(config).legacy_config
+    assert isinstance(legacy, CCProxyConfig) and legacy.debug is True and legacy.default_model_passthrough
+    assert [(r.model_name, r.rule_path) for r in legacy.rules][0] == ("think", "docs_rule.KeywordRule")
+    assert RuleConfig("bg", "ccproxy.rules.MatchModelRule", [{"model_name": "haiku"}]).create_instance().model_name == "haiku"
+    for kind, change, deployment in V1_ROUTES:
+        body, headers = cc_request(kind)
+        body.update(change)
+        data, ctx = ccproxy.run_pipeline(ccproxy.Pipeline(config), body, headers=headers)
+        assert ctx.decision.model == deployment and ctx.hook_errors == [], (kind, change, ctx.decision)
+        assert (data["max_tokens"] == 777) == (kind == "haiku")                  # the 1.x hook ran
+    # the built-in hooks take 1.x's call form too
+    data = {"model": "claude-3-5-haiku-20241022", "messages": [{"role": "user", "content": "hi"}]}
+    pipeline = ccproxy.Pipeline(config)
+    stand_ins = {"classifier": ccproxy.V1Classifier(pipeline), "router": ccproxy.V1Router(pipeline)}
+    data = ccproxy.hooks.rule_evaluator(data, {}, **stand_ins)
+    assert data["metadata"]["ccproxy_model_name"] == "background"
+    data = ccproxy.hooks.model_router(data, {}, **stand_ins)
+    assert (data["model"], data["metadata"]["ccproxy_litellm_model"]) == ("claude-3-5-haiku-20241022",) * 2
+    assert data["metadata"]["ccproxy_model_config"]["model_name"] == "claude-3-5-haiku-20241022"
+    data["proxy_server_request"] = {"method": "POST", "url": "http://127.0.0.1/v1/messages", "headers": {}}
+    data["metadata"]["user_id"] = "user_abc123_account_acc-9_session_sess-v1"
+    data = ccproxy.hooks.extract_session_id(ccproxy.hooks.capture_headers(data, {}), {})
+    trace = ccproxy.litellm_metadata(data)["trace_metadata"]
+    assert {k: trace[k] for k in ("http_method", "http_path", "claude_user_hash", "claude_account_id",
+                                  "claude_session_id")} == {
+        "http_method": "POST", "http_path": "/v1/messages", "claude_user_hash": "abc123",
+        "claude_account_id": "acc-9", "claude_session_id": "sess-v1"}
+    table = ccproxy.ModelTable([{"model_name": "a", "litellm_params": {"model": "b"}},
+                                {"model_name": "b", "litellm_params": {"model": "a"}}])
+    assert table.aliases("a") == ["a", "b", "a"]
+    (tmp_path / "ccproxy.yaml").write_text(V1_CCPROXY_YAML.format(port=4556) + "  handler: my.Handler\n")
+    assert "`handler: my.Handler` has no effect" in "\n".join(ccproxy.load_config(tmp_path).warnings)
+    circular = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    circular["model_list"] += [{"model_name": "x", "litellm_params": {"model": "y"}},
+                               {"model_name": "y", "litellm_params": {"model": "x"}}]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(circular))
+    config = ccproxy.load_config(tmp_path)
+    errors = ccproxy.validate_config(config, ccproxy.Pipeline(config)).errors
+    assert [e for e in errors if "in a circle (x -> y -> x)" in e], errors
+
+
+@pytest.fixture(scope="module")
+def v1_docs_proxy(upstream, tmp_path_factory):
+    with started_proxy(tmp_path_factory, "v1docs", lambda d, p: write_v1_docs_config(d, upstream, p)) as run:
+        yield run
+
+
+@slow
+@pytest.mark.parametrize("kind,change,deployment", V1_ROUTES)
+def test_a_1x_docs_config_reaches_1x_deployments_with_the_clients_oauth_token(v1_docs_proxy, clean_upstream,
+                                                                             kind, change, deployment):
+    body, headers = cc_request(kind)
+    body.update(change)
+    headers.pop("x-api-key")
+    headers["authorization"] = "Bearer sk-ant-oat01-subscriber-token"       # a Claude subscription
+    status, _h, raw = v1_docs_proxy.messages(body, headers)
+    assert status == 200, raw[:300]
+    received = clean_upstream.received("/v1/messages")[0]
+    assert received["body"]["model"] == deployment
+    assert received["headers"]["authorization"] == "Bearer sk-ant-oat01-subscriber-token"
+    assert (received["body"]["max_tokens"] == 777) == (kind == "haiku")                   # the 1.x hook
+    assert received["body"]["metadata"] == body["metadata"]
+
+
+def test_status_and_stop_see_a_proxy_that_ccproxy_1x_started(tmp_path):
+    old = subprocess.Popen([sys.executable, "-c", "import sys, time; time.sleep(120)", "litellm", "--config",
+                            str(tmp_path / "config.yaml")], start_new_session=True)
+    try:
+        (tmp_path / "litellm.lock").write_text(f"{old.pid}\n")
+        status = run_cli("status", "--config-dir", str(tmp_path))
+        assert status.returncode == 1 and f"ccproxy 1.x's proxy runs from this config dir (pid {old.pid}" in status.stdout
+        assert json.loads(run_cli("status", "--json", "--config-dir", str(tmp_path)).stdout)["legacy_1x_pid"] == old.pid
+        stop = run_cli("stop", "--config-dir", str(tmp_path))
+        assert stop.returncode == 0 and f"ccproxy 1.x's proxy (pid {old.pid}, from litellm.lock)" in stop.stdout
+        assert old.wait(timeout=30) is not None and not (tmp_path / "litellm.lock").exists()
+    finally:
+        if old.poll() is None:
+            old.kill()
+            old.wait(timeout=10)
+
+
 def test_config_dir_precedence(tmp_path, monkeypatch):
     home = tmp_path / "home"
     monkeypatch.setenv("HOME", str(home))
@@ -2814,7 +3011,9 @@ def test_validate_passes_with_warnings_only(tmp_path):
     (tmp_path / "ccproxy.yaml").write_text(
         "ccproxy:\n  rules:\n    - {name: nowhere, rule: DefaultRule}\n    - {name: big, rule: TokenCountRule, params: {threshold: 5000}}\n")
     done = run_cli("validate", "--config-dir", str(tmp_path))
-    assert done.returncode == 0 and "config OK (3 warning(s))" in done.stdout
+    assert done.returncode == 0 and "config OK (4 warning(s))" in done.stdout
+    assert "DefaultRule matches every request that reaches it and routes it to its name (in ccproxy 1.x it never" \
+        in done.stdout
     assert "model_list is empty" in done.stdout
 
 
