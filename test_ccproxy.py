@@ -722,13 +722,17 @@ handler = CCProxyHandler()
 """
 
 
-def write_legacy_config(directory: Path, upstream: FakeUpstream, port: int) -> None:
+def write_files(directory: Path, files: dict[str, str]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "ccproxy.yaml").write_text(LEGACY_CCPROXY_YAML.format(port=port))
-    (directory / "config.yaml").write_text(LEGACY_CONFIG_YAML.format(base=upstream.url))
-    (directory / "failing_hook.py").write_text(FAILING_HOOK)
-    # ccproxy 1.x generated this handler beside the config; LiteLLM loads it first.
-    (directory / "ccproxy.py").write_text(LEGACY_GENERATED_HANDLER)
+    for name, text in files.items():
+        (directory / name).write_text(text)
+
+
+def write_legacy_config(directory: Path, upstream: FakeUpstream, port: int) -> None:
+    # ccproxy 1.x generated the ccproxy.py handler beside the config; LiteLLM loads it first.
+    write_files(directory, {"ccproxy.yaml": LEGACY_CCPROXY_YAML.format(port=port),
+                            "config.yaml": LEGACY_CONFIG_YAML.format(base=upstream.url),
+                            "failing_hook.py": FAILING_HOOK, "ccproxy.py": LEGACY_GENERATED_HANDLER})
 
 
 def test_legacy_two_file_layout_loads_unchanged(tmp_path, upstream):
@@ -850,11 +854,9 @@ litellm_settings:
 
 
 def write_v1_docs_config(directory: Path, upstream: FakeUpstream, port: int) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "ccproxy.yaml").write_text(V1_CCPROXY_YAML.format(port=port))
-    (directory / "config.yaml").write_text(V1_CONFIG_YAML.format(base=upstream.url))
-    (directory / "docs_rule.py").write_text(V1_DOCS_RULE)
-    (directory / "docs_hook.py").write_text(V1_HOOK)
+    write_files(directory, {"ccproxy.yaml": V1_CCPROXY_YAML.format(port=port),
+                            "config.yaml": V1_CONFIG_YAML.format(base=upstream.url),
+                            "docs_rule.py": V1_DOCS_RULE, "docs_hook.py": V1_HOOK})
 
 
 V1_ROUTES = [  # (what the request is, what it changes, the deployment ccproxy 1.2.0 reaches)
