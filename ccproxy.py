@@ -33,7 +33,7 @@ __all__ = [
     "CCProxyError", "ConfigError", "RuleError", "OAuthError", "ProcessError",
     "Config", "load_config", "count_tokens", "count_request_tokens", "Handler",
     "Rule", "Verdict", "ClassificationRule", "DefaultRule", "MatchModelRule", "ThinkingRule",
-    "TokenCountRule", "MatchToolRule", "WebSearchRule", "SubagentRule",
+    "TokenCountRule", "MatchToolRule", "WebSearchRule", "SubagentRule", "ImageRule",
     "RequestContext", "RoutingDecision", "Pipeline", "run_pipeline", "route_request",
     "validate_config", "SessionStore",
     "rule_evaluator", "model_router", "forward_oauth", "forward_apikey", "extract_session_id",
@@ -515,6 +515,17 @@ def known_max_output(model: str) -> int | None:
     value = found.get("max_output_tokens") if isinstance(found, Mapping) else None
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
         and value > 0 else None
+
+
+def supports_vision(model: str) -> bool | None:
+    """Whether LiteLLM's model map says the model reads images (None: it does not say)."""
+    try:
+        costs = import_litellm().model_cost
+    except ImportError:
+        return None
+    found = costs.get(model) or costs.get(model_name(model))
+    value = found.get("supports_vision") if isinstance(found, Mapping) else None
+    return value if isinstance(value, bool) else None
 
 
 def keep_thinking_as_sent(model: str) -> bool:
@@ -1521,6 +1532,12 @@ def validate_config(config: Config, pipeline: "Pipeline") -> ValidationReport:
             "would change model mid-tool-loop and thinking blocks would reach models that did "
             "not sign them; use 1 (or `ccproxy.unshared_workers: true` to accept that)")
     report.warnings += readable_secret_warnings(config)
+    for i, spec in enumerate(config.settings.rules):
+        target = table.resolve(spec.name) if spec.rule.rsplit(".", 1)[-1] == "ImageRule" else None
+        if target is not None and supports_vision(target[1]) is False:
+            report.warnings.append(f"{ccproblems.where(('ccproxy', 'rules', i))}: ImageRule "
+                                   f"`{spec.name}` routes images to {target[1]}, which LiteLLM's "
+                                   "model map says does not read images")
     for i, warning in pipeline.rule_warnings:
         report.warnings.append(f"{ccproblems.where(('ccproxy', 'rules', i))}: {warning}")
     for provider, source in pipeline.oauth.items():
@@ -2220,6 +2237,29 @@ class WebSearchRule(Rule):
         return Verdict(False, "no web_search server tool")
 
 
+class ImageRule(Rule):
+    """Matches when the current turn carries an image: an image block in the last user
+    message, or inside one of its tool results (a screenshot, a Read of a PNG). It may switch
+    models inside a turn, since the image must reach a model that reads images; the rest of
+    the turn stays there."""
+
+    overrides_turn = True
+
+    def check(self, request: dict, ctx: Any) -> Verdict:
+        last = last_turn_message(request.get("messages"))
+        content = last.get("content") if last and last.get("role") == "user" else None
+        for block in content if isinstance(content, list) else ():
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "image":
+                return Verdict(True, "an image in the message")
+            inner = block.get("content") if block.get("type") == "tool_result" else None
+            if isinstance(inner, list) and any(isinstance(b, dict) and b.get("type") == "image"
+                                               for b in inner):
+                return Verdict(True, "an image in a tool result")
+        return Verdict(False, "no image in the current turn")
+
+
 CCR_TAG = re.compile(r"<CCR-SUBAGENT-MODEL>(.*?)</CCR-SUBAGENT-MODEL>", re.S)
 
 
@@ -2344,7 +2384,7 @@ def shadow_warning(rule: Any) -> str | None:
 
 BUILTIN_RULES: dict[str, type[Rule]] = {
     c.__name__: c for c in (DefaultRule, MatchModelRule, ThinkingRule, TokenCountRule,
-                            MatchToolRule, WebSearchRule, SubagentRule)
+                            MatchToolRule, WebSearchRule, SubagentRule, ImageRule)
 }
 BUILTIN_RULES["ClassificationRule"] = Rule
 

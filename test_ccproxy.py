@@ -2621,6 +2621,40 @@ def route(pipeline, body, headers):
     return ctx.decision.label, data, ctx
 
 
+def test_an_image_in_the_turn_goes_to_vision_and_the_turn_stays_there(tmp_path):
+    (tmp_path / "ccproxy.yaml").write_text(
+        "ccproxy:\n  rules:\n    - {name: vision, rule: ImageRule}\n"
+        "model_list:\n  - {model_name: vision, litellm_params: {model: anthropic/claude-sonnet-4-5}}\n"
+        "  - {model_name: 'claude-*', litellm_params: {model: 'anthropic/claude-*'}}\n")
+    pipeline = ccproxy.Pipeline(ccproxy.load_config(tmp_path))
+    body, headers = cc_request("main", session="sess-image")
+    assert route(pipeline, body, headers)[0] == "default"
+    png = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+    body["messages"] += [{"role": "assistant", "content": [{"type": "tool_use", "id": "r1", "name": "Read",
+                                                            "input": {"file_path": "shot.png"}}]},
+                         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "r1", "content": [png]}]}]
+    label, _data, ctx = route(pipeline, body, headers)                   # mid-turn: switches
+    assert label == "vision" and ctx.verdicts[0][2].fact == "an image in a tool result"
+    body["messages"] += [{"role": "assistant", "content": [{"type": "tool_use", "id": "r2", "name": "Bash",
+                                                            "input": {"command": "ls"}}]},
+                         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "r2", "content": "a.py"}]}]
+    label, _data, ctx = route(pipeline, body, headers)
+    assert label == "vision" and "the turn continues" in ctx.decision.reason      # the turn stays
+    body["messages"] += [{"role": "assistant", "content": [{"type": "text", "text": "done"}]},
+                         {"role": "user", "content": [png, {"type": "text", "text": "and this one?"}]}]
+    assert route(pipeline, body, headers)[0] == "vision"
+    body["messages"] += [{"role": "assistant", "content": [{"type": "text", "text": "a cat"}]},
+                         {"role": "user", "content": [{"type": "text", "text": "thanks"}]}]
+    assert route(pipeline, body, headers)[0] == "default"                 # a new turn without one
+    (tmp_path / "ccproxy.yaml").write_text(
+        "ccproxy:\n  rules:\n    - {name: vision, rule: ImageRule}\n"
+        "model_list:\n  - {model_name: vision, litellm_params: {model: azure/o3-mini}}\n")
+    config = ccproxy.load_config(tmp_path)
+    warnings = ccproxy.validate_config(config, ccproxy.Pipeline(config)).warnings
+    assert any("ImageRule `vision` routes images to azure/o3-mini, which LiteLLM's model map says does not read "
+               "images" in w for w in warnings), warnings
+
+
 def test_a_turn_stays_on_its_route_until_an_override_rule():
     pipeline = session_pipeline()
     body, headers = cc_request("think")
