@@ -34,6 +34,7 @@ __all__ = [
     "Config", "load_config", "count_tokens", "count_request_tokens", "Handler",
     "Rule", "Verdict", "ClassificationRule", "DefaultRule", "MatchModelRule", "ThinkingRule",
     "TokenCountRule", "MatchToolRule", "WebSearchRule", "SubagentRule", "ImageRule",
+    "RequestClassRule",
     "RequestContext", "RoutingDecision", "Pipeline", "run_pipeline", "route_request",
     "validate_config", "SessionStore",
     "rule_evaluator", "model_router", "forward_oauth", "forward_apikey", "extract_session_id",
@@ -137,6 +138,8 @@ PROXY_KEY_HEADER = "x-ccproxy-key"      # where clients send it
 PROXY_KEY_ENV = "CCPROXY_PROXY_KEY"     # how `start` hands it to the LiteLLM process
 INSTANCE_ENV = "CCPROXY_INSTANCE"       # a per-start nonce every proxy process inherits
 HEALTH_PATH = "/ccproxy/health"
+MODELS_PATH = "/v1/models"
+ROUTE_MODEL_PREFIX = "claude-route-"   # a route as a model Claude Code's /model can pick
 SESSION_PATH = "/ccproxy/session"
 
 DEFAULT_HOOKS = ("rule_evaluator", "model_router", "forward_apikey", "extract_session_id")
@@ -874,6 +877,7 @@ class Settings:
     preserve_thinking: bool = True
     proxy_key: bool = False
     shell_notice: bool = True
+    gateway_hints: bool = True      # `run` and the shell: request classes, model discovery
     sticky_turns: bool = True
     strip_foreign_thinking: bool = True
     show_requested_model: bool = True
@@ -2260,6 +2264,57 @@ class ImageRule(Rule):
         return Verdict(False, "no image in the current turn")
 
 
+# Claude Code 2.1.332's request classes (x-claude-code-request-class, sent with
+# CLAUDE_CODE_GATEWAY_HINT_HEADERS=1; see fixtures/README.md) and the prompt that opens a
+# compaction request in both captured releases.
+REQUEST_CLASSES = ("main", "subagent", "workflow", "compaction", "auxiliary", "side_reply")
+REQUEST_CLASS_HEADER = "x-claude-code-request-class"
+COMPACTION_PROMPT = "Your task is to create a detailed summary of the conversation so far"
+GATEWAY_HINTS_ENV = "CLAUDE_CODE_GATEWAY_HINT_HEADERS"
+MODEL_DISCOVERY_ENV = "CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY"
+
+
+def request_class(request: Mapping[str, Any], headers: Mapping[str, str]) -> tuple[str, str]:
+    """(class, how it is known): Claude Code's request-class header when it sent one, else
+    the same fact from the body: the compaction prompt, a subagent's marks, or main."""
+    sent = (headers.get(REQUEST_CLASS_HEADER) or "").strip().lower()
+    if sent in REQUEST_CLASSES:
+        return sent, "header"
+    last = last_turn_message(request.get("messages"))
+    content = last.get("content") if last and last.get("role") == "user" else None
+    texts = [content] if isinstance(content, str) else \
+        [b.get("text") for b in content if isinstance(b, dict)] if isinstance(content, list) else []
+    if any(isinstance(t, str) and COMPACTION_PROMPT in t for t in texts):
+        return "compaction", "its compaction prompt"
+    if headers.get("x-claude-code-agent-id") \
+            or any("cc_is_subagent=true" in t for t in _system_texts(request)[:2]):
+        return "subagent", "a subagent's marks"
+    return "main", "no other class's marks"
+
+
+class RequestClassRule(Rule):
+    """Matches Claude Code requests of the given classes (`main`, `subagent`, `workflow`,
+    `compaction`, `auxiliary`, `side_reply`): from its request-class header, or without it
+    from the body (compaction prompt, subagent marks). A compaction request switches away
+    from the turn's route and is its own conversation."""
+
+    overrides_turn = True
+
+    def __init__(self, classes: str | list[str]) -> None:
+        self.classes = tuple(c.lower() for c in _str_list(classes, "RequestClassRule: classes"))
+        unknown = [c for c in self.classes if c not in REQUEST_CLASSES]
+        if not self.classes or unknown:
+            raise RuleError(f"RequestClassRule: unknown class {unknown[0] if unknown else '-'}",
+                            f"classes: {', '.join(REQUEST_CLASSES)}")
+
+    def check(self, request: dict, ctx: Any) -> Verdict:
+        kind, how = request_class(request, getattr(ctx, "headers", None) or {})
+        return Verdict(kind in self.classes, f"{kind} ({how})")
+
+    def describe(self) -> str:
+        return f"RequestClassRule({', '.join(self.classes)})"
+
+
 CCR_TAG = re.compile(r"<CCR-SUBAGENT-MODEL>(.*?)</CCR-SUBAGENT-MODEL>", re.S)
 
 
@@ -2384,7 +2439,8 @@ def shadow_warning(rule: Any) -> str | None:
 
 BUILTIN_RULES: dict[str, type[Rule]] = {
     c.__name__: c for c in (DefaultRule, MatchModelRule, ThinkingRule, TokenCountRule,
-                            MatchToolRule, WebSearchRule, SubagentRule, ImageRule)
+                            MatchToolRule, WebSearchRule, SubagentRule, ImageRule,
+                            RequestClassRule)
 }
 BUILTIN_RULES["ClassificationRule"] = Rule
 
@@ -2867,6 +2923,11 @@ def is_continuation(request: Mapping[str, Any]) -> bool:
         isinstance(b, dict) and b.get("type") == "tool_result" for b in content)
 
 
+# Requests that carry a conversation's history but are not its next step: their route is
+# not the conversation's, and they record nothing in it.
+SEPARATE_CLASSES = ("compaction", "auxiliary")
+
+
 class SessionStore:
     """Per-session routing state, bounded in sessions and entries and swept by TTL."""
 
@@ -2881,6 +2942,9 @@ class SessionStore:
         """Give the context its session and conversation (created on first sight)."""
         if not ctx.session_id:
             return
+        # A compaction (or auxiliary) request has its own route: no conversation of its own
+        # to keep, and the main one's is not touched; the session's ledger still applies.
+        separate = request_class(request, ctx.headers)[0] in SEPARATE_CLASSES
         key = (ctx.session_id, ctx.agent_id)
         conv_key = conversation_key(request)
         with self._lock:
@@ -2893,13 +2957,14 @@ class SessionStore:
                     _log_session_end(old, "evicted")
             self._sessions.move_to_end(key)
             session.last_seen = time.monotonic()
-            conversation = session.conversations.get(conv_key)
-            if conversation is None:
+            conversation = session.conversations.get(conv_key) if not separate else None
+            if conversation is None and not separate:
                 conversation = ConversationState()
                 session.conversations[conv_key] = conversation
                 while len(session.conversations) > MAX_CONVERSATIONS:
                     session.conversations.popitem(last=False)
-            session.conversations.move_to_end(conv_key)
+            if conversation is not None:
+                session.conversations.move_to_end(conv_key)
         ctx.session, ctx.conversation = session, conversation
         ctx.continuation = is_continuation(request)
 
@@ -3207,6 +3272,9 @@ def model_router(data: dict, ctx: RequestContext, **params: Any) -> dict:
         if ctx.label is not None else None
     label = ctx.route_label or ctx.label or "default"
     reason = next((v.fact for n, _d, v in ctx.verdicts if n == ctx.label and v.matched), "")
+    picked = requested[len(ROUTE_MODEL_PREFIX):] if requested.startswith(ROUTE_MODEL_PREFIX) else ""
+    if label == "default" and picked in pipeline.models():
+        label, reason = picked, f"{requested} picked in /model"      # the session's default
     conversation = ctx.conversation
     if conversation is not None and not getattr(rule, "override", False):
         kept = None
@@ -4135,6 +4203,7 @@ class Handler:
         if app is not None and not getattr(app.state, "ccproxy", False):
             app.state.ccproxy = True
             wrap_app(app, UpstreamErrors)
+            wrap_app(app, ModelDiscovery, models=lambda: discovery_models(self.pipeline))
             self.guarded = wrap_app(app, RequestGuard, policy=AccessPolicy.from_config(config))
             if not self.guarded:
                 log.error("cannot guard the proxy: browser requests and the proxy key are "
@@ -4574,12 +4643,64 @@ class AccessPolicy:
                 return 401, "authentication_error", (
                     f"missing or wrong proxy key: send it in the {PROXY_KEY_HEADER} header "
                     f"(`python ccproxy.py run claude` and the shell integration do)")
-        elif self.master_key and path.startswith("/ccproxy/"):
+        elif self.master_key and (path.startswith("/ccproxy/")
+                                  or is_model_discovery(path, headers)):
             names = ("authorization", "x-api-key", "x-litellm-api-key", self.key_header)
             if not any(key_matches(headers.get(n), self.master_key) for n in names if n):
                 return 401, "authentication_error", (
                     "ccproxy's routes need LiteLLM's master key (Authorization: Bearer <key>)")
         return None
+
+
+def is_model_discovery(path: str, headers: Mapping[str, str]) -> bool:
+    """Claude Code's model discovery (an Anthropic client asking for /v1/models)."""
+    return path == MODELS_PATH and "anthropic-version" in headers
+
+
+class ModelDiscovery:
+    """ASGI layer: Claude Code's model discovery (`GET /v1/models` with `anthropic-version`,
+    CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY=1) gets ccproxy's routes as models its /model
+    picker offers, in Anthropic's format; other clients get LiteLLM's own list."""
+
+    def __init__(self, app: Any, models: Callable[[], list[dict]]) -> None:
+        self.app, self.models = app, models
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                   for k, v in scope.get("headers") or ()} if scope.get("type") == "http" else {}
+        if scope.get("method") != "GET" or not is_model_discovery(str(scope.get("path")), headers):
+            await self.app(scope, receive, send)
+            return
+        data = self.models()
+        body = json.dumps({"data": data, "has_more": False,
+                           "first_id": data[0]["id"] if data else None,
+                           "last_id": data[-1]["id"] if data else None}).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def discovery_models(pipeline: Pipeline) -> list[dict]:
+    """What Claude Code's /model picker lists: each rule's route as `claude-route-LABEL`
+    (Claude Code keeps only ids that name claude; picked, it is the session's default route,
+    the other rules still apply), then the exact model_list entries that name claude.
+    `model_info.display_name` / `description` of an entry say how it is shown."""
+    table = pipeline.models()
+    out = []
+    labels = [r.name for r in pipeline.rules if getattr(r, "name", None) in table.exact]
+    for name in dict.fromkeys(labels + [n for n in table.exact if "claude" in n.lower()]):
+        info = table.exact[name][0].get("model_info")
+        info = info if isinstance(info, dict) else {}
+        routed = name in labels
+        upstream = (table.resolve(table.aliases(name)[-1]) or ({}, name))[1]
+        out.append({"type": "model", "id": ROUTE_MODEL_PREFIX + name if routed else name,
+                    "display_name": str(info.get("display_name") or
+                                        (f"{name} (ccproxy)" if routed else name)),
+                    "description": str(info.get("description") or
+                                       f"ccproxy's {name} route: {upstream}"),
+                    "created_at": "2026-01-01T00:00:00Z"})
+    return out
 
 
 class RequestGuard:
@@ -5057,10 +5178,14 @@ def http_get(url: str, timeout: float = 2.0,
 
 
 def client_environment(config: Config, env: Mapping[str, str]) -> dict[str, str]:
-    """Environment for a client of the proxy: base URLs, and the proxy key header if on."""
+    """Environment for a client of the proxy: base URLs, Claude Code's request-class hints
+    (gateway_hints), and the proxy key header if on."""
     out = dict(env)
     out["ANTHROPIC_BASE_URL"] = config.url
     out["OPENAI_BASE_URL"] = out["OPENAI_API_BASE"] = config.url + "/v1"
+    if config.settings.gateway_hints:               # the user's own values win
+        out.setdefault(GATEWAY_HINTS_ENV, "1")
+        out.setdefault(MODEL_DISCOVERY_ENV, "1")
     key = proxy_key(config)
     if key:
         line = f"{PROXY_KEY_HEADER}: Bearer {key}"
@@ -5356,6 +5481,7 @@ __ccproxy_url={url_q}
 __ccproxy_pidfile={pidfile_q}
 __ccproxy_keyfile={keyfile_q}
 __ccproxy_notice={notice}
+__ccproxy_hints={hints}
 __ccproxy_up() {{
   local line pid url
   [ -r "$__ccproxy_pidfile" ] || return 1
@@ -5386,6 +5512,8 @@ claude() {{
   if __ccproxy_up; then
     (
       export ANTHROPIC_BASE_URL="$__ccproxy_live_url"
+      [ "$__ccproxy_hints" = 1 ] && export {hints_env}="${{{hints_env}-1}}" \
+        {discovery_env}="${{{discovery_env}-1}}"
       if [ -r "$__ccproxy_keyfile" ]; then
         IFS= read -r __ccproxy_key < "$__ccproxy_keyfile"
         export ANTHROPIC_CUSTOM_HEADERS="${{ANTHROPIC_CUSTOM_HEADERS:+$ANTHROPIC_CUSTOM_HEADERS
@@ -5427,6 +5555,7 @@ set -g __ccproxy_url {url_q}
 set -g __ccproxy_pidfile {pidfile_q}
 set -g __ccproxy_keyfile {keyfile_q}
 set -g __ccproxy_notice {notice}
+set -g __ccproxy_hints {hints}
 function __ccproxy_up
     test -r $__ccproxy_pidfile; or return 1
     read -l line < $__ccproxy_pidfile; or test -n "$line"; or return 1
@@ -5452,6 +5581,8 @@ end
 function claude --description 'claude through ccproxy when it runs'
     if __ccproxy_up
         set -lx ANTHROPIC_BASE_URL $__ccproxy_live_url
+        test "$__ccproxy_hints" = 1; and not set -q {hints_env}; and set -lx {hints_env} 1
+        test "$__ccproxy_hints" = 1; and not set -q {discovery_env}; and set -lx {discovery_env} 1
         set -l key
         set -l headers
         test -r $__ccproxy_keyfile; and read key < $__ccproxy_keyfile
@@ -5485,10 +5616,11 @@ def _fish_quote(value: str) -> str:
 SHELL_CACHE_FILE = ".shell-cache.json"
 
 
-def shell_settings(directory: Path) -> tuple[str, bool]:
-    """(proxy URL, notice on/off) for the shell snippet, without YAML when possible.
+def shell_settings(directory: Path) -> tuple[str, bool, bool]:
+    """(proxy URL, notice on/off, gateway hints on/off) for the shell snippet, without YAML
+    when possible.
 
-    The snippet is generated at every shell start, so the two values are cached beside the
+    The snippet is generated at every shell start, so the values are cached beside the
     config, keyed by the config files' modification times; no config file: the defaults.
     """
     stamps = []
@@ -5498,25 +5630,28 @@ def shell_settings(directory: Path) -> tuple[str, bool]:
         except OSError:
             continue
     if not stamps:
-        return Config(settings=Settings(), litellm={}).url, Settings().shell_notice
+        defaults = Settings()
+        return (Config(settings=defaults, litellm={}).url, defaults.shell_notice,
+                defaults.gateway_hints)
     cache = directory / SHELL_CACHE_FILE
     try:
         cached = json.loads(cache.read_text())
         if cached.get("stamps") == stamps:
-            return str(cached["url"]), bool(cached["notice"])
+            return str(cached["url"]), bool(cached["notice"]), bool(cached["hints"])
     except (OSError, ValueError, KeyError, AttributeError):
         pass
     config = load_config(directory)
     try:
         cache.write_text(json.dumps({"stamps": stamps, "url": config.url,
-                                     "notice": config.settings.shell_notice}))
+                                     "notice": config.settings.shell_notice,
+                                     "hints": config.settings.gateway_hints}))
     except OSError:
         pass      # a read-only config dir only costs the YAML parse next time
-    return config.url, config.settings.shell_notice
+    return config.url, config.settings.shell_notice, config.settings.gateway_hints
 
 
 def shell_snippet(shell: str, url: str, config_dir: Path, explicit_dir: bool,
-                  notice: bool = True) -> str:
+                  notice: bool = True, hints: bool = True) -> str:
     """The integration snippet for one shell (bash, zsh or fish)."""
     quote = _fish_quote if shell == "fish" else _sh_quote
     self_cmd = f"{quote(sys.executable)} {quote(str(Path(__file__).resolve()))}"
@@ -5525,7 +5660,8 @@ def shell_snippet(shell: str, url: str, config_dir: Path, explicit_dir: bool,
                   pidfile_q=quote(str(config_dir / PID_FILE)),
                   keyfile_q=quote(str(config_dir / PROXY_KEY_FILE)),
                   notice=1 if notice else 0, self_cmd=self_cmd, ccproxy_cmd=ccproxy_cmd,
-                  key_header=PROXY_KEY_HEADER)
+                  key_header=PROXY_KEY_HEADER, hints_env=GATEWAY_HINTS_ENV,
+                  discovery_env=MODEL_DISCOVERY_ENV, hints=1 if hints else 0)
     if shell == "fish":
         return FISH_SNIPPET.format(**values)
     capture = BASH_CAPTURE if shell == "bash" else ZSH_CAPTURE
@@ -5553,10 +5689,10 @@ def snippet_file(directory: Path, shell: str) -> Path:
 def write_snippet_file(directory: Path, shell: str) -> Path:
     """Write (or refresh) the static snippet the rc line sources: a new shell then reads one
     small file and starts no process at all."""
-    url, notice = shell_settings(directory)
+    url, notice, hints = shell_settings(directory)
     path = snippet_file(directory, shell)
     make_private_dir(directory)
-    write_private(path, shell_snippet(shell, url, directory, True, notice=notice))
+    write_private(path, shell_snippet(shell, url, directory, True, notice=notice, hints=hints))
     return path
 
 
@@ -6217,8 +6353,8 @@ def cmd_shell(args: argparse.Namespace) -> int:
         _print(f"added ccproxy's block to {path} (it sources {snippet}); open a new shell to "
                "use it" if done else f"{path} already has ccproxy's block; refreshed {snippet}")
         return 0
-    url, notice = shell_settings(directory)
-    sys.stdout.write(shell_snippet(shell, url, directory, explicit, notice=notice))
+    url, notice, hints = shell_settings(directory)
+    sys.stdout.write(shell_snippet(shell, url, directory, explicit, notice=notice, hints=hints))
     return 0
 
 

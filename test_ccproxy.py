@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -2036,6 +2037,28 @@ def test_upstream_timeout_limits_silence_not_a_long_answer(faults_proxy, clean_u
 
 
 @slow
+def test_claude_codes_model_discovery_lists_the_routes_and_a_pick_routes_there(proxy, clean_upstream):
+    _body, headers = gateway_capture("models-discovery-2.1.332")          # as Claude Code asks
+    status, got, raw = http("GET", proxy.url + "/v1/models?limit=1000", None, headers)
+    assert status == 200 and got["content-type"] == "application/json", raw[:300]
+    models = {m["id"]: m for m in json.loads(raw)["data"]}
+    assert [i for i in models if i.startswith("claude-route-")] == [
+        "claude-route-background", "claude-route-web_search", "claude-route-long_context", "claude-route-think",
+        "claude-route-cheap", "claude-route-small"]
+    assert models["claude-route-think"]["description"] == "ccproxy's think route: anthropic/up-think"
+    assert all(re.search("claude|anthropic", i, re.I) for i in models)   # what Claude Code keeps
+    openai = json.loads(http("GET", proxy.url + "/v1/models", None, {})[2])          # other clients: LiteLLM's
+    assert openai.get("object") == "list" and "claude-route-think" not in [m["id"] for m in openai["data"]]
+    for kind, expected in (("main", "up-think"), ("web_search", "up-search"), ("haiku", "up-background")):
+        body, headers = cc_request(kind)
+        if kind != "haiku":
+            body["model"] = "claude-route-think"          # picked in /model: the session's default route
+        clean_upstream.clear()
+        status, got, raw = proxy.messages(body, headers)
+        assert status == 200 and clean_upstream.received("/v1/messages")[0]["body"]["model"] == expected, raw[:200]
+
+
+@slow
 def test_proxy_log_has_one_line_per_decision_and_no_secret(proxy, clean_upstream):
     body, headers = cc_request("haiku", session="sess-logline")
     proxy.messages(body, headers)
@@ -2182,6 +2205,7 @@ CLAUDE_SCENARIOS = {   # name -> (claude arguments, routes the upstream must see
     "tool": (["-p", "RUN-TOOL now", "--allowedTools", "Bash"], ["default", "default"], "ccproxy-tool-ok"),
     "web_search": (["-p", "SEARCH-WEB now", "--allowedTools", "WebSearch"],
                    ["default", "up-search", "default"], "LiteLLM is an LLM proxy."),
+    "picked": (["-p", "say hello", "--model", "claude-route-think"], ["up-think"], "answer from up-think"),
 }
 
 
@@ -2653,6 +2677,54 @@ def test_an_image_in_the_turn_goes_to_vision_and_the_turn_stays_there(tmp_path):
     warnings = ccproxy.validate_config(config, ccproxy.Pipeline(config)).warnings
     assert any("ImageRule `vision` routes images to azure/o3-mini, which LiteLLM's model map says does not read "
                "images" in w for w in warnings), warnings
+
+
+GATEWAY_CAPTURES = HERE / "fixtures" / "claude-code-gateway"     # in the repo (fixtures/README.md)
+HOP_BY_HOP = ("connection", "accept-encoding", "content-length", "host")
+
+
+def gateway_capture(name: str) -> tuple[dict, dict]:
+    """(body, lower-case headers) of a request Claude Code sent with gateway features on."""
+    record = json.loads((GATEWAY_CAPTURES / f"{name}.json").read_text())
+    return record["body"], {k.lower(): v for k, v in record["headers"].items() if k.lower() not in HOP_BY_HOP}
+
+
+CAPTURED_CLASSES = {"main-hints-2.1.332": ("main", "header"), "subagent-hints-2.1.332": ("subagent", "header"),
+                    "compaction-auto-hints-2.1.332": ("compaction", "header"),
+                    "compaction-manual-hints-2.1.332": ("compaction", "header"),
+                    "compaction-auto-2.1.332": ("compaction", "its compaction prompt"),
+                    "compaction-manual-2.1.197": ("compaction", "its compaction prompt")}
+
+
+@pytest.mark.parametrize("name", list(CAPTURED_CLASSES))
+def test_request_classes_from_claude_codes_header_or_else_from_the_body(name):
+    body, headers = gateway_capture(name)
+    assert ccproxy.request_class(body, headers) == CAPTURED_CLASSES[name]
+    headers.pop(ccproxy.REQUEST_CLASS_HEADER, None)               # 2.1.197, or hints off: the body tells
+    assert ccproxy.request_class(body, headers)[0] == CAPTURED_CLASSES[name][0]
+    rule = ccproxy.RequestClassRule(["compaction", "auxiliary"])
+    assert rule.check(body, types.SimpleNamespace(headers=headers)).matched == (CAPTURED_CLASSES[name][0] == "compaction")
+
+
+def test_a_compaction_request_takes_its_own_route_and_never_moves_the_conversation(tmp_path):
+    (tmp_path / "ccproxy.yaml").write_text(
+        "ccproxy:\n  rules:\n    - {name: compact, rule: RequestClassRule, params: {classes: [compaction]}}\n"
+        "model_list:\n  - {model_name: compact, litellm_params: {model: anthropic/claude-haiku-5-5}}\n"
+        "  - {model_name: 'claude-*', litellm_params: {model: 'anthropic/claude-*'}}\n")
+    pipeline = ccproxy.Pipeline(ccproxy.load_config(tmp_path))
+    compaction, headers = gateway_capture("compaction-auto-hints-2.1.332")
+    main = copy.deepcopy(compaction)
+    main["messages"][-1] = {"role": "user", "content": [{"type": "text", "text": "go on"}]}
+    main_headers = dict(headers, **{ccproxy.REQUEST_CLASS_HEADER: "main"})
+    main_headers.pop("x-claude-code-compaction")
+    assert route(pipeline, main, main_headers)[0] == "default"
+    label, data, ctx = route(pipeline, compaction, headers)
+    assert (label, data["model"]) == ("compact", "compact") and ctx.verdicts[0][2].fact == "compaction (header)"
+    assert ctx.conversation is None and ctx.session is not None       # the ledger applies, the turn is not its
+    label, _data, ctx = route(pipeline, main, main_headers)
+    assert label == "default" and ctx.session.switches == 0 and ctx.session.requests == 2
+    with pytest.raises(ccproxy.RuleError, match="unknown class summary"):
+        ccproxy.RequestClassRule(["summary"])
 
 
 def test_a_turn_stays_on_its_route_until_an_override_rule():
@@ -3938,9 +4010,14 @@ def test_usage_errors_exit_2(tmp_path):
 
 def test_run_sets_the_proxy_urls_and_passes_the_exit_code(tmp_path):
     env = cli_env(tmp_path / "cfg")
-    done = run_cli("run", "sh", "-c", 'echo "$ANTHROPIC_BASE_URL $OPENAI_BASE_URL"; exit 7', env=env)
+    env.pop(ccproxy.GATEWAY_HINTS_ENV, None)
+    show = 'echo "$ANTHROPIC_BASE_URL $OPENAI_BASE_URL hints=$CLAUDE_CODE_GATEWAY_HINT_HEADERS"; exit 7'
+    done = run_cli("run", "sh", "-c", show, env=env)
     assert done.returncode == 7
-    assert done.stdout.strip() == "http://127.0.0.1:4000 http://127.0.0.1:4000/v1"
+    assert done.stdout.strip() == "http://127.0.0.1:4000 http://127.0.0.1:4000/v1 hints=1"
+    (tmp_path / "cfg").mkdir(exist_ok=True)
+    (tmp_path / "cfg" / "ccproxy.yaml").write_text("ccproxy: {gateway_hints: false}\n")
+    assert run_cli("run", "sh", "-c", show, env=env).stdout.strip().endswith("hints=")
     missing = run_cli("run", "no-such-command-xyz", env=env)
     assert missing.returncode == 1 and "command not found: no-such-command-xyz" in missing.stderr
 
@@ -4145,6 +4222,7 @@ def test_status_text_while_running_and_bad_count_request(proxy):
 FAKE_CLAUDE = """#!/bin/sh
 for a in "$@"; do printf 'ARG[%s]\\n' "$a"; done
 printf 'URL[%s]\\n' "$ANTHROPIC_BASE_URL"
+printf 'HINTS[%s]\\n' "$CLAUDE_CODE_GATEWAY_HINT_HEADERS"
 exit "${FAKE_EXIT:-0}"
 """
 QUOTED_ARGS = ["a b", "it's", "$HOME", 'x"y', ""]
@@ -4167,8 +4245,8 @@ def fake_claude(tmp_path):
 
 
 def shell_run(shell: str, script: str, bin_dir: Path, **env) -> subprocess.CompletedProcess:
-    full = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", **env)
-    full.pop("ANTHROPIC_BASE_URL", None)
+    full = {k: v for k, v in os.environ.items() if k not in ("ANTHROPIC_BASE_URL", ccproxy.GATEWAY_HINTS_ENV)}
+    full.update(PATH=f"{bin_dir}:{os.environ['PATH']}", **env)
     return subprocess.run([need_shell(shell), "-c", script], capture_output=True, text=True,
                           env=full, timeout=60)
 
@@ -4217,6 +4295,9 @@ def test_shell_claude_uses_the_running_proxy(shell, proxy, fake_claude):
     assert parse_fake(done.stdout)[0][:len(QUOTED_ARGS)] == QUOTED_ARGS
     assert urls == [proxy.url, ""], done.stderr                 # `command claude` is the real one
     assert "RC=0" in done.stdout and "proxy not running" not in done.stderr
+    assert re.findall(r"^HINTS\[(.*)\]$", done.stdout, re.M) == ["1", ""]      # request classes asked for
+    mine = shell_run(shell, script, fake_claude, **{ccproxy.GATEWAY_HINTS_ENV: "0"})
+    assert re.findall(r"^HINTS\[(.*)\]$", mine.stdout, re.M) == ["0", "0"]     # the user's own value wins
 
 
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
