@@ -2258,6 +2258,89 @@ def test_real_claude_code_through_a_keyed_proxy_with_run(keyed_proxy, clean_upst
     assert keyed_proxy.key not in json.dumps(got)
 
 
+def tiny_png() -> bytes:
+    """A valid 2x2 RGB PNG."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    rows = b"".join(b"\x00" + b"\xff\x00\x00" * 2 for _ in range(2))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def gateway_script(image: Path):
+    """claude_code_script, plus a Read of `image` on cue and summaries for compaction."""
+    def script(record: dict):
+        body = record["body"]
+        if not record["path"].startswith("/v1/messages") or "count_tokens" in record["path"]:
+            return None
+        last = json.dumps(next((m for m in reversed(body.get("messages") or []) if m.get("role") == "user"), {}))
+        if ccproxy.COMPACTION_PROMPT in last:
+            return upstream_message(body, [{"type": "text", "text": "<analysis>a</analysis>\n<summary>we ran a tool"
+                                                                     "</summary>"}])
+        if "READ-IMAGE" in last:
+            return upstream_message(body, [{"type": "tool_use", "id": "toolu_img", "name": "Read",
+                                            "input": {"file_path": str(image)}}], "tool_use")
+        return claude_code_script(record)
+    return script
+
+
+@pytest.fixture(scope="module")
+def gateway_proxy(upstream, tmp_path_factory):
+    """`proxy`'s config with two more rules: compaction -> compact, an image -> vision."""
+    def write(directory, port):
+        path = write_config(directory, upstream, port)
+        config = yaml.safe_load(path.read_text())
+        config["ccproxy"]["rules"][:0] = [
+            {"name": "compact", "rule": "RequestClassRule", "params": {"classes": ["compaction"]}},
+            {"name": "vision", "rule": "ImageRule"}]
+        config["model_list"][:0] = [
+            {"model_name": "compact", "litellm_params": {"model": "anthropic/up-compact", "api_base": upstream.url}},
+            {"model_name": "vision", "litellm_params": {"model": "anthropic/up-vision", "api_base": upstream.url}}]
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+    with started_proxy(tmp_path_factory, "gateway", write) as run:
+        yield run
+
+
+@slow
+def test_real_claude_code_2_1_332_compaction_images_and_the_model_picker(gateway_proxy, clean_upstream, tmp_path):
+    binary = claude_code_binary("2.1.332")
+    image = tmp_path / "shot.png"
+    image.write_bytes(tiny_png())
+    clean_upstream.scripts.append(gateway_script(image))
+    home = tmp_path / "home"
+    home.mkdir()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE_"))}
+    base.update(HOME=str(home), ANTHROPIC_BASE_URL=gateway_proxy.url, ANTHROPIC_API_KEY=CLIENT_KEY,
+                DISABLE_TELEMETRY="1", DISABLE_AUTOUPDATER="1", DISABLE_ERROR_REPORTING="1",
+                CLAUDE_CODE_ENABLE_GATEWAY_MODEL_DISCOVERY="1")
+
+    def claude(*args, hints: bool = True, cwd: Path = tmp_path) -> list[dict]:
+        clean_upstream.clear()
+        clean_upstream.scripts.append(gateway_script(image))
+        env = dict(base, **({ccproxy.GATEWAY_HINTS_ENV: "1"} if hints else {}))
+        cwd.mkdir(exist_ok=True)
+        done = subprocess.run([str(binary), *args], env=env, capture_output=True, text=True, timeout=180,
+                              cwd=cwd, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr[-1000:]
+        return [r for r in clean_upstream.received("/v1/messages") if "count_tokens" not in r["path"]]
+
+    for hints, how in ((True, "header"), (False, "its compaction prompt")):    # by the header, by the body
+        project = tmp_path / how.replace(" ", "-")           # a session of its own, then its compaction
+        sent = claude("-p", "RUN-TOOL now", "--allowedTools", "Bash", hints=hints, cwd=project)
+        assert [r["body"]["model"] for r in sent] == ["claude-opus-5-5"] * 2
+        start = len(gateway_proxy.log())
+        sent = claude("-p", "/compact", "--continue", hints=hints, cwd=project)
+        assert sent and {r["body"]["model"] for r in sent} == {"up-compact"}, [r["body"]["model"] for r in sent]
+        assert f"RequestClassRule(compaction): match (compaction ({how}))" in gateway_proxy.log()[start:]
+    sent = claude("-p", "READ-IMAGE now", "--allowedTools", "Read")
+    assert [r["body"]["model"] for r in sent] == ["claude-opus-5-5", "up-vision"]     # the image went to vision
+    cached = json.loads((home / ".claude" / "cache" / "gateway-models.json").read_text())
+    assert "claude-route-think" in json.dumps(cached)             # the binary took ccproxy's model list
+
+
 def test_ci_pins_the_tested_claude_code_versions():
     ci = (HERE / ".ci" / "run").read_text()
     for version in CLAUDE_CODE_VERSIONS:
@@ -2725,6 +2808,22 @@ def test_a_compaction_request_takes_its_own_route_and_never_moves_the_conversati
     assert label == "default" and ctx.session.switches == 0 and ctx.session.requests == 2
     with pytest.raises(ccproxy.RuleError, match="unknown class summary"):
         ccproxy.RequestClassRule(["summary"])
+
+
+@slow
+@pytest.mark.parametrize("name", list(CAPTURED_CLASSES))
+def test_gateway_captures_through_explain_and_the_proxy(gateway_proxy, clean_upstream, name):
+    body, headers = gateway_capture(name)
+    expected = {"compaction": ("compact", "up-compact"), "main": ("default", body["model"]),
+                "subagent": ("default", body["model"])}[CAPTURED_CLASSES[name][0]]
+    explained = run_cli("explain", "--json", str(GATEWAY_CAPTURES / f"{name}.json"),
+                        "--config-dir", str(gateway_proxy.directory))
+    assert explained.returncode == 0 and json.loads(explained.stdout)["decision"]["label"] == expected[0], \
+        explained.stdout[-500:] + explained.stderr[-500:]
+    headers["x-api-key"] = CLIENT_KEY
+    status, got, raw = gateway_proxy.messages(body, headers)
+    assert status == 200 and got["x-ccproxy-rule"] == expected[0], raw[:300]
+    assert clean_upstream.received("/v1/messages")[0]["body"]["model"] == expected[1]
 
 
 def test_a_turn_stays_on_its_route_until_an_override_rule():
