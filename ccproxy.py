@@ -6329,8 +6329,21 @@ def cmd_statusline(args: argparse.Namespace) -> int:
             session = json.loads(body) if status == 200 else None
         except ValueError:
             session = None
-    _print(statusline_text(session, up=True))
+    _print(statusline_text(session, up=True) + plan_usage_text(data))
     return 0
+
+
+def plan_usage_text(data: Any) -> str:
+    """The plan's usage Claude Code 2.1.332 hands the status line (`rate_limits`: five_hour,
+    seven_day, spend_limit, from the unified rate-limit headers ccproxy passes on)."""
+    limits = data.get("rate_limits") if isinstance(data, dict) else None
+    parts = []
+    for key, name in (("five_hour", "5h"), ("seven_day", "7d"), ("spend_limit", "spend")):
+        used = limits.get(key) if isinstance(limits, dict) else None
+        value = used.get("used_percentage") if isinstance(used, dict) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            parts.append(f"{name} {value:.0f}%")
+    return f" \u00b7 {' '.join(parts)}" if parts else ""
 
 
 def cmd_shell(args: argparse.Namespace) -> int:

@@ -2663,6 +2663,12 @@ def test_statusline_shows_the_sessions_route(proxy, clean_upstream, tmp_path):
     assert done.returncode == 0 and done.stdout.strip() == "ccproxy: opus\u2192up-think (think) \u00b7 0 switches"
     unknown = run_cli("statusline", "--config-dir", str(proxy.directory), input='{"session_id": "nope"}')
     assert unknown.stdout.strip().startswith("ccproxy: up")
+    # Claude Code 2.1.332 adds the plan's usage (from the unified rate-limit headers passed on)
+    limits = {"five_hour": {"used_percentage": 91.4, "resets_at": 1795700000}, "seven_day": {"used_percentage": 12},
+              "spend_limit": {"used_percentage": "n/a"}}
+    done = run_cli("statusline", "--config-dir", str(proxy.directory),
+                   input=json.dumps({"session_id": "sess-status", "rate_limits": limits}))
+    assert done.stdout.strip().endswith("0 switches \u00b7 5h 91% 7d 12%"), done.stdout
 
 
 def test_statusline_when_down_or_fed_garbage(tmp_path):
