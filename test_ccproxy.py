@@ -2734,12 +2734,17 @@ def route(pipeline, body, headers):
     return ctx.decision.label, data, ctx
 
 
+def one_rule_pipeline(directory: Path, rule: dict, model: str):
+    """A pipeline with one rule, an entry named like it, and every Claude model passed through."""
+    (directory / "ccproxy.yaml").write_text(yaml.safe_dump({
+        "ccproxy": {"rules": [rule]},
+        "model_list": [{"model_name": rule["name"], "litellm_params": {"model": model}},
+                       {"model_name": "claude-*", "litellm_params": {"model": "anthropic/claude-*"}}]}))
+    return ccproxy.Pipeline(ccproxy.load_config(directory))
+
+
 def test_an_image_in_the_turn_goes_to_vision_and_the_turn_stays_there(tmp_path):
-    (tmp_path / "ccproxy.yaml").write_text(
-        "ccproxy:\n  rules:\n    - {name: vision, rule: ImageRule}\n"
-        "model_list:\n  - {model_name: vision, litellm_params: {model: anthropic/claude-sonnet-4-5}}\n"
-        "  - {model_name: 'claude-*', litellm_params: {model: 'anthropic/claude-*'}}\n")
-    pipeline = ccproxy.Pipeline(ccproxy.load_config(tmp_path))
+    pipeline = one_rule_pipeline(tmp_path, {"name": "vision", "rule": "ImageRule"}, "anthropic/claude-sonnet-4-5")
     body, headers = cc_request("main", session="sess-image")
     assert route(pipeline, body, headers)[0] == "default"
     png = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
@@ -2796,11 +2801,8 @@ def test_request_classes_from_claude_codes_header_or_else_from_the_body(name):
 
 
 def test_a_compaction_request_takes_its_own_route_and_never_moves_the_conversation(tmp_path):
-    (tmp_path / "ccproxy.yaml").write_text(
-        "ccproxy:\n  rules:\n    - {name: compact, rule: RequestClassRule, params: {classes: [compaction]}}\n"
-        "model_list:\n  - {model_name: compact, litellm_params: {model: anthropic/claude-haiku-5-5}}\n"
-        "  - {model_name: 'claude-*', litellm_params: {model: 'anthropic/claude-*'}}\n")
-    pipeline = ccproxy.Pipeline(ccproxy.load_config(tmp_path))
+    pipeline = one_rule_pipeline(tmp_path, {"name": "compact", "rule": "RequestClassRule",
+                                            "params": {"classes": ["compaction"]}}, "anthropic/claude-haiku-5-5")
     compaction, headers = gateway_capture("compaction-auto-hints-2.1.332")
     main = copy.deepcopy(compaction)
     main["messages"][-1] = {"role": "user", "content": [{"type": "text", "text": "go on"}]}
