@@ -5773,6 +5773,18 @@ def statusline_text(session: Mapping[str, Any] | None, up: bool) -> str:
                if isinstance(until, (int, float)) else ""))
 
 
+def plan_usage_text(data: Any) -> str:
+    """The plan's usage Claude Code 2.1.332 hands the status line (`rate_limits`: five_hour,
+    seven_day, spend_limit, from the unified rate-limit headers ccproxy passes on)."""
+    limits = data.get("rate_limits") if isinstance(data, dict) else None
+    parts = []
+    for key, name in (("five_hour", "5h"), ("seven_day", "7d"), ("spend_limit", "spend")):
+        used = limits.get(key) if isinstance(limits, dict) else None
+        value = used.get("used_percentage") if isinstance(used, dict) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            parts.append(f"{name} {value:.0f}%")
+    return f" \u00b7 {' '.join(parts)}" if parts else ""
+
 def claude_settings_file() -> Path:
     """Claude Code's user settings file (CLAUDE_CONFIG_DIR honoured)."""
     base = os.environ.get("CLAUDE_CONFIG_DIR") or str(Path.home() / ".claude")
@@ -6332,18 +6344,6 @@ def cmd_statusline(args: argparse.Namespace) -> int:
     _print(statusline_text(session, up=True) + plan_usage_text(data))
     return 0
 
-
-def plan_usage_text(data: Any) -> str:
-    """The plan's usage Claude Code 2.1.332 hands the status line (`rate_limits`: five_hour,
-    seven_day, spend_limit, from the unified rate-limit headers ccproxy passes on)."""
-    limits = data.get("rate_limits") if isinstance(data, dict) else None
-    parts = []
-    for key, name in (("five_hour", "5h"), ("seven_day", "7d"), ("spend_limit", "spend")):
-        used = limits.get(key) if isinstance(limits, dict) else None
-        value = used.get("used_percentage") if isinstance(used, dict) else None
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            parts.append(f"{name} {value:.0f}%")
-    return f" \u00b7 {' '.join(parts)}" if parts else ""
 
 
 def cmd_shell(args: argparse.Namespace) -> int:
