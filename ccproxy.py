@@ -138,6 +138,7 @@ PROXY_KEY_HEADER = "x-ccproxy-key"      # where clients send it
 PROXY_KEY_ENV = "CCPROXY_PROXY_KEY"     # how `start` hands it to the LiteLLM process
 INSTANCE_ENV = "CCPROXY_INSTANCE"       # a per-start nonce every proxy process inherits
 HEALTH_PATH = "/ccproxy/health"
+METRICS_PATH = "/ccproxy/metrics"
 MODELS_PATH = "/v1/models"
 ROUTE_MODEL_PREFIX = "claude-route-"   # a route as a model Claude Code's /model can pick
 SESSION_PATH = "/ccproxy/session"
@@ -287,6 +288,7 @@ LITELLM_HOOKS = {
                                                 "request_data"),
     "async_post_call_failure_deployment_hook": ("request_data", "exception", "call_type"),
     "async_log_failure_event": ("kwargs", "response_obj", "start_time", "end_time"),
+    "async_log_success_event": ("kwargs", "response_obj", "start_time", "end_time"),
 }
 
 
@@ -650,6 +652,13 @@ def json_response(body: Any, status: int = 200) -> Any:
     return JSONResponse(body, status_code=status)
 
 
+def text_response(body: str, media_type: str) -> Any:
+    """A plain-text answer for a route added with add_routes."""
+    from fastapi.responses import Response
+
+    return Response(body, media_type=media_type)
+
+
 async def litellm_messages_endpoint(request: Any, fastapi_response: Any,
                                     user_api_key_dict: Any) -> Any:
     """LiteLLM's own POST /v1/messages endpoint, called as FastAPI would."""
@@ -878,6 +887,7 @@ class Settings:
     proxy_key: bool = False
     shell_notice: bool = True
     gateway_hints: bool = True      # `run` and the shell: request classes, model discovery
+    metrics_enabled: bool = True    # GET /ccproxy/metrics (Prometheus text)
     sticky_turns: bool = True
     strip_foreign_thinking: bool = True
     show_requested_model: bool = True
@@ -907,7 +917,7 @@ RETIRED_SETTINGS = {
     "metadata_max_entries": "ccproxy keeps no per-request store any more (see max_sessions)",
 }
 SETTINGS_KEYS = {f.name for f in dataclasses.fields(Settings)} | {
-    "handler", "metrics_enabled", "credentials"} | set(RETIRED_SETTINGS)
+    "handler", "credentials"} | set(RETIRED_SETTINGS)
 SERVER_KEYS = {"host", "port", "num_workers", "debug", "detailed_debug", "telemetry"}
 
 
@@ -1229,7 +1239,7 @@ def parse_settings(section: Mapping[str, Any], problems: ConfigProblems) -> Sett
             problems.warn(("ccproxy", key), f"`handler: {value}` has no effect: LiteLLM loads "
                           "ccproxy from `litellm_settings.callbacks: [ccproxy.handler]`; to add "
                           "your own callback, list it there too")
-        if key in ("handler", "metrics_enabled", "hooks", "rules"):
+        if key in ("handler", "hooks", "rules"):
             continue
         if key == "credentials":          # ccproxy 1.x: one command for the Anthropic token
             if isinstance(value, str) and value.strip():
@@ -4014,8 +4024,13 @@ def setup_logging(debug: bool = False) -> None:
     log.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
+# Upper bounds (seconds) of the request-latency histogram in /ccproxy/metrics.
+LATENCY_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, math.inf)
+
+
 class Stats:
-    """Counters the handler keeps: requests per route label, failures, hook errors."""
+    """Counters the handler keeps: requests per route label, failures, hook errors, each
+    rule's verdicts, answer latencies and each label's last outcome (in this process)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -4023,8 +4038,20 @@ class Stats:
         self.routes: collections.Counter = collections.Counter()
         self.failures: collections.Counter = collections.Counter()
         self.counts: collections.Counter = collections.Counter()
+        self.rules: collections.Counter = collections.Counter()   # (rule, evaluated|matched|failed)
+        self.latency: dict[str, list] = {}        # label -> [bucket counts..., sum, count]
+        self.last_ok: dict[str, bool] = {}        # label -> did its last request succeed
         self.hook_errors = 0
         self.hook_ms_total = 0.0
+
+    def answered(self, label: str, seconds: float) -> None:
+        """Note a successful answer on a label after `seconds`."""
+        with self.lock:
+            row = self.latency.setdefault(label, [0] * len(LATENCY_BUCKETS) + [0.0, 0])
+            row[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+            row[-2] += seconds
+            row[-1] += 1
+            self.last_ok[label] = True
 
     def snapshot(self) -> dict:
         """JSON-safe figures."""
@@ -4037,6 +4064,47 @@ class Stats:
                                          3),
                     "tokenizer": "cl100k_base" if TOKENS.exact else "estimate",
                     "token_cache": {"hits": TOKENS.hits, "misses": TOKENS.misses}}
+
+
+def prometheus_text(stats: Stats, sessions: Mapping[str, Any]) -> str:
+    """GET /ccproxy/metrics: this process's figures in Prometheus' text format."""
+    def esc(value: Any) -> str:
+        return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    lines: list[str] = []
+
+    def family(name: str, kind: str, text: str, samples: Iterable[tuple[str, Any]]) -> None:
+        lines.extend([f"# HELP ccproxy_{name} {text}", f"# TYPE ccproxy_{name} {kind}"])
+        lines.extend(f"ccproxy_{name}{labels} {value}" for labels, value in samples)
+
+    with stats.lock:
+        routes, failures = dict(stats.routes), dict(stats.failures)
+        rules, latency = dict(stats.rules), {k: list(v) for k, v in stats.latency.items()}
+        hook_errors, hook_seconds = stats.hook_errors, stats.hook_ms_total / 1000
+    family("requests_total", "counter", "Requests routed, by route label",
+           ((f'{{label="{esc(k)}"}}', v) for k, v in sorted(routes.items())))
+    family("failures_total", "counter", "Requests that failed upstream, by route label",
+           ((f'{{label="{esc(k)}"}}', v) for k, v in sorted(failures.items())))
+    family("rule_verdicts_total", "counter", "Rule evaluations, matches and failures",
+           ((f'{{rule="{esc(r)}",verdict="{v}"}}', n) for (r, v), n in sorted(rules.items())))
+    family("hook_errors_total", "counter", "Hooks that raised (skipped)", [("", hook_errors)])
+    family("hook_seconds_total", "counter", "Time spent in the hook pipeline", [("", hook_seconds)])
+    samples = []
+    for label, row in sorted(latency.items()):
+        running = 0
+        for bound, count in zip(LATENCY_BUCKETS, row[:len(LATENCY_BUCKETS)], strict=True):
+            running += count
+            le = "+Inf" if math.isinf(bound) else bound
+            samples.append((f'_bucket{{label="{esc(label)}",le="{le}"}}', running))
+        samples += [(f'_sum{{label="{esc(label)}"}}', row[-2]), (f'_count{{label="{esc(label)}"}}', row[-1])]
+    family("request_seconds", "histogram", "Time to a complete answer, by route label", samples)
+    for key, text in (("sessions", "Sessions remembered now"),
+                      ("switches", "Model switches of the sessions remembered now"),
+                      ("uncached_tokens", "Tokens re-sent uncached after switches (remembered sessions)"),
+                      ("plan_limited", "Sessions on quota_fallback now")):
+        family(f"session_{key}" if key != "sessions" else "sessions", "gauge", text,
+               [("", sessions.get(key, 0))])
+    return "\n".join(lines) + "\n"
 
 
 # Anthropic's error types and the statuses it sends them with.
@@ -4238,6 +4306,10 @@ class Handler:
             self.stats.routes[decision.label if decision else "unrouted"] += 1
             self.stats.hook_errors += len(ctx.hook_errors)
             self.stats.hook_ms_total += elapsed
+            for name, _desc, verdict in ctx.verdicts:
+                self.stats.rules[name, "evaluated"] += 1
+                self.stats.rules[name, "matched"] += verdict.matched
+                self.stats.rules[name, "failed"] += verdict.fact.startswith("failed:")
         if decision is not None:
             log.info("route %s: %s -> %s%s%s", decision.label, decision.requested_model,
                      decision.model if decision.model == decision.upstream
@@ -4389,12 +4461,25 @@ class Handler:
             label = routing_metadata(kwargs).get("label", "unrouted")
             with self.stats.lock:
                 self.stats.failures[label] += 1
+                self.stats.last_ok[label] = False
+
+    def record_success(self, kwargs: Mapping[str, Any], start: Any, end: Any) -> None:
+        """Note an answered request's latency on the route it took (health checks aside)."""
+        label = routing_metadata(kwargs).get("label")
+        if label and not is_health_check(kwargs):
+            try:
+                seconds = max(0.0, (end - start).total_seconds())
+            except (TypeError, AttributeError):
+                return
+            self.stats.answered(str(label), seconds)
 
     # -- ccproxy's routes -----------------------------------------------------------------
     def routes(self) -> list[tuple[str, Callable[..., Any], str, bool]]:
         """ccproxy's routes in the proxy: (path, endpoint, method, authenticated)."""
         routes = [(HEALTH_PATH, self._health_route, "GET", False),
                   (SESSION_PATH + "/{session_id}", self._session_route, "GET", False)]
+        if self.config.settings.metrics_enabled:
+            routes.append((METRICS_PATH, self._metrics_route, "GET", False))
         if self.config.settings.route_count_tokens:     # LiteLLM runs no hook for it
             routes.append(("/v1/messages/count_tokens", self._count_tokens_route, "POST", True))
         if self.pipeline.oauth or self.config.settings.quota_fallback:
@@ -4403,6 +4488,10 @@ class Handler:
 
     async def _health_route(self, request: Any, response: Any, key: Any) -> Any:
         return json_response(self.health())
+
+    async def _metrics_route(self, request: Any, response: Any, key: Any) -> Any:
+        return text_response(prometheus_text(self.stats, self.pipeline.sessions.totals()),
+                             "text/plain; version=0.0.4; charset=utf-8")
 
     async def _session_route(self, request: Any, response: Any, key: Any) -> Any:
         session_id = request.path_params.get("session_id", "")
@@ -4514,8 +4603,31 @@ class Handler:
                       config_error=self.config_error,
                       sessions=self.pipeline.sessions.totals(),
                       oauth={p: ("ok" if s.token else (s.error or "not loaded"))
-                             for p, s in self.pipeline.oauth.items()})
+                             for p, s in self.pipeline.oauth.items()},
+                      rule_counts=self._rule_counts(), labels=self._label_health())
         return report
+
+    def _rule_counts(self) -> dict:
+        """Per rule: how often it was evaluated, matched and failed."""
+        with self.stats.lock:
+            counts = dict(self.stats.rules)
+        out: dict[str, dict[str, int]] = {}
+        for (rule, verdict), n in counts.items():
+            out.setdefault(rule, {"evaluated": 0, "matched": 0, "failed": 0})[verdict] = n
+        return out
+
+    def _label_health(self) -> dict:
+        """Per route label: the deployment it resolves to (None: no entry) and whether its
+        last request succeeded (None: none yet)."""
+        table = self.pipeline.models()
+        with self.stats.lock:
+            last = dict(self.stats.last_ok)
+        out = {}
+        for label in [getattr(r, "name", "") for r in self.pipeline.rules] + ["default"]:
+            resolved = table.resolve(table.aliases(label)[-1]) if label in table else None
+            out[label] = {"deployment": resolved[1] if resolved else None,
+                          "last_ok": last.get(label)}
+        return out
 
 
 def _make_handler_class() -> type:
@@ -4565,6 +4677,10 @@ def _make_handler_class() -> type:
         async def async_log_failure_event(self, kwargs: dict, response_obj: Any,
                                           start_time: Any, end_time: Any) -> None:
             self.core.record_failure(kwargs)
+
+        async def async_log_success_event(self, kwargs: dict, response_obj: Any,
+                                          start_time: Any, end_time: Any) -> None:
+            self.core.record_success(kwargs, start_time, end_time)
 
     return CCProxyHandler
 

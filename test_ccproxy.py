@@ -2059,6 +2059,41 @@ def test_claude_codes_model_discovery_lists_the_routes_and_a_pick_routes_there(p
 
 
 @slow
+def test_metrics_parse_and_health_tells_each_routes_state(proxy, clean_upstream):
+    from prometheus_client.parser import text_string_to_metric_families
+    body, headers = cc_request("think")
+    assert proxy.messages(body, headers)[0] == 200
+    body, headers = cc_request("haiku")
+    body["stream"] = True
+    assert proxy.messages(body, headers)[0] == 200
+    health = json.loads(http("GET", proxy.url + ccproxy.HEALTH_PATH)[2])
+    assert health["labels"]["think"] == {"deployment": "anthropic/up-think", "last_ok": True}
+    assert health["rule_counts"]["background"]["matched"] >= 1 and health["rule_counts"]["think"]["evaluated"] >= 1
+    clean_upstream.scripts.append(failing(500, "api_error", "think is down", model="up-think"))
+    assert proxy.messages(*cc_request("think"))[0] == 500
+    health = json.loads(http("GET", proxy.url + ccproxy.HEALTH_PATH)[2])
+    assert health["labels"]["think"]["last_ok"] is False                 # availability flips
+    status, got, raw = http("GET", proxy.url + ccproxy.METRICS_PATH)
+    assert status == 200 and got["content-type"].startswith("text/plain; version=0.0.4")
+    families = {f.name: f for f in text_string_to_metric_families(raw.decode())}
+    value = {(f.name, s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert value["ccproxy_requests", "ccproxy_requests_total", (("label", "think"),)] >= 2
+    assert value["ccproxy_failures", "ccproxy_failures_total", (("label", "think"),)] >= 1
+    assert value["ccproxy_request_seconds", "ccproxy_request_seconds_count", (("label", "background"),)] >= 1
+    assert value["ccproxy_rule_verdicts", "ccproxy_rule_verdicts_total",
+                 (("rule", "background"), ("verdict", "matched"))] >= 1
+    assert families["ccproxy_request_seconds"].type == "histogram" and families["ccproxy_sessions"].type == "gauge"
+
+
+def test_metrics_enabled_false_turns_the_metrics_route_off(tmp_path):
+    (tmp_path / "ccproxy.yaml").write_text("ccproxy: {metrics_enabled: false}\n")
+    off = ccproxy.Handler(config=ccproxy.load_config(tmp_path))
+    on = ccproxy.Handler(config=ccproxy.default_config())
+    assert ccproxy.METRICS_PATH not in [r[0] for r in off.routes()]
+    assert ccproxy.METRICS_PATH in [r[0] for r in on.routes()]
+
+
+@slow
 def test_proxy_log_has_one_line_per_decision_and_no_secret(proxy, clean_upstream):
     body, headers = cc_request("haiku", session="sess-logline")
     proxy.messages(body, headers)
