@@ -134,6 +134,7 @@ INSTALL_HINT = ("run it with `uv run ccproxy.py ...` (reads the dependencies fro
                 "install them: python -m pip install 'litellm[proxy]>=1.108.7,<1.109' pyyaml "
                 "tiktoken")
 PROXY_KEY_FILE = "proxy.key"            # the proxy key, in the config dir (mode 0600)
+LEDGER_FILE = "usage.db"                # the usage ledger (SQLite), in the config dir (0600)
 PROXY_KEY_HEADER = "x-ccproxy-key"      # where clients send it
 PROXY_KEY_ENV = "CCPROXY_PROXY_KEY"     # how `start` hands it to the LiteLLM process
 INSTANCE_ENV = "CCPROXY_INSTANCE"       # a per-start nonce every proxy process inherits
@@ -522,6 +523,44 @@ def known_max_output(model: str) -> int | None:
         and value > 0 else None
 
 
+def answer_usage(kwargs: Mapping[str, Any]) -> dict:
+    """Tokens, cost and timing of a finished call, from LiteLLM's standard logging payload
+    (kwargs["standard_logging_object"], types.utils.StandardLoggingPayload): its
+    response_cost is for the deployment that answered, and 0.0 when the model has no price
+    (its model_map_information has no per-token price then), which is None here."""
+    payload = kwargs.get("standard_logging_object")
+    if not isinstance(payload, Mapping):
+        return {}
+    cost = payload.get("response_cost")
+    info = payload.get("model_map_information")
+    prices = info.get("model_map_value") if isinstance(info, Mapping) else None
+    priced = isinstance(cost, (int, float)) and isinstance(prices, Mapping) \
+        and bool(prices.get("input_cost_per_token") or prices.get("output_cost_per_token"))
+    start, end, first = (_seconds(payload.get(k))
+                         for k in ("startTime", "endTime", "completionStartTime"))
+    return {"input_tokens": int(payload.get("prompt_tokens") or 0),
+            "output_tokens": int(payload.get("completion_tokens") or 0),
+            "cost": float(cost) if priced and cost is not None else None,
+            "latency_s": round(end - start, 4) if start is not None and end is not None else None,
+            "ttfb_s": round(first - start, 4) if start is not None and first is not None
+            and first >= start else None}
+
+
+def _seconds(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else None
+
+
+def model_cost(model: str, input_tokens: int, output_tokens: int) -> float | None:
+    """What `model` would charge for these tokens by LiteLLM's cost map (None: no price)."""
+    try:
+        prompt, completion = import_litellm().cost_per_token(
+            model=model, prompt_tokens=input_tokens, completion_tokens=output_tokens)
+    except Exception:  # LiteLLM raises a bare Exception for a model it has no price for
+        return None
+    return float(prompt) + float(completion)
+
+
 def supports_vision(model: str) -> bool | None:
     """Whether LiteLLM's model map says the model reads images (None: it does not say)."""
     try:
@@ -788,6 +827,13 @@ CONTACTS: tuple[Contact, ...] = (
             lambda: _has_source(_import("litellm.proxy.utils"), "litellm_call_info")
             and _has_source(_import("litellm.router_utils.add_retry_fallback_headers"),
                             "_hidden_params")),
+    Contact("usage and cost", "kwargs['standard_logging_object'] (StandardLoggingPayload) with "
+            "prompt_tokens, completion_tokens, response_cost, model_map_information, startTime, "
+            "endTime; "
+            "litellm.cost_per_token", "the usage ledger has no tokens or cost",
+            lambda: _has_source(_import("litellm.types.utils"), "class StandardLoggingPayload")
+            and _has_source(_import("litellm.types.utils"), "model_map_information")
+            and callable(getattr(import_litellm(), "cost_per_token", None))),
     Contact("upstream answer headers", "a /v1/messages call's raw answer headers in "
             "model_call_details['response_headers']; others as llm_provider-NAME in "
             "_hidden_params['additional_headers']", "anthropic-* answer headers (rate limits, "
@@ -888,6 +934,7 @@ class Settings:
     shell_notice: bool = True
     gateway_hints: bool = True      # `run` and the shell: request classes, model discovery
     metrics_enabled: bool = True    # GET /ccproxy/metrics (Prometheus text)
+    usage_ledger: bool = True       # one SQLite row per finished request (`usage` reads it)
     sticky_turns: bool = True
     strip_foreign_thinking: bool = True
     show_requested_model: bool = True
@@ -4232,6 +4279,8 @@ class Handler:
         self._thinking_registered: set[str] = set()
         self._http: Any = None
         self._started = False
+        self.ledger = Ledger((config.directory or Path(DEFAULT_CONFIG_DIR).expanduser())
+                             / LEDGER_FILE)
 
     # -- start ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -4267,6 +4316,8 @@ class Handler:
                  ", ".join(n for n, _f, _p in self.pipeline.hooks) or "none", files)
         load_oauth_sources(self.pipeline, required=config.settings.oauth_required)
         BACKGROUND.start(self.pipeline)
+        if config.settings.usage_ledger:
+            self.ledger.start()
         app = proxy_app()
         if app is not None and not getattr(app.state, "ccproxy", False):
             app.state.ccproxy = True
@@ -4462,16 +4513,48 @@ class Handler:
             with self.stats.lock:
                 self.stats.failures[label] += 1
                 self.stats.last_ok[label] = False
+            self.ledger_row(kwargs, "failed")
 
     def record_success(self, kwargs: Mapping[str, Any], start: Any, end: Any) -> None:
         """Note an answered request's latency on the route it took (health checks aside)."""
         label = routing_metadata(kwargs).get("label")
-        if label and not is_health_check(kwargs):
+        if is_health_check(kwargs):
+            return
+        self.ledger_row(kwargs, "ok")
+        if label:
             try:
                 seconds = max(0.0, (end - start).total_seconds())
             except (TypeError, AttributeError):
                 return
             self.stats.answered(str(label), seconds)
+
+    def ledger_row(self, kwargs: Mapping[str, Any], status: str) -> None:
+        """One usage-ledger row for a finished request: who, which route, which deployment
+        answered, tokens, its cost and what the requested model would have cost."""
+        if not self.config.settings.usage_ledger:
+            return
+        decision = routing_metadata(kwargs)
+        params = kwargs.get("litellm_params")
+        request = params.get("proxy_server_request") if isinstance(params, Mapping) else None
+        body = request.get("body") if isinstance(request, Mapping) else None
+        metadata = body.get("metadata") if isinstance(body, Mapping) else None
+        headers = client_headers(kwargs) or client_headers({"proxy_server_request": request})
+        usage = answer_usage(kwargs)
+        answered = str(decision.get("answered_by") or decision.get("upstream") or
+                       kwargs.get("model") or "")
+        requested = str(decision.get("requested_model") or kwargs.get("model") or "")
+        cost = usage.get("cost")
+        tokens = (usage.get("input_tokens", 0), usage.get("output_tokens", 0))
+        self.ledger.add({
+            "ts": time.time(), "session": parse_session(metadata, headers),
+            "agent": headers.get("x-claude-code-agent-id"),
+            "user": claude_user(metadata).get("claude_account_id"),
+            "label": decision.get("label"), "requested_model": requested,
+            "answered_model": answered, "provider": decision.get("provider"),
+            "input_tokens": tokens[0], "output_tokens": tokens[1], "cost": cost,
+            "requested_cost": cost if model_name(requested) == model_name(answered)
+            else model_cost(requested, *tokens) if requested else None,
+            "latency_s": usage.get("latency_s"), "ttfb_s": usage.get("ttfb_s"), "status": status})
 
     # -- ccproxy's routes -----------------------------------------------------------------
     def routes(self) -> list[tuple[str, Callable[..., Any], str, bool]]:
@@ -4604,7 +4687,9 @@ class Handler:
                       sessions=self.pipeline.sessions.totals(),
                       oauth={p: ("ok" if s.token else (s.error or "not loaded"))
                              for p, s in self.pipeline.oauth.items()},
-                      rule_counts=self._rule_counts(), labels=self._label_health())
+                      rule_counts=self._rule_counts(), labels=self._label_health(),
+                      ledger={"written": self.ledger.written, "dropped": self.ledger.dropped,
+                              "queued": self.ledger.rows.qsize()})
         return report
 
     def _rule_counts(self) -> dict:
@@ -4972,6 +5057,87 @@ class Background:
 
 
 BACKGROUND = Background()
+
+
+LEDGER_COLUMNS = ("ts", "session", "agent", "user", "label", "requested_model", "answered_model",
+                  "provider", "input_tokens", "output_tokens", "cost", "requested_cost",
+                  "latency_s", "ttfb_s", "status")
+
+
+class Ledger:
+    """The usage ledger: one row per finished request in SQLite (WAL, 0600) in the config
+    dir. Rows go through a bounded queue to one writer thread, so the event loop never waits
+    on the disk; a full queue or a failing database counts rows as dropped (shown in health
+    and metrics), one warning, and the proxy keeps serving."""
+
+    def __init__(self, path: Path, capacity: int = 10_000) -> None:
+        import queue
+
+        self.path = path
+        self.rows: "queue.Queue[tuple]" = queue.Queue(maxsize=capacity)
+        self.written = self.dropped = 0
+        self._thread: threading.Thread | None = None
+        self._warned = False
+
+    def add(self, row: Mapping[str, Any]) -> None:
+        """Queue one row (never blocks)."""
+        import queue
+
+        try:
+            self.rows.put_nowait(tuple(row.get(c) for c in LEDGER_COLUMNS))
+        except queue.Full:
+            self._drop(1, "the ledger's queue is full")
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="ccproxy-ledger", daemon=True)
+            self._thread.start()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued row is written (tests, shutdown); False on time-out."""
+        deadline = time.monotonic() + timeout
+        while self.rows.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not self.rows.unfinished_tasks
+
+    def _drop(self, count: int, why: str) -> None:
+        self.dropped += count
+        if not self._warned:
+            self._warned = True
+            log.warning("usage ledger: %s; %d row(s) dropped (counted in health); requests "
+                        "are not affected", why, count)
+
+    def _run(self) -> None:
+        import sqlite3
+
+        db = None
+        while True:
+            batch = [self.rows.get()]
+            while len(batch) < 500 and not self.rows.empty():
+                batch.append(self.rows.get_nowait())
+            try:
+                db = db or open_ledger(self.path)
+                with db:
+                    db.executemany(f"INSERT INTO usage VALUES ({', '.join('?' * len(LEDGER_COLUMNS))})",
+                                   batch)
+                self.written += len(batch)
+            except (sqlite3.Error, OSError) as exc:
+                db = None
+                self._drop(len(batch), f"cannot write {self.path.name}: {exc}")
+            for _row in batch:
+                self.rows.task_done()
+
+
+def open_ledger(path: Path) -> Any:
+    """The ledger database, created private (0600, its WAL files too) with its table."""
+    import sqlite3
+
+    for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        os.close(os.open(name, os.O_WRONLY | os.O_CREAT, 0o600))
+    db = sqlite3.connect(path, timeout=5.0, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"CREATE TABLE IF NOT EXISTS usage ({', '.join(LEDGER_COLUMNS)})")
+    return db
 
 
 def __getattr__(name: str) -> Any:
@@ -6429,6 +6595,65 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+USAGE_GROUPS = {"day": "date(ts, 'unixepoch', 'localtime')", "label": "label",
+                "model": "answered_model", "session": "session", "user": "user"}
+SINCE_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def usage_rows(path: Path, since_s: float, by: str) -> list[dict]:
+    """The ledger summed per group since `since_s` seconds ago (read-only; the proxy may be
+    writing). Unpriced requests count as such: their cost is not taken as 0."""
+    import sqlite3
+
+    key = USAGE_GROUPS[by]
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    try:
+        rows = db.execute(
+            f"SELECT {key}, count(*), sum(status = 'failed'), sum(input_tokens), "
+            "sum(output_tokens), sum(cost), sum(cost IS NULL), sum(requested_cost - cost) "
+            f"FROM usage WHERE ts >= ? GROUP BY 1 ORDER BY 1", (time.time() - since_s,)).fetchall()
+    finally:
+        db.close()
+    names = (by, "requests", "failed", "input_tokens", "output_tokens", "cost_usd", "unpriced",
+             "saved_usd")
+    return [dict(zip(names, row, strict=True)) for row in rows]
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    """What the proxy served, what it cost and what routing saved, from the usage ledger."""
+    match = re.fullmatch(r"(\d+)([mhdw])", args.since)
+    if not match:
+        raise UsageError(f"--since takes a number and a unit (m, h, d, w), got {args.since!r}",
+                         "e.g. --since 7d")
+    path = _config_dir(args) / LEDGER_FILE
+    if not path.is_file():
+        _print(f"no usage recorded yet ({path} does not exist; the proxy writes it)")
+        return 0
+    rows = usage_rows(path, int(match.group(1)) * SINCE_UNITS[match.group(2)], args.by)
+    if args.json:
+        _print(json.dumps(rows, indent=2))
+        return 0
+    if args.csv:
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else [args.by])
+        writer.writeheader()
+        writer.writerows(rows)
+        return 0
+    total = {args.by: "total"} | {k: sum(r[k] or 0 for r in rows) for k in
+                                  ("requests", "failed", "input_tokens", "output_tokens",
+                                   "cost_usd", "unpriced", "saved_usd")}
+    _print(f"usage since {args.since} ago, by {args.by}")
+    _print(f"{args.by:<28} {'requests':>9} {'failed':>7} {'input':>11} {'output':>9} "
+           f"{'cost $':>10} {'saved $':>9} {'unpriced':>9}")
+    for row in rows + [total]:
+        _print(f"{str(row[args.by])[:28]:<28} {row['requests']:>9,} {row['failed'] or 0:>7,} "
+               f"{row['input_tokens'] or 0:>11,} {row['output_tokens'] or 0:>9,} "
+               f"{row['cost_usd'] or 0:>10.4f} {row['saved_usd'] or 0:>9.4f} "
+               f"{row['unpriced'] or 0:>9,}")
+    return 0
+
+
 def cmd_statusline(args: argparse.Namespace) -> int:
     """One short line for Claude Code's statusLine: never a traceback, always exit 0."""
     try:
@@ -6633,6 +6858,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --statusline: remove it again (and only it)")
     p.set_defaults(func=cmd_install)
 
+    p = sub.add_parser("usage", parents=[common],
+                       help="requests, tokens, cost and what routing saved (the usage ledger)")
+    p.add_argument("--since", default="7d", help="how far back: 30m, 24h, 7d, 4w (default 7d)")
+    p.add_argument("--by", choices=list(USAGE_GROUPS), default="label", help="group by")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="JSON rows")
+    shown.add_argument("--csv", action="store_true", help="CSV rows")
+    p.set_defaults(func=cmd_usage)
     p = sub.add_parser("statusline", parents=[common],
                        help="one line for Claude Code's statusLine (reads its JSON on stdin)")
     p.set_defaults(func=cmd_statusline)

@@ -2085,6 +2085,44 @@ def test_metrics_parse_and_health_tells_each_routes_state(proxy, clean_upstream)
     assert families["ccproxy_request_seconds"].type == "histogram" and families["ccproxy_sessions"].type == "gauge"
 
 
+@slow
+def test_the_usage_ledger_books_each_answer_with_tokens_cost_and_saving(proxy, clean_upstream):
+    ledger = proxy.directory / ccproxy.LEDGER_FILE
+    before = json.loads(run_cli("usage", "--by", "model", "--json", "--config-dir", str(proxy.directory)).stdout
+                        or "[]") if ledger.exists() else []
+    for kind, stream in (("main", False), ("think", True)):
+        body, headers = cc_request(kind, session="sess-ledger")
+        body.update(model="claude-opus-4-5", stream=stream)          # a model LiteLLM has prices for
+        assert proxy.messages(body, headers)[0] == 200
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:        # the proxy's writer thread books them shortly after
+        rows = {r["model"]: r for r in json.loads(run_cli(
+            "usage", "--by", "model", "--json", "--config-dir", str(proxy.directory)).stdout)}
+        old = {r["model"]: r for r in before}
+        if rows.get("anthropic/up-think", {}).get("requests", 0) > old.get("anthropic/up-think", {}).get("requests", 0) \
+                and "anthropic/claude-opus-4-5" in rows:
+            break
+        time.sleep(0.2)
+    assert oct(ledger.stat().st_mode & 0o777) == "0o600"
+    import sqlite3
+    db = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
+    booked = db.execute("SELECT label, requested_model, answered_model, input_tokens, output_tokens, cost, "
+                        "requested_cost, status, session FROM usage WHERE session = 'sess-ledger'").fetchall()
+    db.close()
+    opus = 100 * 5e-06 + 5 * 2.5e-05                     # LiteLLM's price of 100 in + 5 out tokens
+    passthrough = next(r for r in booked if r[0] == "default")
+    assert passthrough[1:5] == ("claude-opus-4-5", "anthropic/claude-opus-4-5", 100, 5), passthrough
+    assert passthrough[5] == pytest.approx(opus) and passthrough[6] == pytest.approx(opus)
+    think = next(r for r in booked if r[0] == "think")
+    assert think[2] == "anthropic/up-think" and think[5] is None            # no price: NULL, never 0
+    assert think[6] == pytest.approx(opus) and think[7] == "ok"              # what the request would have cost
+    table = run_cli("usage", "--by", "label", "--config-dir", str(proxy.directory))
+    assert table.returncode == 0 and re.search(r"^think\s+\d+", table.stdout, re.M) and "total" in table.stdout
+    assert run_cli("usage", "--since", "soon", "--config-dir", str(proxy.directory)).returncode == 2
+    health = json.loads(http("GET", proxy.url + ccproxy.HEALTH_PATH)[2])
+    assert health["ledger"]["written"] >= 2 and health["ledger"]["dropped"] == 0
+
+
 def test_metrics_enabled_false_turns_the_metrics_route_off(tmp_path):
     (tmp_path / "ccproxy.yaml").write_text("ccproxy: {metrics_enabled: false}\n")
     off = ccproxy.Handler(config=ccproxy.load_config(tmp_path))
@@ -4125,7 +4163,7 @@ def test_install_is_idempotent_and_force_keeps_a_backup(tmp_path):
 
 
 FAST_COMMANDS = [["--help"], ["status"], ["status", "--json"], ["logs", "-n", "5"],
-                 ["run", "true"], ["install"], ["shell", "zsh"], ["shell", "bash"]]
+                 ["run", "true"], ["install"], ["shell", "zsh"], ["shell", "bash"], ["usage"]]
 
 
 @pytest.mark.parametrize("argv", FAST_COMMANDS, ids=" ".join)
