@@ -4071,6 +4071,7 @@ def setup_logging(debug: bool = False) -> None:
     log.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
+RECURSION_LIMIT = 4000    # in the proxy process (see Handler.start)
 # Upper bounds (seconds) of the request-latency histogram in /ccproxy/metrics.
 LATENCY_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, math.inf)
 
@@ -4303,6 +4304,11 @@ class Handler:
                 log.error("LiteLLM %s: %s not found (checked on %s); without it: %s",
                           litellm_version(), contact.relies_on, LITELLM_CHECKED, contact.breaks)
         TOKENS.max_chars = config.settings.token_cache_max_chars
+        # LiteLLM parses and walks request bodies recursively, and ccproxy's ASGI layers add
+        # frames to every request: with Python's default limit (1,000) a body nested ~900
+        # deep that LiteLLM alone answers 400 crashed LiteLLM's auth and its error handler
+        # (a plain-text 500). Headroom makes such bodies fail no worse than without ccproxy.
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
         if config.settings.openai_chat_completions:
             use_chat_completions_for_openai()
         for dep in config.model_list:

@@ -3554,6 +3554,17 @@ def nested_in(inner):
     return st.lists(inner, max_size=3) | st.dictionaries(keys, inner, max_size=3)
 
 
+@slow
+def test_a_deeply_nested_body_gets_a_json_400_not_a_crash(proxy, clean_upstream):
+    """A `model` nested ~1,000 lists deep: LiteLLM's auth walks it recursively, and at
+    Python's default recursion limit its error handler crashed (a plain-text 500)."""
+    body, headers = cc_request("main")
+    deep = json.dumps(body).replace(f'"model": "{body["model"]}"', '"model": ' + "[" * 990 + "]" * 990, 1)
+    status, got, raw = proxy.messages(deep.encode(), headers)
+    assert status == 400 and json.loads(raw)["error"]["type"] == "invalid_request_error", raw[:300]
+    assert clean_upstream.received() == []
+
+
 def routed_as_ccproxy_would(raw: bytes, config, headers: dict) -> bytes:
     """The body with the model ccproxy's rules pick (what `explain` says), for a proxy
     without ccproxy: both proxies then send the same request to the same deployment."""
