@@ -2365,7 +2365,8 @@ class RequestClassRule(Rule):
                             f"classes: {', '.join(REQUEST_CLASSES)}")
 
     def check(self, request: dict, ctx: Any) -> Verdict:
-        kind, how = request_class(request, getattr(ctx, "headers", None) or {})
+        kind, how = getattr(ctx, "request_class", None) \
+            or request_class(request, getattr(ctx, "headers", None) or {})
         return Verdict(kind in self.classes, f"{kind} ({how})")
 
     def describe(self) -> str:
@@ -2713,6 +2714,7 @@ class RequestContext:
     notes: list[str] = dataclasses.field(default_factory=list)   # what the fixes changed
     original_thinking: Any = None    # the client's `thinking`, as it arrived
     quota_resend: bool = False       # sent once more because the plan limit was reached
+    request_class: tuple[str, str] | None = None   # (class, how known), once worked out
 
     @property
     def config(self) -> Config:
@@ -2802,6 +2804,10 @@ class ModelTable:
             chain.append(model)
             if model in chain[:-1]:
                 return chain
+
+    def resolve_route(self, label: str) -> tuple[Mapping[str, Any], str] | None:
+        """(deployment, upstream model) a route label reaches, its aliases followed."""
+        return self.resolve(self.aliases(label)[-1])
 
     def resolve(self, name: str) -> tuple[Mapping[str, Any], str] | None:
         """(deployment, upstream model) for a model name, wildcards included."""
@@ -3001,7 +3007,8 @@ class SessionStore:
             return
         # A compaction (or auxiliary) request has its own route: no conversation of its own
         # to keep, and the main one's is not touched; the session's ledger still applies.
-        separate = request_class(request, ctx.headers)[0] in SEPARATE_CLASSES
+        ctx.request_class = request_class(request, ctx.headers)
+        separate = ctx.request_class[0] in SEPARATE_CLASSES
         key = (ctx.session_id, ctx.agent_id)
         conv_key = conversation_key(request)
         with self._lock:
@@ -3407,7 +3414,7 @@ def _override_needs_thinking_off(data: dict, ctx: RequestContext, label: str) ->
     if not isinstance(thinking, dict) or thinking.get("type") == "disabled":
         return False
     table = ctx.pipeline.models()
-    resolved = table.resolve(table.aliases(label)[-1])
+    resolved = table.resolve_route(label)
     upstream = resolved[1] if resolved else ""
     return bool(upstream) and adaptive_only(upstream, ctx.config.settings) \
         and leading_thinking_is_foreign(data, ctx, upstream)
@@ -4715,7 +4722,7 @@ class Handler:
             last = dict(self.stats.last_ok)
         out = {}
         for label in [getattr(r, "name", "") for r in self.pipeline.rules] + ["default"]:
-            resolved = table.resolve(table.aliases(label)[-1]) if label in table else None
+            resolved = table.resolve_route(label) if label in table else None
             out[label] = {"deployment": resolved[1] if resolved else None,
                           "last_ok": last.get(label)}
         return out
@@ -4859,6 +4866,11 @@ class AccessPolicy:
         return None
 
 
+def scope_headers(scope: Mapping[str, Any]) -> dict[str, str]:
+    """An ASGI request's headers, names lower-case."""
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or ()}
+
+
 def is_model_discovery(path: str, headers: Mapping[str, str]) -> bool:
     """Claude Code's model discovery (an Anthropic client asking for /v1/models)."""
     return path == MODELS_PATH and "anthropic-version" in headers
@@ -4873,9 +4885,9 @@ class ModelDiscovery:
         self.app, self.models = app, models
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                   for k, v in scope.get("headers") or ()} if scope.get("type") == "http" else {}
-        if scope.get("method") != "GET" or not is_model_discovery(str(scope.get("path")), headers):
+        if scope.get("type") != "http" or scope.get("method") != "GET" \
+                or scope.get("path") != MODELS_PATH \
+                or not is_model_discovery(MODELS_PATH, scope_headers(scope)):
             await self.app(scope, receive, send)
             return
         data = self.models()
@@ -4900,7 +4912,7 @@ def discovery_models(pipeline: Pipeline) -> list[dict]:
         info = table.exact[name][0].get("model_info")
         info = info if isinstance(info, dict) else {}
         routed = name in labels
-        upstream = (table.resolve(table.aliases(name)[-1]) or ({}, name))[1]
+        upstream = (table.resolve_route(name) or ({}, name))[1]
         out.append({"type": "model", "id": ROUTE_MODEL_PREFIX + name if routed else name,
                     "display_name": str(info.get("display_name") or
                                         (f"{name} (ccproxy)" if routed else name)),
@@ -4922,8 +4934,7 @@ class RequestGuard:
         if scope.get("type") != "http":
             await self.app(scope, receive, send)
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                   for k, v in scope.get("headers") or ()}
+        headers = scope_headers(scope)
         client = scope.get("client")
         refusal = self.policy.refusal(str(scope.get("path", "")), headers,
                                       client[0] if client else None)
