@@ -69,12 +69,26 @@ import types
 
 
 class _ModuleAlias(types.ModuleType):
-    """A module name that reads from this module's globals (see _register_module_names)."""
+    """A module name that reads and writes this module's globals (see
+    _register_module_names): `mock.patch("ccproxy.hooks.get_config")` patches the one
+    every 1.x path sees."""
 
     def __getattr__(self, name: str) -> Any:
         if name in _GLOBALS:
             return _GLOBALS[name]
         return _GLOBALS["__getattr__"](name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("__"):
+            super().__setattr__(name, value)
+        else:
+            _GLOBALS[name] = value
+
+    def __delattr__(self, name: str) -> None:
+        if name.startswith("__"):
+            super().__delattr__(name)
+        else:
+            del _GLOBALS[name]
 
 
 def _register_module_names() -> None:
@@ -91,7 +105,7 @@ def _register_module_names() -> None:
     if this is None or (__name__ == "__main__" and this.__dict__ is not _GLOBALS):
         this = _ModuleAlias("ccproxy")
     sys.modules.setdefault("ccproxy", this)
-    for sub in ("rules", "hooks", "handler", "config"):
+    for sub in ("rules", "hooks", "handler", "config", "classifier", "router"):
         sys.modules.setdefault(f"ccproxy.{sub}", _ModuleAlias(f"ccproxy.{sub}"))
 
 
@@ -453,7 +467,9 @@ def is_health_check(kwargs: Mapping[str, Any]) -> bool:
 
 def live_model_list() -> list | None:
     """The running LiteLLM router's model_list, or None before the router exists."""
-    router = getattr(_loaded("litellm.proxy.proxy_server"), "llm_router", None)
+    # through the package, as ccproxy 1.x read it (`from litellm.proxy import proxy_server`)
+    server = getattr(_loaded("litellm.proxy"), "proxy_server", None)
+    router = getattr(server, "llm_router", None)
     models = getattr(router, "model_list", None) if router is not None else None
     return list(models) if isinstance(models, list) and models else None
 
@@ -909,7 +925,7 @@ class RuleSpec:
 class HookSpec:
     """One `hooks:` entry: an import path (or built-in name) and its parameters."""
 
-    path: str
+    path: str | Callable[..., Any]
     params: Mapping[str, Any]
     where: str = ""
 
@@ -1392,7 +1408,7 @@ def parse_hooks(hooks: Any, problems: ConfigProblems) -> tuple[HookSpec, ...]:
     out = []
     for i, item in enumerate(hooks):
         where = problems.where(("ccproxy", "hooks", i))
-        if isinstance(item, str):
+        if isinstance(item, str) or callable(item):    # 1.x code may list functions
             out.append(HookSpec(item, {}, where))
         elif isinstance(item, dict) and isinstance(item.get("hook"), str):
             params, _args = parse_params(item.get("params"))
@@ -2595,38 +2611,134 @@ class RuleConfig:
 
 
 class CCProxyConfig:
-    """ccproxy 1.x's `ccproxy.config.CCProxyConfig`, read from a Config: what a 1.x rule's
-    `evaluate(request, config)` or a 1.x hook reads (`config.debug`, `config.rules`, ...).
-    `tokens` gives the OAuth sources whose tokens `oat_values` and get_oauth_token show."""
+    """ccproxy 1.x's `ccproxy.config.CCProxyConfig`: what a 1.x rule's `evaluate(request,
+    config)` or a 1.x hook reads (`config.debug`, `config.rules`, `get_oauth_token`, ...).
 
-    def __init__(self, config: Config | None = None,
-                 tokens: Mapping[str, Any] | None = None) -> None:
-        config = config or Config(settings=Settings(), litellm={})
+    Made the 1.x ways, from keywords (`CCProxyConfig(rules=[RuleConfig(...)], hooks=[...])`,
+    unknown ones ignored as 1.x did) or `from_yaml(path)`, or from a loaded Config
+    (`from_config`, what the proxy does). `pipeline` routes with it.
+    """
+
+    debug: bool
+    metrics_enabled: bool
+    default_model_passthrough: bool
+    handler: str
+    oat_sources: dict[str, Any]
+    hooks: list[Any]
+    rules: list[RuleConfig]
+    ccproxy_config_path: Path
+    litellm_config_path: Path
+    FIELDS: dict[str, Any] = {
+        "debug": False, "metrics_enabled": True, "default_model_passthrough": True,
+        "handler": LEGACY_HANDLER, "oat_sources": {}, "hooks": [], "rules": [],
+        "ccproxy_config_path": Path(CONFIG_FILE), "litellm_config_path": Path(LITELLM_CONFIG_FILE)}
+
+    def __init__(self, **fields: Any) -> None:
+        for name, default in self.FIELDS.items():
+            setattr(self, name, copy.copy(fields.get(name, default)))
+        self._config: Config | None = None
+        self._pipeline: Pipeline | None = None
+
+    @classmethod
+    def from_config(cls, config: Config, pipeline: "Pipeline | None" = None) -> "CCProxyConfig":
+        """A loaded Config as 1.x saw it; `pipeline`: the one already built from it."""
         settings = config.settings
         directory = config.directory or Path(".")
-        self.debug = settings.debug
-        self.metrics_enabled = True
-        self.default_model_passthrough = settings.default_model_passthrough
-        self.handler = LEGACY_HANDLER
-        self.oat_sources = dict(settings.oat_sources or {})
-        self.hooks = [h.path if not h.params else {"hook": h.path, "params": dict(h.params)}
-                      for h in settings.hooks]
-        self.rules = [RuleConfig(r.name, r.rule, dict(r.params) or list(r.args))
-                      for r in settings.rules]
-        self.ccproxy_config_path = config.ccproxy_file or directory / CONFIG_FILE
-        self.litellm_config_path = config.litellm_file or directory / LITELLM_CONFIG_FILE
-        self._tokens = tokens or {}
+        made = cls(debug=settings.debug, metrics_enabled=settings.metrics_enabled,
+                   default_model_passthrough=settings.default_model_passthrough,
+                   oat_sources=dict(settings.oat_sources or {}),
+                   hooks=[h.path if not h.params else {"hook": h.path, "params": dict(h.params)}
+                          for h in settings.hooks],
+                   rules=[RuleConfig(r.name, r.rule, dict(r.params) or list(r.args))
+                          for r in settings.rules],
+                   ccproxy_config_path=config.ccproxy_file or directory / CONFIG_FILE,
+                   litellm_config_path=config.litellm_file or directory / LITELLM_CONFIG_FILE)
+        made._config, made._pipeline = config, pipeline
+        return made
+
+    @classmethod
+    def from_yaml(cls, yaml_path: str | os.PathLike, **fields: Any) -> "CCProxyConfig":
+        """A config file's settings (defaults if it does not exist), OAuth tokens loaded."""
+        path = Path(yaml_path)
+        if path.name == CONFIG_FILE or not path.is_file():
+            config = load_config(path.parent)
+        else:
+            data, node = read_yaml(path)
+            raw = _expect_mapping(data, path)
+            config = build_config(raw, litellm_sections(raw), directory=path.parent,
+                                  ccproxy_file=path, litellm_file=path, node=node)
+        made = cls.from_config(config)
+        for name, value in fields.items():
+            if name in cls.FIELDS:
+                setattr(made, name, value)
+        made._load_credentials()
+        return made
+
+    @classmethod
+    def from_proxy_runtime(cls, **fields: Any) -> "CCProxyConfig":
+        """The config of the config dir `start` would use; with no file there, 1.x's
+        defaults (no rules, no hooks) updated by `fields`."""
+        try:
+            config = load_config()
+        except ConfigError as exc:
+            log.warning("%s; 1.x code gets the built-in defaults", exc)
+            config = Config(settings=Settings(), litellm={})
+        if config.files:
+            return cls.from_config(config)
+        directory = config.directory or Path(".")
+        return cls(**{"ccproxy_config_path": directory / CONFIG_FILE,
+                      "litellm_config_path": directory / LITELLM_CONFIG_FILE, **fields})
+
+    def to_config(self) -> Config:
+        """This config as a Config: the one it was read from, else made from its fields."""
+        if self._config is not None:
+            return self._config
+        problems = ConfigProblems(None, None)
+        section = {"debug": self.debug, "default_model_passthrough": self.default_model_passthrough,
+                   "metrics_enabled": self.metrics_enabled, "oat_sources": self.oat_sources,
+                   "hooks": self.hooks,
+                   "rules": [{"name": r.model_name, "rule": r.rule_path, "params": r.params}
+                             for r in self.rules]}
+        settings = parse_settings(section, problems)
+        if problems.errors:
+            raise ConfigError("; ".join(problems.errors), "fix the CCProxyConfig fields")
+        self._config = Config(settings=settings, litellm={},
+                              directory=Path(self.ccproxy_config_path).parent)
+        return self._config
+
+    @property
+    def pipeline(self) -> "Pipeline":
+        """The pipeline that routes with this config (the proxy's own, when it runs)."""
+        if self._pipeline is None:
+            self._pipeline = Pipeline(self.to_config(), model_source=live_model_list)
+            self._pipeline._legacy = self
+        return self._pipeline
+
+    def _load_credentials(self) -> None:
+        """Run the oat_sources commands (1.x: an error when every one of them fails)."""
+        failures = load_oauth_sources(self.pipeline, required=False)
+        if failures and len(failures) == len(self.pipeline.oauth):
+            raise RuntimeError(f"Failed to load OAuth tokens for all {len(failures)} "
+                               "provider(s):\n  - " + "\n  - ".join(failures))
+
+    def load_hooks(self) -> list[tuple[Callable[..., Any], dict]]:
+        """The hooks as (function, params), as 1.x listed them."""
+        return [(fn, params) for _name, fn, params in self.pipeline.hooks]
 
     @property
     def oat_values(self) -> dict[str, str]:
         """provider -> the OAuth token loaded for it."""
-        return {p: s.token for p, s in self._tokens.items() if getattr(s, "token", None)}
+        return {p: s.token for p, s in self.pipeline.oauth.items() if s.token}
+
+    @property
+    def _oat_user_agents(self) -> dict[str, str]:
+        return {p: s.user_agent for p, s in self.pipeline.oauth.items() if s.user_agent}
 
     def get_oauth_token(self, provider: str) -> str | None:
         return self.oat_values.get(provider)
 
     def get_oauth_user_agent(self, provider: str) -> str | None:
-        return getattr(self._tokens.get(provider), "user_agent", None)
+        return self._oat_user_agents.get(provider)
 
 
 def _signature_text(obj: Any) -> str:
@@ -2641,9 +2753,9 @@ def _signature_text(obj: Any) -> str:
 
 def rule_verdict(rule: Any, request: dict, ctx: Any) -> Verdict:
     """Ask a rule (built-in, Rule subclass or 1.x-style object with evaluate) for a verdict."""
-    check = getattr(rule, "check", None)
-    if check is not None:
-        return check(request, ctx)
+    own_check = getattr(type(rule), "check", None)
+    if own_check is not None and own_check is not Rule.check:
+        return rule.check(request, ctx)
     return Verdict(bool(rule.evaluate(request, ctx)))
 
 
@@ -2773,10 +2885,11 @@ class ModelTable:
     """LiteLLM's model_list by name: exact entries first, then wildcard ones (`claude-*`)."""
 
     def __init__(self, deployments: Iterable[Mapping[str, Any]]) -> None:
+        self.deployments = [dep for dep in deployments if isinstance(dep, Mapping)]
         self.exact: dict[str, list[Mapping[str, Any]]] = {}
         self.wildcards: list[tuple[str, Mapping[str, Any]]] = []
-        for dep in deployments:
-            name = dep.get("model_name") if isinstance(dep, Mapping) else None
+        for dep in self.deployments:
+            name = dep.get("model_name")
             if not isinstance(name, str):
                 continue
             if "*" in name:
@@ -3193,37 +3306,124 @@ def leading_thinking_is_foreign(data: Mapping[str, Any], ctx: RequestContext,
 V1_METADATA_KEYS = ("ccproxy_model_name", "ccproxy_alias_model", "ccproxy_litellm_model",
                     "ccproxy_model_config", "ccproxy_is_passthrough")
 
+# ccproxy 1.x's `get_config()` singleton: the running proxy's config (set at start), one set
+# by 1.x code with set_config_instance, else the config dir's, read on first use.
+_config_instance: CCProxyConfig | None = None
+_CONFIG_INSTANCE_LOCK = threading.Lock()
+_router_instance: "ModelRouter | None" = None
 
-class V1Classifier:
-    """What a 1.x hook got as `classifier=`: `classify(request)` gives the request's label."""
 
-    def __init__(self, pipeline: "Pipeline") -> None:
-        self.pipeline = pipeline
+def get_config() -> CCProxyConfig:
+    """The config 1.x rules and hooks read (ccproxy 1.x's `ccproxy.config.get_config`)."""
+    global _config_instance
+    with _CONFIG_INSTANCE_LOCK:         # hooks run in worker threads: one instance for all
+        if _config_instance is None:
+            made = CCProxyConfig.from_proxy_runtime()
+            load_oauth_sources(made.pipeline, required=False)
+            _config_instance = made
+        return _config_instance
+
+
+def set_config_instance(config: CCProxyConfig | None) -> None:
+    """Make `config` what get_config() answers (1.x code and tests do this)."""
+    global _config_instance
+    _config_instance = config
+
+
+def clear_config_instance() -> None:
+    """Forget the config get_config() answers; the next call reads it again."""
+    set_config_instance(None)
+
+
+class RequestClassifier:
+    """ccproxy 1.x's `ccproxy.classifier.RequestClassifier` (what a 1.x hook gets as
+    `classifier=`): the rules in order, `classify(request)` the first match's label."""
+
+    def __init__(self, pipeline: "Pipeline | None" = None) -> None:
+        self._pipeline = pipeline
+        self._rules: list[tuple[str, Any]] = []
+        self._setup_rules()
+
+    def _setup_rules(self) -> None:
+        self._clear_rules()
+        for rule in (self._pipeline or get_config().pipeline).rules:
+            self.add_rule(rule.name, rule)
+
+    def _clear_rules(self) -> None:
+        self._rules.clear()
+
+    def add_rule(self, model_name: str, rule: Any) -> None:
+        """Add a rule after the others: `model_name` is the label it gives."""
+        self._rules.append((model_name, rule))
 
     def classify(self, request: Any) -> str:
-        ctx = RequestContext(pipeline=self.pipeline, headers={})
-        rule_evaluator(request if isinstance(request, dict) else {}, ctx)
-        return ctx.label or "default"
+        """The label of the first rule that matches, else `default`."""
+        dump = getattr(request, "model_dump", None)
+        if callable(dump):
+            try:
+                request = dump()
+            except Exception as exc:  # whatever a pydantic model raises: classify it as is
+                log.debug("classify: model_dump failed (%s); the object is used as is", exc)
+        if not isinstance(request, dict):
+            return "default"
+        ctx = RequestContext(pipeline=self._pipeline or get_config().pipeline, headers={})
+        return evaluate_rules(self._rules, request, ctx) or "default"
 
 
-class V1Router:
-    """What a 1.x hook got as `router=`: the model_list by label."""
+class ModelRouter:
+    """ccproxy 1.x's `ccproxy.router.ModelRouter` (what a 1.x hook gets as `router=`): the
+    model_list by label, the live router's once the proxy runs."""
 
-    def __init__(self, pipeline: "Pipeline") -> None:
-        self.pipeline = pipeline
+    def __init__(self, pipeline: "Pipeline | None" = None) -> None:
+        self._pipeline = pipeline
+
+    def _table(self, missing: str | None = None) -> "ModelTable":
+        return (self._pipeline or get_config().pipeline).models(missing)
 
     @property
     def model_list(self) -> list:
-        return list(self.pipeline.config.model_list)
+        return self.get_model_list()
+
+    def get_model_list(self) -> list:
+        return [dict(dep) for dep in self._table().deployments]
+
+    @property
+    def model_group_alias(self) -> dict[str, list[str]]:
+        """upstream model -> the model_list names that use it."""
+        out: dict[str, list[str]] = {}
+        for dep in self._table().deployments:
+            model = _litellm_params(dep).get("model")
+            if isinstance(model, str) and model and dep.get("model_name"):
+                out.setdefault(model, []).append(dep["model_name"])
+        return out
+
+    def get_available_models(self) -> list[str]:
+        return sorted(self._table().exact)
+
+    def is_model_available(self, name: str) -> bool:
+        return name in self._table().exact
 
     def get_model_for_label(self, label: str) -> dict | None:
         """The label's model_list entry, else `default`'s, else None (as 1.x did)."""
-        exact = self.pipeline.models().exact
+        exact = self._table().exact
         found = exact.get(label) or exact.get("default")
         return dict(found[0]) if found else None
 
     def reload_models(self) -> None:
-        self.pipeline.models(missing="\0")
+        self._table(missing="\0")
+
+
+def get_router() -> ModelRouter:
+    """ccproxy 1.x's `ccproxy.router.get_router`: one ModelRouter for the process."""
+    global _router_instance
+    if _router_instance is None:
+        _router_instance = ModelRouter()
+    return _router_instance
+
+
+def clear_router() -> None:
+    global _router_instance
+    _router_instance = None
 
 
 def is_v1_hook(fn: Any) -> bool:
@@ -3252,8 +3452,8 @@ def v1_hook(fn: Callable[..., Any]) -> Callable[..., dict]:
     """A 1.x hook as a ccproxy hook: called the 1.x way, the route put where it looks."""
     def call(data: dict, ctx: RequestContext, **params: Any) -> dict:
         meta = put_v1_metadata(data, ctx)
-        result = fn(data, ctx.user_api_key_dict or {}, classifier=V1Classifier(ctx.pipeline),
-                    router=V1Router(ctx.pipeline), **params)
+        result = fn(data, ctx.user_api_key_dict or {}, classifier=RequestClassifier(ctx.pipeline),
+                    router=ModelRouter(ctx.pipeline), **params)
         label = meta.get("ccproxy_model_name")
         if ctx.decision is None and isinstance(label, str) and label != (ctx.label or "default"):
             ctx.label, ctx.route_label = label, None       # the hook chose the route
@@ -3265,42 +3465,109 @@ def v1_hook(fn: Callable[..., Any]) -> Callable[..., dict]:
 
 def accepts_v1_call(fn: Callable[..., dict]) -> Callable[..., dict]:
     """A built-in hook that also takes 1.x's call form: `hook(data, user_api_key_dict,
-    classifier=..., router=..., **params)` (as 1.x code and tests call them)."""
+    classifier=..., router=..., **params)` (as 1.x code and tests call them). Called so,
+    rule_evaluator and model_router work as in 1.x, through the classifier and router given;
+    the others read the route from where 1.x put it (data["metadata"])."""
     @functools.wraps(fn)
     def call(data: dict, ctx: Any, **params: Any) -> dict:
-        if not isinstance(ctx, RequestContext):
-            stand_in = params.pop("router", None) or params.pop("classifier", None)
-            params.pop("classifier", None)
-            pipeline = getattr(stand_in, "pipeline", None) or default_pipeline()
-            ctx = pipeline.context(data, user_api_key_dict=ctx)
-            label = (data.get("metadata") or {}).get("ccproxy_model_name") \
-                if isinstance(data.get("metadata"), dict) else None
-            ctx.label = label if isinstance(label, str) and label != "default" else None
-            result = fn(data, ctx, **params)
-            put_v1_metadata(result, ctx)
-            return result
+        if isinstance(ctx, RequestContext):
+            return fn(data, ctx, **params)
+        classifier, router = params.pop("classifier", None), params.pop("router", None)
+        if fn.__name__ == "rule_evaluator":
+            return v1_rule_evaluator(data, classifier)
+        if fn.__name__ == "model_router":
+            return v1_model_router(data, router)
+        pipeline = getattr(router, "_pipeline", None) or getattr(classifier, "_pipeline", None) \
+            or get_config().pipeline
+        ctx = pipeline.context(data, user_api_key_dict=ctx)
+        ctx.decision = decision_from_v1_metadata(data)
         return fn(data, ctx, **params)
 
     return call
 
 
-@functools.lru_cache(maxsize=1)
-def default_pipeline() -> "Pipeline":
-    """The pipeline of the config found as `start` would find it (for hooks called alone)."""
-    try:
-        return Pipeline(load_config())
-    except ConfigError:
-        return Pipeline(Config(settings=Settings(), litellm={}))
+def v1_metadata(data: dict) -> dict | None:
+    """data["metadata"], made if missing (None if it is not a mapping)."""
+    meta = data.setdefault("metadata", {})
+    return meta if isinstance(meta, dict) else None
+
+
+def v1_rule_evaluator(data: dict, classifier: Any) -> dict:
+    """1.x's rule_evaluator: the classifier's label in data["metadata"]."""
+    meta = v1_metadata(data)
+    if not isinstance(classifier, RequestClassifier) or meta is None:
+        log.warning("Classifier not found or invalid type in rule_evaluator")
+        return data
+    meta["ccproxy_alias_model"] = data.get("model")
+    meta["ccproxy_model_name"] = classifier.classify(data)
+    return data
+
+
+def v1_model_router(data: dict, router: Any) -> dict:
+    """1.x's model_router: the label's model_list entry from the router (the requested model
+    kept for `default` with default_model_passthrough), recorded in data["metadata"]."""
+    meta = v1_metadata(data)
+    if not isinstance(router, ModelRouter) or meta is None:
+        log.warning("Router not found or invalid type in model_router")
+        return data
+    label = meta.get("ccproxy_model_name")
+    if not label:
+        log.warning("No ccproxy_model_name found, using default")
+        label = "default"
+    if label == "default" and get_config().default_model_passthrough:
+        if meta.get("ccproxy_alias_model"):
+            meta.update(ccproxy_litellm_model=meta["ccproxy_alias_model"],
+                        ccproxy_model_config=None, ccproxy_is_passthrough=True)
+            return data
+        log.warning("No original model found for passthrough mode, falling back to routing")
+    entry = router.get_model_for_label(label)
+    if entry is None:
+        log.warning("No model configured for model_name %r, reloading the model list", label)
+        router.reload_models()
+        entry = router.get_model_for_label(label)
+        if entry is None:
+            raise ValueError(f"No model configured for model_name '{label}' and no 'default' "
+                             "model available as fallback")
+    routed = _litellm_params(entry).get("model")
+    if routed:
+        data["model"] = routed
+    else:
+        log.warning("No model found in config for model_name: %s", label)
+    meta.update(ccproxy_litellm_model=routed, ccproxy_model_config=entry,
+                ccproxy_is_passthrough=False)
+    return data
+
+
+def decision_from_v1_metadata(data: dict) -> RoutingDecision | None:
+    """The route a 1.x model_router recorded in data["metadata"], as a RoutingDecision."""
+    meta = data.get("metadata")
+    model = meta.get("ccproxy_litellm_model") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or not isinstance(model, str) or not model:
+        return None
+    params = dict(_litellm_params(meta.get("ccproxy_model_config") or {}))
+    params.setdefault("model", model)
+    return RoutingDecision(label=str(meta.get("ccproxy_model_name") or "default"),
+                           requested_model=str(meta.get("ccproxy_alias_model") or model),
+                           model=model, upstream=str(params["model"]),
+                           passthrough=bool(meta.get("ccproxy_is_passthrough")),
+                           provider=provider_of(params))
 
 
 @accepts_v1_call
 def rule_evaluator(data: dict, ctx: RequestContext, **params: Any) -> dict:
     """Label the request with the first rule that matches (none: `default`)."""
+    evaluate_rules(((getattr(r, "name", "") or type(r).__name__, r) for r in ctx.pipeline.rules),
+                   data, ctx)
+    return data
+
+
+def evaluate_rules(rules: Iterable[tuple[str, Any]], data: dict, ctx: RequestContext) -> str | None:
+    """Ask (label, rule) pairs in order; the first match's label (None: no match) goes to
+    ctx.label, every verdict to ctx.verdicts. A rule that raises is skipped."""
     ctx.label = None
     ctx.route_label = None
     ctx.verdicts = []
-    for rule in ctx.pipeline.rules:
-        name = getattr(rule, "name", "") or type(rule).__name__
+    for name, rule in rules:
         try:
             verdict = rule_verdict(rule, data, ctx)
         except Exception as exc:  # a broken custom rule is skipped, the others still decide
@@ -3314,7 +3581,7 @@ def rule_evaluator(data: dict, ctx: RequestContext, **params: Any) -> dict:
             ctx.label = name
             ctx.route_label = verdict.label
             break
-    return data
+    return ctx.label
 
 
 def _describe(rule: Any) -> str:
@@ -3520,7 +3787,8 @@ def forward_oauth(data: dict, ctx: RequestContext, **params: Any) -> dict:
         ctx.auth.append(f"no oauth token for {provider} (source failed); client auth kept")
         return data
     ctx.auth.append(f"oauth token for {provider} from oat_sources")
-    headers = {"authorization": f"Bearer {token}"}
+    # a command may print the header value itself ("Bearer ..."), as ccproxy 1.x accepted
+    headers = {"authorization": token if token[:7].lower() == "bearer " else f"Bearer {token}"}
     if provider == "anthropic":
         headers["x-api-key"] = ""
     if source.user_agent:
@@ -3863,6 +4131,16 @@ def with_input_tokens(frame: bytes, count: int) -> bytes:
 # Builds rules and hooks from a Config, makes each request's context, runs the hooks then
 # the fixes; `route_request` is `explain`'s entry. Uses everything above.
 
+def hook_function(hook: HookSpec, search_dir: Path | None) -> Callable[..., Any]:
+    """The function a `hooks:` entry names (1.x code may give the function itself)."""
+    if callable(hook.path):
+        return hook.path
+    short = hook.path.rsplit(".", 1)[-1]
+    if hook.path.startswith("ccproxy.") and short in RETIRED_HOOKS:
+        raise RuleError(f"hook {hook.path} skipped: {RETIRED_HOOKS[short]}")
+    return resolve_object(hook.path, "hook", BUILTIN_HOOKS, search_dir)
+
+
 def _top_level_copy(value: Any) -> Any:
     """A dict's own keys copied (the fixes replace values, never edit nested ones)."""
     return dict(value) if isinstance(value, dict) else value
@@ -3892,20 +4170,15 @@ class Pipeline:
             if warning:
                 self.rule_warnings.append((i, warning))
         for hook in config.settings.hooks:
-            short = hook.path.rsplit(".", 1)[-1]
-            if hook.path.startswith("ccproxy.") and short in RETIRED_HOOKS:
-                self.problems.append(f"{hook.where}: hook {hook.path} skipped: "
-                                     f"{RETIRED_HOOKS[short]}")
-                continue
             try:
-                fn = resolve_object(hook.path, "hook", BUILTIN_HOOKS, search_dir)
+                fn = hook_function(hook, search_dir)
             except RuleError as exc:
                 self.problems.append(f"{hook.where}: {exc}")
                 continue
             if is_v1_hook(fn):
                 self.v1_hooks = True
                 fn = v1_hook(fn)
-            self.hooks.append((getattr(fn, "__name__", hook.path), fn, dict(hook.params)))
+            self.hooks.append((getattr(fn, "__name__", str(hook.path)), fn, dict(hook.params)))
         self.oauth: dict[str, OAuthSource] = {}
         for provider, source in (config.settings.oat_sources or {}).items():
             if isinstance(source, str):
@@ -3930,7 +4203,7 @@ class Pipeline:
     def legacy_config(self) -> CCProxyConfig:
         """This config as ccproxy 1.x's CCProxyConfig (for 1.x rules and hooks)."""
         if self._legacy is None:
-            self._legacy = CCProxyConfig(self.config, self.oauth)
+            self._legacy = CCProxyConfig.from_config(self.config, self)
         return self._legacy
 
     def models(self, missing: str | None = None) -> ModelTable:
@@ -4273,14 +4546,18 @@ class Handler:
     def __init__(self, config_dir: str | os.PathLike | None = None,
                  config: Config | None = None) -> None:
         self.config_error: str | None = None
-        if config is None:
+        legacy = _config_instance if config is None and config_dir is None else None
+        if legacy is not None:          # 1.x code set the config with set_config_instance
+            config = legacy.to_config()
+        elif config is None:
             try:
                 config = load_config(config_dir)
             except ConfigError as exc:
                 self.config_error = str(exc)
                 config = Config(settings=Settings(), litellm={})
         self.config = config
-        self.pipeline = Pipeline(config, model_source=live_model_list)
+        self.pipeline = legacy.pipeline if legacy is not None else \
+            Pipeline(config, model_source=live_model_list)
         self.stats = Stats()
         self.missing: list[str] = []        # LiteLLM contact points not found at start
         self.guarded = False
@@ -4328,6 +4605,7 @@ class Handler:
                  ", ".join(getattr(r, "name", "?") for r in self.pipeline.rules) or "none",
                  ", ".join(n for n, _f, _p in self.pipeline.hooks) or "none", files)
         load_oauth_sources(self.pipeline, required=config.settings.oauth_required)
+        set_config_instance(self.pipeline.legacy_config)     # what 1.x's get_config() gives
         BACKGROUND.start(self.pipeline)
         if config.settings.usage_ledger:
             self.ledger.start()
@@ -4353,8 +4631,10 @@ class Handler:
             log.debug("thinking and effort pass through unchanged for %s", upstream)
 
     # -- requests -------------------------------------------------------------------------
-    def pre_call(self, data: Any, call_type: str, user_api_key_dict: Any = None) -> Any:
-        """Route one request (LiteLLM calls this before choosing a deployment)."""
+    def pre_call(self, data: Any, call_type: str, user_api_key_dict: Any = None,
+                 v1_call: bool = False) -> Any:
+        """Route one request (LiteLLM calls this before choosing a deployment). `v1_call`:
+        called the 1.x way, which leaves the route in data["metadata"] as 1.x did."""
         if call_type not in ROUTED_CALL_TYPES or not isinstance(data, dict):
             return data
         started = time.perf_counter()
@@ -4386,6 +4666,8 @@ class Handler:
                               "match" if verdict.matched else "no match",
                               f" ({verdict.fact})" if verdict.fact else "")
                 log.debug("  hooks %.2f ms; auth: %s", elapsed, "; ".join(ctx.auth) or "-")
+        if v1_call:
+            put_v1_metadata(data, ctx)
         return data
 
     def response_headers(self, data: Mapping[str, Any], response: Any = None,
@@ -4743,12 +5025,21 @@ def _make_handler_class() -> type:
             self.core = Handler(config_dir, config)
             self.core.start()
 
-        async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any, data: Any,
-                                      call_type: str) -> Any:
+        @property
+        def hooks(self) -> list[tuple[Callable[..., Any], dict]]:
+            """The hooks as (function, params), as ccproxy 1.x's handler listed them."""
+            return self.core.pipeline.legacy_config.load_hooks()
+
+        async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any = None,
+                                      data: Any = None, call_type: str = "completion",
+                                      **_kwargs: Any) -> Any:
             # In a worker thread: counting a long context takes milliseconds (tiktoken lets
             # go of the GIL), which the event loop must not spend.
             import asyncio
 
+            if data is None:        # ccproxy 1.x's own form: (data, user_api_key_dict)
+                return await asyncio.to_thread(self.core.pre_call, user_api_key_dict,
+                                               "anthropic_messages", cache, v1_call=True)
             return await asyncio.to_thread(self.core.pre_call, data, call_type,
                                            user_api_key_dict)
 
@@ -5167,7 +5458,8 @@ def __getattr__(name: str) -> Any:
         instance = __getattr__("CCProxyHandler")()
         globals()["handler"] = instance
         return instance
-    if name in ("rules", "hooks", "config") and f"ccproxy.{name}" in sys.modules:
+    if name in ("rules", "hooks", "config", "classifier", "router") \
+            and f"ccproxy.{name}" in sys.modules:
         return sys.modules[f"ccproxy.{name}"]      # `import ccproxy.rules` (1.x paths)
     raise AttributeError(f"module 'ccproxy' has no attribute {name!r}")
 

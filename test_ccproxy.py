@@ -887,12 +887,12 @@ def test_a_1x_docs_config_routes_as_1x_did(tmp_path, upstream):
     # the built-in hooks take 1.x's call form too
     data = {"model": "claude-3-5-haiku-20241022", "messages": [{"role": "user", "content": "hi"}]}
     pipeline = ccproxy.Pipeline(config)
-    stand_ins = {"classifier": ccproxy.V1Classifier(pipeline), "router": ccproxy.V1Router(pipeline)}
+    stand_ins = {"classifier": ccproxy.RequestClassifier(pipeline), "router": ccproxy.ModelRouter(pipeline)}
     data = ccproxy.hooks.rule_evaluator(data, {}, **stand_ins)
     assert data["metadata"]["ccproxy_model_name"] == "background"
     data = ccproxy.hooks.model_router(data, {}, **stand_ins)
     assert (data["model"], data["metadata"]["ccproxy_litellm_model"]) == ("claude-3-5-haiku-20241022",) * 2
-    assert data["metadata"]["ccproxy_model_config"]["model_name"] == "claude-3-5-haiku-20241022"
+    assert data["metadata"]["ccproxy_model_config"]["model_name"] == "background"       # 1.x: the label's entry
     data["proxy_server_request"] = {"method": "POST", "url": "http://127.0.0.1/v1/messages", "headers": {}}
     data["metadata"]["user_id"] = "user_abc123_account_acc-9_session_sess-v1"
     data = ccproxy.hooks.extract_session_id(ccproxy.hooks.capture_headers(data, {}), {})
@@ -913,6 +913,170 @@ def test_a_1x_docs_config_routes_as_1x_did(tmp_path, upstream):
     config = ccproxy.load_config(tmp_path)
     errors = ccproxy.validate_config(config, ccproxy.Pipeline(config)).errors
     assert [e for e in errors if "in a circle (x -> y -> x)" in e], errors
+
+
+# ccproxy 1.2.0's own test suite (its PyPI sdist, never copied here) against this file. The
+# harness maps 1.x's import paths to ccproxy.py (which registers ccproxy.config, .rules,
+# .classifier, .router, .hooks, .handler itself) and changes nothing else. Every test that
+# does not pass is listed here with why; the test below fails if any other one fails.
+V1_VERSION = "1.2.0"
+V1_DIFFERENCES = {
+    # deliberate, documented changes (README, "Migrating from ccproxy 1.x")
+    "thinking": "ThinkingRule matches a request that asks for thinking, not a `thinking` key "
+                "of any value (False, 0, disabled)",
+    "abstract default": "DefaultRule routes (a catch-all); 1.x's was abstract and unusable",
+    "model name": "model_router hands LiteLLM the route's model_list name, not its "
+                  "litellm_params.model; the same deployment answers",
+    "scoped credentials": "credentials are scoped to their provider: a header is not merged into "
+                          "an unscoped provider_specific_header entry, a client x-api-key goes to "
+                          "Anthropic only, an oat_sources user_agent only with that provider's token",
+    "redaction": "capture_headers redacts secrets whole (<redacted>), with no prefix or last four",
+    "litellm metadata": "session id and trace metadata go to LiteLLM's metadata, never into the "
+                        "request body's metadata that Anthropic receives",
+    "own log handler": "once a proxy handler has started, ccproxy's log lines go to its own "
+                       "handler (pytest's caplog no longer sees them)",
+    "no config": "a CCProxyHandler made with no config set reads the config dir as `start` does "
+                 "(built-in defaults when there is no file), not an empty config",
+    "params form": "rule params read from YAML are kept in one form (a mapping), not 1.x's list",
+    "oauth source": "`oat_sources` entries are strings or {command, user_agent} mappings; "
+                    "1.x's pydantic OAuthSource model is not offered",
+    # internals of 1.x's module layout
+    "1.x internals": "tests 1.x's private attributes or module globals (_ensure_models_loaded, "
+                     "_get_tokenizer, _log_routing_decision, handler.logger, config.proxy_server, "
+                     "tyro, the empty-name entry of the router's map)",
+}
+V1_FAILING = {
+    "test_classifier.py::TestRequestClassifier::test_multiple_rules_priority": "thinking",
+    "test_classifier.py::TestClassificationRuleProtocol::test_cannot_instantiate_abstract_rule": "abstract default",
+    "test_classifier_integration.py::TestRequestClassifierIntegration::test_priority_3_thinking_overrides_web_search": "thinking",
+    "test_classifier_integration.py::TestRequestClassifierIntegration::test_realistic_thinking_request": "thinking",
+    "test_classifier_integration.py::TestRequestClassifierIntegration::test_custom_rules_after_reset": "thinking",
+    "test_config.py::TestCCProxyConfig::test_yaml_config_values": "params form",
+    "test_config.py::TestProxyRuntimeConfig::test_from_proxy_runtime_with_ccproxy_yaml": "1.x internals",
+    "test_config.py::TestProxyRuntimeConfig::test_config_from_runtime": "1.x internals",
+    "test_config.py::TestProxyRuntimeConfig::test_get_config_uses_runtime_when_available": "1.x internals",
+    "test_edge_cases.py::TestEdgeCases::test_thinking_field_false": "thinking",
+    "test_edge_cases.py::TestEdgeCases::test_thinking_field_zero": "thinking",
+    "test_handler.py::TestCCProxyRouting::test_route_to_background": "model name",
+    "test_handler.py::TestCCProxyHandler::test_async_pre_call_hook": "model name",
+    "test_handler.py::TestCCProxyHandler::test_handler_uses_config_threshold": "model name",
+    "test_handler.py::TestCCProxyHandler::test_log_routing_decision_fallback_scenario": "1.x internals",
+    "test_handler.py::TestCCProxyHandler::test_log_routing_decision_passthrough_scenario": "1.x internals",
+    "test_handler_logging.py::TestHandlerLoggingHookMethods::test_async_pre_call_hook_with_invalid_request": "no config",
+    "test_handler_logging.py::TestHandlerLoggingHookMethods::test_handler_with_debug_hook_logging": "1.x internals",
+    "test_handler_logging.py::TestHandlerLoggingHookMethods::test_hook_error_handling": "1.x internals",
+    "test_handler_logging.py::TestHandlerLoggingHookMethods::test_log_routing_decision": "1.x internals",
+    "test_hooks.py::TestRuleEvaluator::test_rule_evaluator_missing_classifier": "own log handler",
+    "test_hooks.py::TestRuleEvaluator::test_rule_evaluator_invalid_classifier": "own log handler",
+    "test_hooks.py::TestModelRouter::test_model_router_missing_router": "own log handler",
+    "test_hooks.py::TestModelRouter::test_model_router_invalid_router": "own log handler",
+    "test_hooks.py::TestModelRouter::test_model_router_empty_model_name": "own log handler",
+    "test_hooks.py::TestModelRouter::test_model_router_no_litellm_params": "own log handler",
+    "test_hooks.py::TestModelRouter::test_model_router_no_model_in_litellm_params": "own log handler",
+    "test_hooks.py::TestModelRouter::test_model_router_no_config_with_reload_success": "own log handler",
+    "test_hooks.py::TestModelRouter::test_model_router_passthrough_no_original_model": "own log handler",
+    "test_hooks.py::TestForwardOAuth::test_forward_oauth_claude_cli_anthropic_api_base": "own log handler",
+    "test_hooks.py::TestForwardOAuth::test_forward_oauth_preserves_existing_extra_headers": "scoped credentials",
+    "test_hooks.py::TestForwardApiKey::test_apikey_forwards_header": "scoped credentials",
+    "test_hooks.py::TestCaptureHeadersHook::test_authorization_header_redaction": "redaction",
+    "test_hooks.py::TestCaptureHeadersHook::test_authorization_header_redaction_no_prefix": "redaction",
+    "test_hooks.py::TestCaptureHeadersHook::test_x_api_key_redaction": "redaction",
+    "test_hooks.py::TestCaptureHeadersHook::test_cookie_full_redaction": "redaction",
+    "test_hooks.py::TestCaptureHeadersHook::test_missing_headers_handling": "litellm metadata",
+    "test_hooks.py::TestCaptureHeadersHook::test_http_path_empty_url": "litellm metadata",
+    "test_hooks.py::TestCaptureHeadersHook::test_no_proxy_server_request": "litellm metadata",
+    "test_hooks.py::TestCaptureHeadersHook::test_long_header_value_truncation": "redaction",
+    **{f"test_hooks.py::TestExtractSessionId::test_extract_session_id_{name}": "litellm metadata"
+       for name in ("full_format", "preserves_existing_metadata", "no_session_in_user_id", "empty_user_id",
+                    "no_metadata_in_body", "no_body", "no_proxy_request", "body_not_dict",
+                    "no_account_in_prefix", "preserves_existing_trace_metadata")},
+    "test_main.py::TestMain::test_main_entry_point": "1.x internals",
+    **{f"test_oauth_forwarding.py::test_oauth_forwarding_{name}": "scoped credentials"
+       for name in ("for_claude_cli", "preserves_existing_extra_headers", "with_claude_prefix_model",
+                    "with_routed_model", "for_anthropic_direct_api")},
+    "test_oauth_user_agent.py::TestOAuthSource::test_oauth_source_with_command_only": "oauth source",
+    "test_oauth_user_agent.py::TestOAuthSource::test_oauth_source_with_user_agent": "oauth source",
+    **{f"test_oauth_user_agent.py::TestOAuthUserAgentForwarding::test_{name}": "scoped credentials"
+       for name in ("custom_user_agent_forwarded", "no_user_agent_when_not_configured",
+                    "user_agent_overrides_original", "multiple_providers_with_different_user_agents")},
+    "test_router.py::TestModelRouter::test_malformed_config_handling": "1.x internals",
+    "test_router.py::TestModelRouter::test_config_update": "1.x internals",
+    "test_router.py::TestModelRouter::test_double_check_pattern_early_return": "1.x internals",
+    "test_router.py::TestModelRouter::test_double_check_pattern_in_ensure_models_loaded": "1.x internals",
+    "test_router.py::TestModelRouter::test_double_check_return_statement_line_59": "1.x internals",
+    "test_rules.py::TestTokenCountRule::test_token_encoding_exception_handling": "1.x internals",
+    "test_rules.py::TestThinkingRule::test_with_thinking_field": "thinking",
+    "test_rules.py::TestThinkingRule::test_thinking_field_any_value": "thinking",
+}
+# Whole files that test 1.x's CLI module (tyro command classes, start_litellm, templates),
+# replaced by this file's own commands: they cannot be imported, so they are not run.
+V1_NOT_RUN = {"test_cli.py": "1.x's CLI module (tyro classes, start_litellm, generate_handler_file)",
+              "test_utils.py": "1.x's utils module (template dirs, debug printers)",
+              "test_shell_integration.py": "1.2.0 itself does not run it (imports a removed function)"}
+
+
+def v1_sdist() -> Path:
+    """ccproxy 1.2.0's sdist from PyPI (.ci/run fetches it; downloaded here on first use)."""
+    cache = Path(os.environ.get("CCPROXY_CLAUDE_CACHE") or Path.home() / ".cache" / "ccproxy-tests")
+    found = sorted(cache.glob(f"claude_ccproxy-{V1_VERSION}.tar.gz"))
+    if not found:
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                               f"claude-ccproxy=={V1_VERSION}", "-d", str(cache)],
+                              capture_output=True, text=True, timeout=300)
+        found = sorted(cache.glob(f"claude_ccproxy-{V1_VERSION}.tar.gz"))
+        if not found:
+            missing_prerequisite(f"could not download claude-ccproxy=={V1_VERSION}: {done.stderr[-300:]}")
+    return found[0]
+
+
+def run_v1_suite(tests: Path, report: Path) -> int:
+    """Run 1.x's tests in `tests` against this checkout's ccproxy.py (called in a fresh
+    process: `python test_ccproxy.py v1-suite DIR REPORT`)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import ccproxy as this      # registers 1.x's module names; nothing else is mapped
+    assert Path(this.__file__).resolve().parent == Path(__file__).resolve().parent
+    return pytest.main([str(tests), "-q", "-p", "no:cacheprovider", "-o", "addopts=", "-o", "asyncio_mode=auto",
+                        "-W", "ignore", f"--junitxml={report}"]
+                       + [f"--ignore={tests / name}" for name in V1_NOT_RUN])
+
+
+def v1_outcomes(report: Path) -> dict[str, str]:
+    """test id (file::class::name) -> passed / failed / skipped, from pytest's JUnit XML."""
+    import xml.etree.ElementTree as ET
+    out = {}
+    for case in ET.parse(report).iter("testcase"):
+        module, _, cls = case.get("classname", "").rpartition("tests.")[2].partition(".")
+        test_id = "::".join([f"{module}.py"] + ([cls] if cls else []) + [case.get("name", "")])
+        kinds = {child.tag for child in case}
+        out[test_id] = "failed" if kinds & {"failure", "error"} else "skipped" if "skipped" in kinds else "passed"
+    return out
+
+
+@slow
+def test_ccproxy_1_2_0s_own_tests_pass_but_for_documented_changes(tmp_path):
+    import tarfile
+    with tarfile.open(v1_sdist()) as sdist:
+        members = [m for m in sdist.getmembers() if m.name.split("/")[1:2] == ["tests"] and m.isfile()]
+        sdist.extractall(tmp_path, members=members, filter="data")    # the tests only, never 1.x's code
+    tests = tmp_path / f"claude_ccproxy-{V1_VERSION}" / "tests"
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CCPROXY_")}
+    env.update(HOME=str(home), PYTHONPATH="")
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "v1-suite", str(tests),
+                           str(tmp_path / "report.xml")], cwd=home, env=env, capture_output=True, text=True,
+                          timeout=600)
+    outcomes = v1_outcomes(tmp_path / "report.xml")
+    failed = {t for t, o in outcomes.items() if o == "failed"}
+    unexplained = failed - set(V1_FAILING)
+    assert not unexplained, f"1.x tests failing with no documented reason: {sorted(unexplained)}\n{done.stdout[-3000:]}"
+    now_passing = {t for t in V1_FAILING if outcomes.get(t) == "passed"}
+    assert not now_passing, f"these pass now: take them out of V1_FAILING: {sorted(now_passing)}"
+    assert set(V1_FAILING.values()) <= set(V1_DIFFERENCES)
+    passed = sum(o == "passed" for o in outcomes.values())
+    assert passed >= 160 and len(outcomes) >= 230, (passed, len(outcomes), done.stdout[-2000:])
+    print(f"ccproxy {V1_VERSION}'s tests: {passed} of {len(outcomes)} run pass; {len(failed)} fail, each "
+          f"for a documented change; {', '.join(V1_NOT_RUN)} not run")
 
 
 @pytest.fixture(scope="module")
@@ -5089,4 +5253,6 @@ if __name__ == "__main__":
         if which in ("all", "proxy"):
             print_proxy_bench(bench_proxy())
         sys.exit(0)
+    if sys.argv[1:2] == ["v1-suite"]:
+        sys.exit(run_v1_suite(Path(sys.argv[2]), Path(sys.argv[3])))
     sys.exit(run_suite())
