@@ -554,12 +554,36 @@ def answer_usage(kwargs: Mapping[str, Any]) -> dict:
         and bool(prices.get("input_cost_per_token") or prices.get("output_cost_per_token"))
     start, end, first = (_seconds(payload.get(k))
                          for k in ("startTime", "endTime", "completionStartTime"))
-    return {"input_tokens": int(payload.get("prompt_tokens") or 0),
+    meta = payload.get("metadata")
+    usage = meta.get("usage_object") if isinstance(meta, Mapping) else None
+    usage = usage if isinstance(usage, Mapping) else {}
+    details = usage.get("prompt_tokens_details")
+    cache_read = usage.get("cache_read_input_tokens") or \
+        (details.get("cached_tokens") if isinstance(details, Mapping) else 0)
+    return {"input_tokens": int(payload.get("prompt_tokens") or 0),   # cache reads/writes too
             "output_tokens": int(payload.get("completion_tokens") or 0),
+            "cache_read_tokens": _count(cache_read),
+            "cache_write_tokens": _count(usage.get("cache_creation_input_tokens")),
             "cost": float(cost) if priced and cost is not None else None,
             "latency_s": round(end - start, 4) if start is not None and end is not None else None,
             "ttfb_s": round(first - start, 4) if start is not None and first is not None
             and first >= start else None}
+
+
+def _count(value: Any) -> int:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and value > 0 else 0
+
+
+def attempted_retries(kwargs: Mapping[str, Any]) -> int:
+    """How often LiteLLM's router retried the call (its metadata's `attempted_retries`)."""
+    params = kwargs.get("litellm_params")
+    found = 0
+    for key in ("metadata", "litellm_metadata"):
+        meta = params.get(key) if isinstance(params, Mapping) else None
+        if isinstance(meta, Mapping):
+            found = max(found, _count(meta.get("attempted_retries")))
+    return found
 
 
 def _seconds(value: Any) -> float | None:
@@ -567,14 +591,36 @@ def _seconds(value: Any) -> float | None:
         else None
 
 
-def model_cost(model: str, input_tokens: int, output_tokens: int) -> float | None:
-    """What `model` would charge for these tokens by LiteLLM's cost map (None: no price)."""
+def model_cost(model: str, input_tokens: int, output_tokens: int, cache_read_tokens: int = 0,
+               cache_write_tokens: int = 0) -> float | None:
+    """What `model` would charge for these tokens by LiteLLM's cost map (None: no price);
+    input_tokens includes the cache reads and writes, priced as such."""
     try:
         prompt, completion = import_litellm().cost_per_token(
-            model=model, prompt_tokens=input_tokens, completion_tokens=output_tokens)
+            model=model, prompt_tokens=input_tokens, completion_tokens=output_tokens,
+            cache_read_input_tokens=cache_read_tokens,
+            cache_creation_input_tokens=cache_write_tokens)
     except Exception:  # LiteLLM raises a bare Exception for a model it has no price for
         return None
     return float(prompt) + float(completion)
+
+
+def answer_cost(model: str, response: Any) -> float | None:
+    """The cost of a complete answer (an Anthropic message or a chat completion, with its
+    usage) by LiteLLM's price of `model`; None for a stream, no usage or no price."""
+    usage = response.get("usage") if isinstance(response, Mapping) else \
+        getattr(response, "usage", None)
+    if usage is None or not model:
+        return None
+    def read(key: str) -> int:
+        return _count(usage.get(key) if isinstance(usage, Mapping) else getattr(usage, key, None))
+
+    cache_read, cache_write = read("cache_read_input_tokens"), read("cache_creation_input_tokens")
+    if read("prompt_tokens") or read("completion_tokens"):     # chat completions: cache included
+        prompt, output = read("prompt_tokens"), read("completion_tokens")
+    else:                           # Anthropic: input_tokens leaves the cache tokens out
+        prompt, output = read("input_tokens") + cache_read + cache_write, read("output_tokens")
+    return model_cost(model, prompt, output, cache_read, cache_write)
 
 
 def supports_vision(model: str) -> bool | None:
@@ -4357,82 +4403,186 @@ LATENCY_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, math.inf)
 
 
 class Stats:
-    """Counters the handler keeps: requests per route label, failures, hook errors, each
-    rule's verdicts, answer latencies and each label's last outcome (in this process)."""
+    """What the handler counts, as Prometheus-style series: (name, labels) -> value, where
+    labels is a sorted tuple of (key, value) pairs; histograms keep per-bucket counts under
+    `<name>_bucket` with an `le` label. Plus each label's last outcome (this process)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.started = time.time()
-        self.routes: collections.Counter = collections.Counter()
-        self.failures: collections.Counter = collections.Counter()
-        self.counts: collections.Counter = collections.Counter()
-        self.rules: collections.Counter = collections.Counter()   # (rule, evaluated|matched|failed)
-        self.latency: dict[str, list] = {}        # label -> [bucket counts..., sum, count]
+        self.series: collections.defaultdict[tuple, float] = collections.defaultdict(float)
         self.last_ok: dict[str, bool] = {}        # label -> did its last request succeed
-        self.hook_errors = 0
-        self.hook_ms_total = 0.0
 
-    def answered(self, label: str, seconds: float) -> None:
-        """Note a successful answer on a label after `seconds`."""
+    def add(self, name: str, value: float = 1, **labels: Any) -> None:
+        """Add to a counter."""
         with self.lock:
-            row = self.latency.setdefault(label, [0] * len(LATENCY_BUCKETS) + [0.0, 0])
-            row[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-            row[-2] += seconds
-            row[-1] += 1
-            self.last_ok[label] = True
+            self.series[name, tuple(sorted((k, str(v)) for k, v in labels.items()))] += value
+
+    def observe(self, name: str, seconds: float, **labels: Any) -> None:
+        """Note one duration in a histogram (LATENCY_BUCKETS)."""
+        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
+        bound = LATENCY_BUCKETS[bisect.bisect_left(LATENCY_BUCKETS, seconds)]
+        with self.lock:
+            self.series[f"{name}_bucket", tuple(sorted(key + (("le", _le(bound)),)))] += 1
+            self.series[f"{name}_sum", key] += seconds
+            self.series[f"{name}_count", key] += 1
+
+    def copy(self) -> dict[tuple, float]:
+        with self.lock:
+            return dict(self.series)
+
+    def routed(self, label: str, ctx: "RequestContext", seconds: float) -> None:
+        """Count one routed request: its label, the rules' verdicts, the hooks' time."""
+        with self.lock:
+            series = self.series
+            series["requests_total", (("label", label),)] += 1
+            series["hook_seconds_total", ()] += seconds
+            if ctx.hook_errors:
+                series["hook_errors_total", ()] += len(ctx.hook_errors)
+            if ctx.quota_resend:
+                series["quota_resends_total", ()] += 1
+            for name, _desc, verdict in ctx.verdicts:
+                outcomes = ["evaluated"] + ["matched"] * verdict.matched + \
+                    ["failed"] * verdict.fact.startswith("failed:")
+                for outcome in outcomes:
+                    series["rule_verdicts_total", (("rule", name), ("verdict", outcome))] += 1
+
+    def finished(self, row: Mapping[str, Any], retries: int) -> None:
+        """Count a finished request from its usage row (see Handler.usage_row)."""
+        label, model = str(row.get("label") or "unrouted"), str(row.get("answered_model"))
+        ok = row["status"] == "ok"
+        if not ok:
+            self.add("failures_total", label=label)
+        self.add("answers_total", label=label, model=model, status=row["status"])
+        for kind in ("input", "output", "cache_read", "cache_write"):
+            if row.get(f"{kind}_tokens"):
+                self.add("tokens_total", row[f"{kind}_tokens"], label=label, model=model,
+                         kind=kind)
+        cost, requested = row.get("cost"), row.get("requested_cost")
+        if cost is not None:
+            self.add("cost_usd_total", cost, label=label, model=model)
+            if requested is not None:
+                self.add("saved_usd_total", requested - cost, label=label, model=model)
+        elif ok:
+            self.add("unpriced_total", label=label, model=model)
+        if retries:
+            self.add("retries_total", retries, label=label)
+        routed = row.get("routed_model")
+        if ok and routed and model_name(str(routed)) != model_name(model):
+            self.add("fallbacks_total", label=label)
+        for name, key in (("request_seconds", "latency_s"), ("ttfb_seconds", "ttfb_s")):
+            if ok and row.get(key) is not None:
+                self.observe(name, row[key], label=label)
+        with self.lock:
+            self.last_ok[label] = ok
 
     def snapshot(self) -> dict:
-        """JSON-safe figures."""
-        with self.lock:
-            return {"uptime_s": round(time.time() - self.started, 1),
-                    "requests": sum(self.routes.values()), "routes": dict(self.routes),
-                    "failures": dict(self.failures), "hook_errors": self.hook_errors,
-                    "count_tokens": dict(self.counts),
-                    "hook_ms_avg": round(self.hook_ms_total / max(1, sum(self.routes.values())),
-                                         3),
-                    "tokenizer": "cl100k_base" if TOKENS.exact else "estimate",
-                    "token_cache": {"hits": TOKENS.hits, "misses": TOKENS.misses}}
+        """JSON-safe figures (this process)."""
+        series = self.copy()
+        routes = by_label(series, "requests_total", "label")
+        routed = sum(routes.values())
+        return {"uptime_s": round(time.time() - self.started, 1),
+                "requests": routed, "routes": routes,
+                "failures": by_label(series, "failures_total", "label"),
+                "hook_errors": int(series.get(("hook_errors_total", ()), 0)),
+                "count_tokens": by_label(series, "count_tokens_total", "label"),
+                "hook_ms_avg": round(series.get(("hook_seconds_total", ()), 0) * 1000
+                                     / max(1, routed), 3),
+                "tokenizer": "cl100k_base" if TOKENS.exact else "estimate",
+                "token_cache": {"hits": TOKENS.hits, "misses": TOKENS.misses}}
 
 
-def prometheus_text(stats: Stats, sessions: Mapping[str, Any]) -> str:
-    """GET /ccproxy/metrics: this process's figures in Prometheus' text format."""
+def _le(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else repr(bound)
+
+
+def by_label(series: Mapping[tuple, float], name: str, *keys: str) -> dict:
+    """One counter's values by the given label(s) (a tuple key when several)."""
+    out: dict = {}
+    for (series_name, labels), value in series.items():
+        if series_name == name:
+            found = dict(labels)
+            key = tuple(found.get(k, "") for k in keys)
+            out[key[0] if len(keys) == 1 else key] = out.get(key[0] if len(keys) == 1 else key,
+                                                              0) + value
+    return out
+
+
+# /ccproxy/metrics: name -> (type, help). Counters and histograms are summed across workers
+# through the usage database when the ledger is on (see Ledger.flush_series); gauges are
+# summed over the live workers.
+METRIC_FAMILIES = {
+    "requests_total": ("counter", "Requests routed, by route label"),
+    "answers_total": ("counter", "Finished requests by route label, answering model and status"),
+    "failures_total": ("counter", "Requests that failed upstream, by route label"),
+    "tokens_total": ("counter", "Tokens of finished requests by label, answering model and kind "
+                                "(input includes cache reads and writes)"),
+    "cost_usd_total": ("counter", "Cost of the answers by LiteLLM's prices, by label and model"),
+    "saved_usd_total": ("counter", "What the requested models would have cost for the same tokens, "
+                                   "minus what the answers cost, by label and model"),
+    "unpriced_total": ("counter", "Answers from a model LiteLLM has no price for"),
+    "retries_total": ("counter", "Upstream calls LiteLLM retried, by route label"),
+    "fallbacks_total": ("counter", "Answers from another deployment than the routed one, by label"),
+    "quota_resends_total": ("counter", "Requests sent once more to quota_fallback (plan limit)"),
+    "count_tokens_total": ("counter", "count_tokens requests, by route label"),
+    "rule_verdicts_total": ("counter", "Rule evaluations, matches and failures"),
+    "hook_errors_total": ("counter", "Hooks that raised (skipped)"),
+    "hook_seconds_total": ("counter", "Time spent in the hook pipeline"),
+    "ledger_dropped_total": ("counter", "Usage rows not written (queue full or database failing)"),
+    "request_seconds": ("histogram", "Time to a complete answer, by route label"),
+    "ttfb_seconds": ("histogram", "Time to the first byte of the answer, by route label"),
+    "sessions": ("gauge", "Sessions remembered now"),
+    "session_switches": ("gauge", "Model switches of the sessions remembered now"),
+    "session_uncached_tokens": ("gauge", "Tokens re-sent uncached after switches (remembered "
+                                         "sessions)"),
+    "session_plan_limited": ("gauge", "Sessions on quota_fallback now"),
+}
+SESSION_GAUGES = {"sessions": "sessions", "switches": "session_switches",
+                  "uncached_tokens": "session_uncached_tokens",
+                  "plan_limited": "session_plan_limited"}
+
+
+def prometheus_text(series: Mapping[tuple, float], gauges: Mapping[str, float]) -> str:
+    """GET /ccproxy/metrics in Prometheus' text format (histogram buckets made cumulative)."""
     def esc(value: Any) -> str:
         return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
+    def text(labels: Iterable[tuple[str, str]]) -> str:
+        inner = ",".join(f'{k}="{esc(v)}"' for k, v in labels)
+        return f"{{{inner}}}" if inner else ""
+
+    grouped: dict[str, list] = collections.defaultdict(list)
+    for (name, labels), value in series.items():
+        grouped[name].append((labels, value))
     lines: list[str] = []
-
-    def family(name: str, kind: str, text: str, samples: Iterable[tuple[str, Any]]) -> None:
-        lines.extend([f"# HELP ccproxy_{name} {text}", f"# TYPE ccproxy_{name} {kind}"])
-        lines.extend(f"ccproxy_{name}{labels} {value}" for labels, value in samples)
-
-    with stats.lock:
-        routes, failures = dict(stats.routes), dict(stats.failures)
-        rules, latency = dict(stats.rules), {k: list(v) for k, v in stats.latency.items()}
-        hook_errors, hook_seconds = stats.hook_errors, stats.hook_ms_total / 1000
-    family("requests_total", "counter", "Requests routed, by route label",
-           ((f'{{label="{esc(k)}"}}', v) for k, v in sorted(routes.items())))
-    family("failures_total", "counter", "Requests that failed upstream, by route label",
-           ((f'{{label="{esc(k)}"}}', v) for k, v in sorted(failures.items())))
-    family("rule_verdicts_total", "counter", "Rule evaluations, matches and failures",
-           ((f'{{rule="{esc(r)}",verdict="{v}"}}', n) for (r, v), n in sorted(rules.items())))
-    family("hook_errors_total", "counter", "Hooks that raised (skipped)", [("", hook_errors)])
-    family("hook_seconds_total", "counter", "Time spent in the hook pipeline", [("", hook_seconds)])
-    samples = []
-    for label, row in sorted(latency.items()):
-        running = 0
-        for bound, count in zip(LATENCY_BUCKETS, row[:len(LATENCY_BUCKETS)], strict=True):
-            running += count
-            le = "+Inf" if math.isinf(bound) else bound
-            samples.append((f'_bucket{{label="{esc(label)}",le="{le}"}}', running))
-        samples += [(f'_sum{{label="{esc(label)}"}}', row[-2]), (f'_count{{label="{esc(label)}"}}', row[-1])]
-    family("request_seconds", "histogram", "Time to a complete answer, by route label", samples)
-    for key, text in (("sessions", "Sessions remembered now"),
-                      ("switches", "Model switches of the sessions remembered now"),
-                      ("uncached_tokens", "Tokens re-sent uncached after switches (remembered sessions)"),
-                      ("plan_limited", "Sessions on quota_fallback now")):
-        family(f"session_{key}" if key != "sessions" else "sessions", "gauge", text,
-               [("", sessions.get(key, 0))])
+    for family, (kind, help_text) in METRIC_FAMILIES.items():
+        lines += [f"# HELP ccproxy_{family} {help_text}", f"# TYPE ccproxy_{family} {kind}"]
+        if kind == "gauge":
+            lines.append(f"ccproxy_{family} {gauges.get(family, 0)}")
+        elif kind == "counter":
+            lines += [f"ccproxy_{family}{text(labels)} {value}"
+                      for labels, value in sorted(grouped.get(family, []))]
+        else:
+            lines += _histogram_lines(family, grouped, text)
     return "\n".join(lines) + "\n"
+
+
+def _histogram_lines(family: str, grouped: Mapping[str, list],
+                     text: Callable[[Iterable[tuple[str, str]]], str]) -> list[str]:
+    counts: dict[tuple, dict[str, float]] = collections.defaultdict(dict)
+    for labels, value in grouped.get(f"{family}_bucket", []):
+        rest = tuple(p for p in labels if p[0] != "le")
+        counts[rest][dict(labels)["le"]] = value
+    sums = dict(grouped.get(f"{family}_sum", []))
+    lines = []
+    for labels, count in sorted(grouped.get(f"{family}_count", [])):
+        running = 0.0
+        for bound in LATENCY_BUCKETS:
+            running += counts[labels].get(_le(bound), 0)
+            lines.append(f"ccproxy_{family}_bucket{text(labels + (('le', _le(bound)),))} {running}")
+        lines += [f"ccproxy_{family}_sum{text(labels)} {sums.get(labels, 0.0)}",
+                  f"ccproxy_{family}_count{text(labels)} {count}"]
+    return lines
 
 
 # Anthropic's error types and the statuses it sends them with.
@@ -4565,7 +4715,7 @@ class Handler:
         self._http: Any = None
         self._started = False
         self.ledger = Ledger((config.directory or Path(DEFAULT_CONFIG_DIR).expanduser())
-                             / LEDGER_FILE)
+                             / LEDGER_FILE, self.stats, self.session_gauges)
 
     # -- start ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -4646,14 +4796,7 @@ class Handler:
         if decision is not None and decision.provider == "anthropic":
             self.keep_thinking(decision.upstream)
         elapsed = (time.perf_counter() - started) * 1000
-        with self.stats.lock:
-            self.stats.routes[decision.label if decision else "unrouted"] += 1
-            self.stats.hook_errors += len(ctx.hook_errors)
-            self.stats.hook_ms_total += elapsed
-            for name, _desc, verdict in ctx.verdicts:
-                self.stats.rules[name, "evaluated"] += 1
-                self.stats.rules[name, "matched"] += verdict.matched
-                self.stats.rules[name, "failed"] += verdict.fact.startswith("failed:")
+        self.stats.routed(decision.label if decision else "unrouted", ctx, elapsed / 1000)
         if decision is not None:
             log.info("route %s: %s -> %s%s%s", decision.label, decision.requested_model,
                      decision.model if decision.model == decision.upstream
@@ -4686,9 +4829,13 @@ class Handler:
             or deployment_model(answer_model_id(response, call_info))
         if answered:
             decision["answered_by"] = answered
-        return dict(passed, **{
-            "x-ccproxy-rule": str(decision["label"]),
-            "x-ccproxy-model": answered or str(decision.get("upstream") or decision.get("model"))})
+        model = answered or str(decision.get("upstream") or decision.get("model"))
+        headers = dict(passed, **{"x-ccproxy-rule": str(decision["label"]),
+                                  "x-ccproxy-model": model})
+        cost = answer_cost(model, response)
+        if cost is not None:        # a JSON answer from a priced model (a stream's headers
+            headers["x-ccproxy-cost"] = f"{cost:.6f}"    # go before its usage is known)
+        return headers
 
     def _record_signatures(self, request_data: Mapping[str, Any], decision: dict,
                            signatures: Iterable[str]) -> None:
@@ -4801,33 +4948,19 @@ class Handler:
                         "`%s` until %s", session[:8], decision.get("upstream", "?"), quota,
                         clock(until))
 
-    def record_failure(self, kwargs: Mapping[str, Any]) -> None:
-        """Count a failed request against the route it took (health checks aside)."""
-        if not is_health_check(kwargs):
-            label = routing_metadata(kwargs).get("label", "unrouted")
-            with self.stats.lock:
-                self.stats.failures[label] += 1
-                self.stats.last_ok[label] = False
-            self.ledger_row(kwargs, "failed")
-
-    def record_success(self, kwargs: Mapping[str, Any], start: Any, end: Any) -> None:
-        """Note an answered request's latency on the route it took (health checks aside)."""
-        label = routing_metadata(kwargs).get("label")
+    def record_finished(self, kwargs: Mapping[str, Any], status: str) -> None:
+        """Count a finished request (`ok` or `failed`) against the route it took and book it
+        in the usage ledger; LiteLLM's own health checks aside."""
         if is_health_check(kwargs):
             return
-        self.ledger_row(kwargs, "ok")
-        if label:
-            try:
-                seconds = max(0.0, (end - start).total_seconds())
-            except (TypeError, AttributeError):
-                return
-            self.stats.answered(str(label), seconds)
+        row = self.usage_row(kwargs, status)
+        self.stats.finished(row, attempted_retries(kwargs))
+        if self.config.settings.usage_ledger:
+            self.ledger.add(row)
 
-    def ledger_row(self, kwargs: Mapping[str, Any], status: str) -> None:
-        """One usage-ledger row for a finished request: who, which route, which deployment
-        answered, tokens, its cost and what the requested model would have cost."""
-        if not self.config.settings.usage_ledger:
-            return
+    def usage_row(self, kwargs: Mapping[str, Any], status: str) -> dict:
+        """One finished request: who, which route, which deployment answered, tokens, its
+        cost and what the requested model would have cost (the ledger's row)."""
         decision = routing_metadata(kwargs)
         params = kwargs.get("litellm_params")
         request = params.get("proxy_server_request") if isinstance(params, Mapping) else None
@@ -4839,17 +4972,18 @@ class Handler:
                        kwargs.get("model") or "")
         requested = str(decision.get("requested_model") or kwargs.get("model") or "")
         cost = usage.get("cost")
-        tokens = (usage.get("input_tokens", 0), usage.get("output_tokens", 0))
-        self.ledger.add({
+        tokens = {k: usage.get(k, 0) for k in ("input_tokens", "output_tokens",
+                                                 "cache_read_tokens", "cache_write_tokens")}
+        return {
             "ts": time.time(), "session": parse_session(metadata, headers),
             "agent": headers.get("x-claude-code-agent-id"),
             "user": claude_user(metadata).get("claude_account_id"),
             "label": decision.get("label"), "requested_model": requested,
             "answered_model": answered, "provider": decision.get("provider"),
-            "input_tokens": tokens[0], "output_tokens": tokens[1], "cost": cost,
+            "routed_model": decision.get("upstream"), **tokens, "cost": cost,
             "requested_cost": cost if model_name(requested) == model_name(answered)
-            else model_cost(requested, *tokens) if requested else None,
-            "latency_s": usage.get("latency_s"), "ttfb_s": usage.get("ttfb_s"), "status": status})
+            else model_cost(requested, **tokens) if requested else None,
+            "latency_s": usage.get("latency_s"), "ttfb_s": usage.get("ttfb_s"), "status": status}
 
     # -- ccproxy's routes -----------------------------------------------------------------
     def routes(self) -> list[tuple[str, Callable[..., Any], str, bool]]:
@@ -4868,8 +5002,21 @@ class Handler:
         return json_response(self.health())
 
     async def _metrics_route(self, request: Any, response: Any, key: Any) -> Any:
-        return text_response(prometheus_text(self.stats, self.pipeline.sessions.totals()),
+        import asyncio
+
+        series, gauges = await asyncio.to_thread(self.shared_series)
+        return text_response(prometheus_text(series, gauges),
                              "text/plain; version=0.0.4; charset=utf-8")
+
+    def session_gauges(self) -> dict[str, float]:
+        """This process's session figures as /ccproxy/metrics gauges."""
+        return {SESSION_GAUGES[k]: v for k, v in self.pipeline.sessions.totals().items()}
+
+    def shared_series(self) -> tuple[Mapping[tuple, float], Mapping[str, float]]:
+        """The counts and gauges of every worker (through the usage database); this
+        process's alone when the ledger is off or cannot be read."""
+        shared = self.ledger.read_series() if self.config.settings.usage_ledger else None
+        return shared or (self.stats.copy(), self.session_gauges())
 
     async def _session_route(self, request: Any, response: Any, key: Any) -> Any:
         session_id = request.path_params.get("session_id", "")
@@ -4877,6 +5024,12 @@ class Handler:
             state = self.pipeline.sessions.export(session_id)
             return json_response(state, 200 if state["states"] else 404)
         found = self.pipeline.sessions.find(session_id)
+        if found and self.config.settings.usage_ledger:
+            import asyncio
+
+            spent = await asyncio.to_thread(self.ledger.session_cost, session_id)
+            if spent is not None:
+                found = dict(found, cost_usd=spent[0], saved_usd=spent[1])
         return json_response(found or {"error": "unknown session"}, 200 if found else 404)
 
     async def _count_tokens_route(self, request: Any, response: Any, key: Any) -> Any:
@@ -4921,8 +5074,7 @@ class Handler:
         data, ctx = await asyncio.to_thread(run_pipeline, self.pipeline, dict(body),
                                             call_type="count_tokens", headers=headers)
         decision = ctx.decision
-        with self.stats.lock:
-            self.stats.counts[decision.label if decision else "unrouted"] += 1
+        self.stats.add("count_tokens_total", label=decision.label if decision else "unrouted")
         if decision is not None and decision.provider == "anthropic":
             group = self.pipeline.models().group(decision.model)
             params = _litellm_params(group[0]) if group else {}
@@ -4989,11 +5141,10 @@ class Handler:
 
     def _rule_counts(self) -> dict:
         """Per rule: how often it was evaluated, matched and failed."""
-        with self.stats.lock:
-            counts = dict(self.stats.rules)
         out: dict[str, dict[str, int]] = {}
-        for (rule, verdict), n in counts.items():
-            out.setdefault(rule, {"evaluated": 0, "matched": 0, "failed": 0})[verdict] = n
+        for (rule, verdict), n in by_label(self.stats.copy(), "rule_verdicts_total", "rule",
+                                           "verdict").items():
+            out.setdefault(rule, {"evaluated": 0, "matched": 0, "failed": 0})[verdict] = int(n)
         return out
 
     def _label_health(self) -> dict:
@@ -5065,11 +5216,11 @@ def _make_handler_class() -> type:
 
         async def async_log_failure_event(self, kwargs: dict, response_obj: Any,
                                           start_time: Any, end_time: Any) -> None:
-            self.core.record_failure(kwargs)
+            self.core.record_finished(kwargs, "failed")
 
         async def async_log_success_event(self, kwargs: dict, response_obj: Any,
                                           start_time: Any, end_time: Any) -> None:
-            self.core.record_success(kwargs, start_time, end_time)
+            self.core.record_finished(kwargs, "ok")
 
     return CCProxyHandler
 
@@ -5369,21 +5520,34 @@ BACKGROUND = Background()
 
 LEDGER_COLUMNS = ("ts", "session", "agent", "user", "label", "requested_model", "answered_model",
                   "provider", "input_tokens", "output_tokens", "cost", "requested_cost",
-                  "latency_s", "ttfb_s", "status")
+                  "latency_s", "ttfb_s", "status", "cache_read_tokens", "cache_write_tokens")
+SERIES_FLUSH_S = 1.0        # how often each worker adds its counters to the shared totals
+GAUGE_STALE_S = 10.0        # a worker whose gauges are older than this is gone
 
 
 class Ledger:
     """The usage ledger: one row per finished request in SQLite (WAL, 0600) in the config
     dir. Rows go through a bounded queue to one writer thread, so the event loop never waits
     on the disk; a full queue or a failing database counts rows as dropped (shown in health
-    and metrics), one warning, and the proxy keeps serving."""
+    and metrics), one warning, and the proxy keeps serving.
 
-    def __init__(self, path: Path, capacity: int = 10_000) -> None:
+    The same thread adds this process's new counts (Stats) to the database's `series` totals
+    and its session gauges to `gauges` at least every SERIES_FLUSH_S, so /ccproxy/metrics
+    answers for all workers, whichever one serves it."""
+
+    def __init__(self, path: Path, stats: "Stats | None" = None,
+                 gauges: Callable[[], Mapping[str, float]] | None = None,
+                 capacity: int = 10_000) -> None:
         import queue
 
         self.path = path
         self.rows: "queue.Queue[tuple]" = queue.Queue(maxsize=capacity)
         self.written = self.dropped = 0
+        self.stats = stats
+        self.gauges = gauges
+        self.process = f"{os.getpid()}-{os.environ.get(INSTANCE_ENV, '')}"
+        self._flushed: dict[tuple, float] = {}     # the counts `series` has from this process
+        self._series_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._warned = False
 
@@ -5410,41 +5574,131 @@ class Ledger:
 
     def _drop(self, count: int, why: str) -> None:
         self.dropped += count
+        if self.stats is not None:
+            self.stats.add("ledger_dropped_total", count)
         if not self._warned:
             self._warned = True
             log.warning("usage ledger: %s; %d row(s) dropped (counted in health); requests "
                         "are not affected", why, count)
 
     def _run(self) -> None:
+        import queue
         import sqlite3
 
         db = None
+        insert = (f"INSERT INTO usage ({', '.join(LEDGER_COLUMNS)}) "
+                  f"VALUES ({', '.join('?' * len(LEDGER_COLUMNS))})")
         while True:
-            batch = [self.rows.get()]
-            while len(batch) < 500 and not self.rows.empty():
+            try:
+                batch = [self.rows.get(timeout=SERIES_FLUSH_S)]
+            except queue.Empty:
+                batch = []
+            while batch and len(batch) < 500 and not self.rows.empty():
                 batch.append(self.rows.get_nowait())
             try:
                 db = db or open_ledger(self.path)
-                with db:
-                    db.executemany(f"INSERT INTO usage VALUES ({', '.join('?' * len(LEDGER_COLUMNS))})",
-                                   batch)
+                with self._series_lock:
+                    with db:
+                        db.executemany(insert, batch)
+                        series = self._write_series(db)
+                    self._flushed = series
                 self.written += len(batch)
             except (sqlite3.Error, OSError) as exc:
                 db = None
-                self._drop(len(batch), f"cannot write {self.path.name}: {exc}")
+                if batch:
+                    self._drop(len(batch), f"cannot write {self.path.name}: {exc}")
             for _row in batch:
                 self.rows.task_done()
 
+    def _write_series(self, db: Any) -> dict[tuple, float]:
+        """Add this process's counts since the last flush to `series`; its gauges to
+        `gauges`. The counts now flushed."""
+        if self.stats is None:
+            return self._flushed
+        current = self.stats.copy()
+        new = [(name, json.dumps(labels), value - self._flushed.get((name, labels), 0))
+               for (name, labels), value in current.items()
+               if value != self._flushed.get((name, labels), 0)]
+        db.executemany("INSERT INTO series (name, labels, value) VALUES (?, ?, ?) ON CONFLICT "
+                       "(name, labels) DO UPDATE SET value = value + excluded.value", new)
+        if self.gauges is not None:
+            now = time.time()
+            db.executemany("INSERT OR REPLACE INTO gauges VALUES (?, ?, ?, ?)",
+                           [(self.process, name, value, now)
+                            for name, value in self.gauges().items()])
+        return current
+
+    def session_cost(self, session: str) -> tuple[float, float] | None:
+        """What a session's priced answers cost and what routing saved on them (every
+        worker's rows); None when nothing of it is booked or the database cannot be read."""
+        import sqlite3
+
+        if not self.path.is_file():
+            return None
+        try:
+            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=1.0)
+            try:
+                cost, saved = db.execute(
+                    "SELECT sum(cost), sum(requested_cost - cost) FROM usage WHERE session = ?",
+                    (session,)).fetchone()
+            finally:
+                db.close()
+        except sqlite3.Error:
+            return None
+        return None if cost is None else (round(cost, 6), round(saved or 0.0, 6))
+
+    def read_series(self) -> tuple[dict[tuple, float], dict[str, float]] | None:
+        """Every worker's counts (the database's totals plus this process's counts not
+        flushed yet) and the live workers' gauges summed; None if the database cannot be
+        read."""
+        import sqlite3
+
+        if self.stats is None or not self.path.is_file():
+            return None
+        with self._series_lock:
+            try:
+                db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5.0)
+                try:
+                    rows = db.execute("SELECT name, labels, value FROM series").fetchall()
+                    gauge_rows = db.execute(
+                        "SELECT name, sum(value) FROM gauges WHERE updated >= ? AND process != ? "
+                        "GROUP BY name", (time.time() - GAUGE_STALE_S, self.process)).fetchall()
+                finally:
+                    db.close()
+            except sqlite3.Error:
+                return None
+            series = {key: value - self._flushed.get(key, 0)
+                      for key, value in self.stats.copy().items()}
+        for name, labels, value in rows:
+            key = (name, tuple(tuple(pair) for pair in json.loads(labels)))
+            series[key] = series.get(key, 0) + value
+        gauges = dict(self.gauges() if self.gauges is not None else {})
+        for name, value in gauge_rows:
+            gauges[name] = gauges.get(name, 0) + value
+        return series, gauges
+
 
 def open_ledger(path: Path) -> Any:
-    """The ledger database, created private (0600, its WAL files too) with its table."""
+    """The ledger database, created private (0600, its WAL files too) with its tables; a
+    ledger written by an older ccproxy gets the columns it lacks."""
     import sqlite3
 
     for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         os.close(os.open(name, os.O_WRONLY | os.O_CREAT, 0o600))
     db = sqlite3.connect(path, timeout=5.0, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
-    db.execute(f"CREATE TABLE IF NOT EXISTS usage ({', '.join(LEDGER_COLUMNS)})")
+    with db:
+        db.execute(f"CREATE TABLE IF NOT EXISTS usage ({', '.join(LEDGER_COLUMNS)})")
+        have = {row[1] for row in db.execute("PRAGMA table_info(usage)")}
+        for column in LEDGER_COLUMNS:
+            if column not in have:
+                db.execute(f"ALTER TABLE usage ADD COLUMN {column}")
+        db.execute("CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts)")
+        db.execute("CREATE INDEX IF NOT EXISTS usage_session ON usage (session)")
+        db.execute("CREATE TABLE IF NOT EXISTS series (name TEXT NOT NULL, labels TEXT NOT NULL, "
+                   "value REAL NOT NULL, PRIMARY KEY (name, labels))")
+        db.execute("CREATE TABLE IF NOT EXISTS gauges (process TEXT NOT NULL, name TEXT NOT NULL, "
+                   "value REAL NOT NULL, updated REAL NOT NULL, PRIMARY KEY (process, name))")
     return db
 
 
@@ -6361,7 +6615,23 @@ def statusline_text(session: Mapping[str, Any] | None, up: bool) -> str:
             f"({session.get('last_label', '?')}) \u00b7 {switches} "
             f"switch{'es' if switches != 1 else ''}"
             + (f" \u00b7 plan limit reached until {clock(until)}"
-               if isinstance(until, (int, float)) else ""))
+               if isinstance(until, (int, float)) else "") + cost_text(session))
+
+
+def cost_text(session: Mapping[str, Any]) -> str:
+    """` · $0.42 (saved $1.10)` for a session with priced answers (else nothing)."""
+    cost, saved = session.get("cost_usd"), session.get("saved_usd")
+    if not isinstance(cost, (int, float)) or isinstance(cost, bool):
+        return ""
+    text = f" \u00b7 {usd(cost)}"
+    if isinstance(saved, (int, float)) and not isinstance(saved, bool) and abs(saved) >= 0.00005:
+        text += f" (saved {usd(saved)})" if saved > 0 else f" ({usd(-saved)} more)"
+    return text
+
+
+def usd(amount: float) -> str:
+    """Dollars as people read them: cents, or four decimals below ten cents."""
+    return f"${amount:.2f}" if amount >= 0.1 else f"${amount:.4f}"
 
 
 def plan_usage_text(data: Any) -> str:
@@ -6917,14 +7187,17 @@ def usage_rows(path: Path, since_s: float, by: str) -> list[dict]:
     key = USAGE_GROUPS[by]
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
     try:
-        rows = db.execute(
+        have = {row[1] for row in db.execute("PRAGMA table_info(usage)")}
+        cached = [c if c in have else "0" for c in ("cache_read_tokens", "cache_write_tokens")]
+        rows = db.execute(           # (a ledger written before the cache columns: 0 there)
             f"SELECT {key}, count(*), sum(status = 'failed'), sum(input_tokens), "
-            "sum(output_tokens), sum(cost), sum(cost IS NULL), sum(requested_cost - cost) "
+            f"sum(output_tokens), sum({cached[0]}), sum({cached[1]}), sum(cost), "
+            "sum(cost IS NULL), sum(requested_cost - cost) "
             f"FROM usage WHERE ts >= ? GROUP BY 1 ORDER BY 1", (time.time() - since_s,)).fetchall()
     finally:
         db.close()
-    names = (by, "requests", "failed", "input_tokens", "output_tokens", "cost_usd", "unpriced",
-             "saved_usd")
+    names = (by, "requests", "failed", "input_tokens", "output_tokens", "cache_read_tokens",
+             "cache_write_tokens", "cost_usd", "unpriced", "saved_usd")
     return [dict(zip(names, row, strict=True)) for row in rows]
 
 
@@ -6949,17 +7222,16 @@ def cmd_usage(args: argparse.Namespace) -> int:
         writer.writeheader()
         writer.writerows(rows)
         return 0
-    total = {args.by: "total"} | {k: sum(r[k] or 0 for r in rows) for k in
-                                  ("requests", "failed", "input_tokens", "output_tokens",
-                                   "cost_usd", "unpriced", "saved_usd")}
+    total = {args.by: "total"} | {k: sum(r[k] or 0 for r in rows) for k in rows[0]
+                                  if k != args.by} if rows else {}
     _print(f"usage since {args.since} ago, by {args.by}")
-    _print(f"{args.by:<28} {'requests':>9} {'failed':>7} {'input':>11} {'output':>9} "
-           f"{'cost $':>10} {'saved $':>9} {'unpriced':>9}")
-    for row in rows + [total]:
+    _print(f"{args.by:<28} {'requests':>9} {'failed':>7} {'input':>11} {'cached':>11} "
+           f"{'output':>9} {'cost $':>10} {'saved $':>9} {'unpriced':>9}")
+    for row in rows + ([total] if total else []):
         _print(f"{str(row[args.by])[:28]:<28} {row['requests']:>9,} {row['failed'] or 0:>7,} "
-               f"{row['input_tokens'] or 0:>11,} {row['output_tokens'] or 0:>9,} "
-               f"{row['cost_usd'] or 0:>10.4f} {row['saved_usd'] or 0:>9.4f} "
-               f"{row['unpriced'] or 0:>9,}")
+               f"{row['input_tokens'] or 0:>11,} {row['cache_read_tokens'] or 0:>11,} "
+               f"{row['output_tokens'] or 0:>9,} {row['cost_usd'] or 0:>10.4f} "
+               f"{row['saved_usd'] or 0:>9.4f} {row['unpriced'] or 0:>9,}")
     return 0
 
 

@@ -2287,6 +2287,156 @@ def test_the_usage_ledger_books_each_answer_with_tokens_cost_and_saving(proxy, c
     assert health["ledger"]["written"] >= 2 and health["ledger"]["dropped"] == 0
 
 
+CACHED_USAGE = {"input_tokens": 100, "output_tokens": 5, "cache_read_input_tokens": 1000,
+                "cache_creation_input_tokens": 200}
+
+
+def answers_with_cached_usage(record):
+    """Anthropic answers that read 1,000 tokens from the prompt cache and wrote 200."""
+    if record["path"].startswith("/v1/messages") and "count_tokens" not in record["path"]:
+        return 200, dict(anthropic_message(record["body"].get("model", "?"), "ok", 100), usage=CACHED_USAGE)
+    return None
+
+
+def write_ledger_config(directory: Path, upstream: FakeUpstream, port: int) -> None:
+    """Two workers; opus requests routed to (priced) Haiku, the rest passed through."""
+    write_config(directory, upstream, port,
+                 settings={"unshared_workers": True, "rules": [
+                     {"name": "background", "rule": "MatchModelRule", "params": {"model_name": "opus"}}]},
+                 litellm={"host": "127.0.0.1", "port": port, "num_workers": 2},
+                 model_list=[{"model_name": "background", "litellm_params": {
+                     "model": "anthropic/claude-haiku-4-5", "api_base": upstream.url}},
+                     {"model_name": "claude-*", "litellm_params": {"model": "anthropic/claude-*",
+                                                                   "api_base": upstream.url}}])
+
+
+@pytest.fixture(scope="module")
+def ledger_proxy(upstream, tmp_path_factory):
+    with started_proxy(tmp_path_factory, "ledger", lambda d, p: write_ledger_config(d, upstream, p)) as run:
+        yield run
+
+
+def metric_values(url: str) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+    raw = http("GET", url + ccproxy.METRICS_PATH)[2].decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(raw) for s in f.samples}
+
+
+@slow
+def test_two_workers_book_cache_tokens_cost_and_saving_and_every_scrape_counts_both(ledger_proxy, clean_upstream):
+    import litellm
+    clean_upstream.scripts.append(answers_with_cached_usage)
+    header_costs = []
+    for i in range(12):
+        body, headers = cc_request("main", session=f"sess-cache-{i % 3}")
+        body.update(model="claude-opus-4-5", stream=bool(i % 2))
+        status, got, raw = ledger_proxy.messages(body, headers)
+        assert status == 200, raw[:300]
+        assert ("x-ccproxy-cost" in got) == (not body["stream"])      # a stream's headers come before its usage
+        header_costs += [float(got["x-ccproxy-cost"])] if "x-ccproxy-cost" in got else []
+    tokens = {"prompt_tokens": 1300, "completion_tokens": 5, "cache_read_input_tokens": 1000,
+              "cache_creation_input_tokens": 200}
+    haiku, opus = (sum(litellm.cost_per_token(model=m, **tokens)) for m in ("claude-haiku-4-5", "claude-opus-4-5"))
+    assert header_costs == [pytest.approx(haiku, rel=1e-4)] * 6
+    ledger = ledger_proxy.directory / ccproxy.LEDGER_FILE
+    query = ("SELECT count(*), sum(cache_read_tokens), sum(cache_write_tokens), min(input_tokens), max(input_tokens), "
+             "sum(cost), sum(requested_cost), count(DISTINCT answered_model) FROM usage WHERE session LIKE 'sess-cache-%'")
+    import sqlite3
+    deadline, row = time.monotonic() + 30, None
+    while time.monotonic() < deadline:
+        if ledger.exists():
+            with contextlib.closing(sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)) as db:
+                row = db.execute(query).fetchone()
+            if row[0] >= 12:
+                break
+        time.sleep(0.2)
+    assert row is not None and row[:5] == (12, 12000, 2400, 1300, 1300) and row[7] == 1, row
+    assert row[5] == pytest.approx(12 * haiku) and row[6] == pytest.approx(12 * opus)
+    key = (("label", "background"), ("model", "anthropic/claude-haiku-4-5"))
+    deadline = time.monotonic() + 30
+    while metric_values(ledger_proxy.url).get(("ccproxy_answers_total", key + (("status", "ok"),))) != 12:
+        assert time.monotonic() < deadline, "the metrics never counted all 12 answers"
+        time.sleep(0.3)
+    for _ in range(6):               # whichever worker answers the scrape: every worker's answers
+        values = metric_values(ledger_proxy.url)
+        assert values[("ccproxy_answers_total", key + (("status", "ok"),))] == 12
+        assert values[("ccproxy_tokens_total", (("kind", "cache_read"),) + key)] == 12000
+        assert values[("ccproxy_cost_usd_total", key)] == pytest.approx(12 * haiku)
+        assert values[("ccproxy_saved_usd_total", key)] == pytest.approx(12 * (opus - haiku))
+        assert values[("ccproxy_request_seconds_count", (("label", "background"),))] == 12
+        assert values[("ccproxy_ttfb_seconds_count", (("label", "background"),))] >= 6
+    table = run_cli("usage", "--by", "session", "--config-dir", str(ledger_proxy.directory))
+    line = next(ln for ln in table.stdout.splitlines() if ln.startswith("sess-cache-0"))
+    assert line.split()[1:5] == ["4", "0", "5,200", "4,000"], table.stdout     # requests, failed, input, cached
+
+
+LEDGER_WRITER = """
+import sys, time
+sys.path.insert(0, {here!r})
+import ccproxy
+stats = ccproxy.Stats()
+ledger = ccproxy.Ledger(ccproxy.Path({path!r}), stats, lambda: {{"sessions": 1}})
+ledger.start()
+row = dict(ts=time.time(), session="s", label="think", requested_model="claude-opus-4-5",
+           answered_model="anthropic/claude-haiku-4-5", input_tokens=10, output_tokens=1,
+           cache_read_tokens=0, cache_write_tokens=0, cost=0.5, requested_cost=1.5,
+           latency_s=0.2, ttfb_s=0.1, status="ok")
+for _ in range({rows}):
+    stats.finished(row, 0)
+    ledger.add(row)
+assert ledger.flush(60)
+deadline = time.monotonic() + 30
+while ledger._flushed != stats.copy() and time.monotonic() < deadline:
+    time.sleep(0.05)
+print(ledger.written, ledger.dropped, ledger._flushed == stats.copy())
+"""
+
+
+def test_two_processes_writing_one_ledger_lose_no_row_and_no_count(tmp_path):
+    path = tmp_path / ccproxy.LEDGER_FILE
+    script = LEDGER_WRITER.format(here=str(SCRIPT.parent), path=str(path), rows=3000)
+    writers = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=120)[0].split() for w in writers]
+    assert outputs == [["3000", "0", "True"]] * 2
+    import sqlite3
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert db.execute("SELECT count(*), sum(cost) FROM usage").fetchone() == (6000, 3000.0)
+    series, gauges = ccproxy.Ledger(path, ccproxy.Stats()).read_series()
+    labels = (("label", "think"), ("model", "anthropic/claude-haiku-4-5"))
+    assert series["answers_total", labels + (("status", "ok"),)] == 6000
+    assert series["saved_usd_total", labels] == pytest.approx(6000.0)
+    assert series["request_seconds_count", (("label", "think"),)] == 6000
+    assert gauges == {"sessions": 2}                  # both writers' gauges, fresh
+    text = ccproxy.prometheus_text(series, gauges)
+    assert 'ccproxy_request_seconds_bucket{label="think",le="0.5"} 6000.0' in text
+
+
+def test_a_ledger_written_before_the_cache_columns_is_read_and_upgraded(tmp_path):
+    import sqlite3
+    path = tmp_path / ccproxy.LEDGER_FILE
+    old = ccproxy.LEDGER_COLUMNS[:15]
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute(f"CREATE TABLE usage ({', '.join(old)})")
+        db.execute(f"INSERT INTO usage VALUES ({', '.join('?' * 15)})",
+                   (time.time(), "s", None, None, "think", "m", "m", "anthropic", 10, 1, 0.1, 0.1, 1.0, 0.5, "ok"))
+    (rows,) = ccproxy.usage_rows(path, 3600, "label")
+    assert rows["requests"] == 1 and rows["cache_read_tokens"] == 0
+    ccproxy.open_ledger(path).close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        assert [r[1] for r in db.execute("PRAGMA table_info(usage)")] == list(ccproxy.LEDGER_COLUMNS)
+
+
+def test_status_line_shows_the_sessions_cost_and_saving():
+    session = {"requested_model": "claude-opus-5-5", "last_upstream": "anthropic/claude-haiku-4-5",
+               "last_label": "background", "switches": 2, "cost_usd": 0.42, "saved_usd": 1.1}
+    assert ccproxy.statusline_text(session, up=True) == \
+        "ccproxy: opus\u2192claude-haiku-4-5 (background) \u00b7 2 switches \u00b7 $0.42 (saved $1.10)"
+    assert ccproxy.statusline_text(dict(session, cost_usd=0.000625, saved_usd=0.0), up=True).endswith(
+        "2 switches \u00b7 $0.0006")
+    assert ccproxy.statusline_text(dict(session, cost_usd=None), up=True).endswith("2 switches")
+
+
 def test_metrics_enabled_false_turns_the_metrics_route_off(tmp_path):
     (tmp_path / "ccproxy.yaml").write_text("ccproxy: {metrics_enabled: false}\n")
     off = ccproxy.Handler(config=ccproxy.load_config(tmp_path))
