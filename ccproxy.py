@@ -51,6 +51,7 @@ import collections
 import contextvars
 import copy
 import dataclasses
+import datetime
 import functools
 import importlib
 import inspect
@@ -157,8 +158,163 @@ METRICS_PATH = "/ccproxy/metrics"
 MODELS_PATH = "/v1/models"
 ROUTE_MODEL_PREFIX = "claude-route-"   # a route as a model Claude Code's /model can pick
 SESSION_PATH = "/ccproxy/session"
+DASHBOARD_PATH = "/ccproxy/"
+DASHBOARD_DATA_PATH = "/ccproxy/dashboard.json"
 
 DEFAULT_HOOKS = ("rule_evaluator", "model_router", "forward_apikey", "extract_session_id")
+
+# GET /ccproxy/: one page, no build step and nothing from elsewhere (works offline). It holds
+# no data: its script reads /ccproxy/dashboard.json every few seconds, sending the proxy key
+# that `dashboard` puts in the URL's #fragment (never sent to a server, dropped from the
+# address bar on load). Everything a client may have chosen (session ids, model names) goes
+# in as text, never as HTML.
+# The page may run its own inline script and fetch from this origin, nothing else; no frame may hold it.
+DASHBOARD_HEADERS = {
+    "content-security-policy": "default-src 'none'; script-src 'unsafe-inline'; style-src "
+                               "'unsafe-inline'; connect-src 'self'; img-src data:; "
+                               "frame-ancestors 'none'",
+    "x-frame-options": "DENY", "referrer-policy": "no-referrer", "cache-control": "no-store"}
+DASHBOARD_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>ccproxy</title>
+<link rel="icon" href="data:,">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
+h1{font-size:1.3em;margin:0 0 .2em} h2{font-size:1.05em;margin:1.4em 0 .4em}
+table{border-collapse:collapse;background:#fff}
+td,th{padding:.25em .7em;border-bottom:1px solid #e4e4e4;text-align:left}
+td.n,th.n{text-align:right;font-variant-numeric:tabular-nums} #state{color:#666} .bad{color:#b00020}
+svg{background:#fff;border:1px solid #e4e4e4} .empty{color:#888;font-style:italic}
+</style></head><body>
+<h1>ccproxy</h1><div id="state">loading...</div>
+<form id="keyform" hidden><input id="key" type="password" placeholder="proxy key (proxy.key)" autocomplete="off">
+<button>use</button></form>
+<h2>Sessions</h2><table id="sessions"></table>
+<h2>Cost per day (last 30 days)</h2>
+<svg id="chart" width="640" height="160" role="img"></svg><div id="totals"></div>
+<h2>Rules</h2><table id="rules"></table>
+<h2>Routes</h2><table id="labels"></table>
+<h2>Recent errors</h2><table id="errors"></table>
+<script>
+"use strict";
+const KEY = "ccproxy-key", SVG = "http://www.w3.org/2000/svg";
+const fragment = new URLSearchParams(location.hash.slice(1));
+if (fragment.get("key")) {
+  sessionStorage.setItem(KEY, fragment.get("key"));
+  history.replaceState(null, "", location.pathname);
+}
+const usd = v => v == null ? "-" : "$" + v.toFixed(Math.abs(v) >= 0.1 ? 2 : 4);
+const num = v => v == null ? "-" : Number(v).toLocaleString("en-US");
+const $ = id => document.getElementById(id);
+
+function fill(id, head, rows, empty) {
+  const table = $(id), top = table.insertRow();
+  table.replaceChildren(top);
+  for (const [title, numeric] of head) {
+    const th = document.createElement("th");
+    th.textContent = title;
+    th.className = numeric ? "n" : "";
+    top.appendChild(th);
+  }
+  if (!rows.length) {
+    const cell = table.insertRow().insertCell();
+    cell.colSpan = head.length;
+    cell.className = "empty";
+    cell.textContent = empty;
+  }
+  for (const row of rows) {
+    const tr = table.insertRow();
+    row.forEach((value, i) => {
+      const cell = tr.insertCell();
+      cell.textContent = value;
+      cell.className = head[i][1] ? "n" : "";
+    });
+  }
+}
+
+function svg(name, attributes, text) {
+  const node = document.createElementNS(SVG, name);
+  for (const [k, v] of Object.entries(attributes)) node.setAttribute(k, v);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function chart(days) {
+  const box = $("chart"), width = 640 / Math.max(days.length, 1);
+  const max = Math.max(0.0001, ...days.map(d => d.cost_usd));
+  box.replaceChildren();
+  days.forEach((d, i) => {
+    const h = Math.round(130 * d.cost_usd / max);
+    const bar = svg("rect", {x: i * width + 2, y: 140 - h, width: Math.max(width - 4, 1),
+                             height: h, fill: "#4a6fa5"});
+    bar.appendChild(svg("title", {}, `${d.day}: ${usd(d.cost_usd)}, saved ${usd(d.saved_usd)}`));
+    box.appendChild(bar);
+  });
+  const span = days.length ? `${days[0].day} .. ${days[days.length - 1].day}, highest ${usd(max)}` : "";
+  box.appendChild(svg("text", {x: 4, y: 155, "font-size": 11}, span));
+}
+
+function show(d) {
+  const h = d.health;
+  $("state").className = h.status === "ok" ? "" : "bad";
+  $("state").textContent = [`ccproxy ${h.version} on LiteLLM ${h.litellm}`, h.status,
+    `${num(h.requests)} requests`, `up ${Math.round(h.uptime_s)} s`,
+    `updated ${new Date().toLocaleTimeString()}`].join(" \\u00b7 ");
+  fill("sessions", [["session"], ["agent"], ["requested"], ["route"], ["answering model"],
+                    ["requests", 1], ["switches", 1], ["tokens re-sent", 1], ["cost", 1],
+                    ["saved", 1], ["idle", 1]],
+       d.sessions.map(s => [s.session_id.slice(0, 12), s.agent_id || "", s.requested_model,
+                            s.last_label, s.last_upstream, num(s.requests), num(s.switches),
+                            num(s.uncached_tokens), usd(s.cost_usd), usd(s.saved_usd),
+                            `${Math.round(s.idle_s)} s`]),
+       "no session seen yet");
+  chart(d.days);
+  const sum = key => d.days.reduce((total, day) => total + day[key], 0);
+  $("totals").textContent = `30 days: ${usd(sum("cost_usd"))} spent, ` +
+    `${usd(sum("saved_usd"))} saved by routing, ${num(sum("requests"))} requests`;
+  fill("rules", [["rule"], ["evaluated", 1], ["matched", 1], ["failed", 1]],
+       Object.entries(h.rule_counts).map(([r, c]) => [r, num(c.evaluated), num(c.matched),
+                                                     num(c.failed)]),
+       "no rule evaluated yet");
+  fill("labels", [["label"], ["deployment"], ["last request"]],
+       Object.entries(h.labels).map(([l, v]) => [l, v.deployment ||
+         (l === "default" ? "(the requested model)" : "(no entry)"),
+         v.last_ok == null ? "-" : v.last_ok ? "ok" : "failed"]),
+       "no routes");
+  fill("errors", [["time"], ["label"], ["model"], ["error"]],
+       d.errors.map(e => [new Date(e.ts * 1000).toLocaleString(), e.label || "",
+                          e.answered_model || "", e.error || ""]),
+       "none");
+}
+
+async function refresh() {
+  const key = sessionStorage.getItem(KEY);
+  const headers = key ? {"x-ccproxy-key": key, "authorization": "Bearer " + key} : {};
+  try {
+    const answer = await fetch("dashboard.json", {headers, cache: "no-store"});
+    $("keyform").hidden = answer.status !== 401;
+    if (answer.status === 401) {
+      $("state").textContent = "this proxy needs its key (`python ccproxy.py dashboard` brings it along)";
+      $("state").className = "bad";
+      return;
+    }
+    if (!answer.ok) throw new Error("HTTP " + answer.status);
+    show(await answer.json());
+  } catch (err) {
+    $("state").textContent = `cannot reach the proxy (${err.message}); retrying`;
+    $("state").className = "bad";
+  }
+}
+$("keyform").addEventListener("submit", event => {
+  event.preventDefault();
+  sessionStorage.setItem(KEY, $("key").value.trim());
+  $("key").value = "";
+  refresh();
+});
+refresh();
+setInterval(refresh, 3000);
+</script></body></html>
+"""
 
 DEFAULT_CONFIG_YAML = """\
 # ccproxy configuration: one file holds ccproxy's rules and LiteLLM's own sections.
@@ -570,6 +726,17 @@ def answer_usage(kwargs: Mapping[str, Any]) -> dict:
             and first >= start else None}
 
 
+def failure_text(kwargs: Mapping[str, Any]) -> str:
+    """A failed call's error in one short line, credentials redacted (LiteLLM's
+    standard_logging_object error_str, else the exception it logged)."""
+    payload = kwargs.get("standard_logging_object")
+    text = payload.get("error_str") if isinstance(payload, Mapping) else None
+    if not text and kwargs.get("exception") is not None:
+        exc = kwargs["exception"]
+        text = f"{type(exc).__name__}: {exc}"
+    return redact_secrets(" ".join(str(text or "unknown error").split()))[:200]
+
+
 def _count(value: Any) -> int:
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
         and value > 0 else 0
@@ -753,11 +920,11 @@ def json_response(body: Any, status: int = 200) -> Any:
     return JSONResponse(body, status_code=status)
 
 
-def text_response(body: str, media_type: str) -> Any:
-    """A plain-text answer for a route added with add_routes."""
+def text_response(body: str, media_type: str, headers: Mapping[str, str] | None = None) -> Any:
+    """A text answer (plain, HTML) for a route added with add_routes."""
     from fastapi.responses import Response
 
-    return Response(body, media_type=media_type)
+    return Response(body, media_type=media_type, headers=dict(headers or {}))
 
 
 async def litellm_messages_endpoint(request: Any, fastapi_response: Any,
@@ -3266,6 +3433,15 @@ class SessionStore:
             found["quota_until"] = self.quota_until(session_id)
         return found
 
+    def recent(self, limit: int = 50) -> list[dict]:
+        """The sessions (and agents) seen last, newest first, with their idle seconds."""
+        now = time.monotonic()
+        with self._lock:
+            latest = list(self._sessions.values())[-limit:]
+            found = [dict(s.as_dict(), idle_s=round(now - s.last_seen, 1))
+                     for s in reversed(latest)]
+        return found
+
     def limit_reached(self, session_id: str, until: float) -> bool:
         """Note that the session's plan limit is reached until `until` (epoch seconds);
         True when this starts a window (the caller logs it once)."""
@@ -4983,12 +5159,15 @@ class Handler:
             "routed_model": decision.get("upstream"), **tokens, "cost": cost,
             "requested_cost": cost if model_name(requested) == model_name(answered)
             else model_cost(requested, **tokens) if requested else None,
-            "latency_s": usage.get("latency_s"), "ttfb_s": usage.get("ttfb_s"), "status": status}
+            "latency_s": usage.get("latency_s"), "ttfb_s": usage.get("ttfb_s"), "status": status,
+            "error": failure_text(kwargs) if status != "ok" else None}
 
     # -- ccproxy's routes -----------------------------------------------------------------
     def routes(self) -> list[tuple[str, Callable[..., Any], str, bool]]:
         """ccproxy's routes in the proxy: (path, endpoint, method, authenticated)."""
         routes = [(HEALTH_PATH, self._health_route, "GET", False),
+                  (DASHBOARD_PATH, self._dashboard_page, "GET", False),
+                  (DASHBOARD_DATA_PATH, self._dashboard_data, "GET", False),
                   (SESSION_PATH + "/{session_id}", self._session_route, "GET", False)]
         if self.config.settings.metrics_enabled:
             routes.append((METRICS_PATH, self._metrics_route, "GET", False))
@@ -5000,6 +5179,27 @@ class Handler:
 
     async def _health_route(self, request: Any, response: Any, key: Any) -> Any:
         return json_response(self.health())
+
+    async def _dashboard_page(self, request: Any, response: Any, key: Any) -> Any:
+        return text_response(DASHBOARD_HTML, "text/html; charset=utf-8", DASHBOARD_HEADERS)
+
+    async def _dashboard_data(self, request: Any, response: Any, key: Any) -> Any:
+        import asyncio
+
+        return json_response(await asyncio.to_thread(self.dashboard_figures))
+
+    def dashboard_figures(self) -> dict:
+        """What the dashboard shows: health, the recent sessions with their cost, cost per
+        day for 30 days, the latest errors."""
+        sessions = self.pipeline.sessions.recent(50)
+        ledger = self.config.settings.usage_ledger
+        spent = self.ledger.session_costs([s["session_id"] for s in sessions]) if ledger else {}
+        for session in sessions:
+            session["cost_usd"], session["saved_usd"] = spent.get(session["session_id"],
+                                                                  (None, None))
+        return {"health": self.health(), "sessions": sessions,
+                "days": self.ledger.daily(30) if ledger else [],
+                "errors": self.ledger.recent_errors() if ledger else []}
 
     async def _metrics_route(self, request: Any, response: Any, key: Any) -> Any:
         import asyncio
@@ -5027,7 +5227,8 @@ class Handler:
         if found and self.config.settings.usage_ledger:
             import asyncio
 
-            spent = await asyncio.to_thread(self.ledger.session_cost, session_id)
+            spent = (await asyncio.to_thread(self.ledger.session_costs, [session_id])).get(
+                session_id)
             if spent is not None:
                 found = dict(found, cost_usd=spent[0], saved_usd=spent[1])
         return json_response(found or {"error": "unknown session"}, 200 if found else 404)
@@ -5292,8 +5493,8 @@ class AccessPolicy:
                     "address it as 127.0.0.1 or localhost; set ccproxy.proxy_key: true to "
                     "serve others")
             return None
-        if path in LIVENESS_PATHS:
-            return None
+        if path in LIVENESS_PATHS or path == DASHBOARD_PATH:     # the page holds no data; its
+            return None                                              # data route needs the key
         if self.proxy_key:
             if not key_matches(headers.get(PROXY_KEY_HEADER), self.proxy_key):
                 return 401, "authentication_error", (
@@ -5520,7 +5721,8 @@ BACKGROUND = Background()
 
 LEDGER_COLUMNS = ("ts", "session", "agent", "user", "label", "requested_model", "answered_model",
                   "provider", "input_tokens", "output_tokens", "cost", "requested_cost",
-                  "latency_s", "ttfb_s", "status", "cache_read_tokens", "cache_write_tokens")
+                  "latency_s", "ttfb_s", "status", "cache_read_tokens", "cache_write_tokens",
+                  "error")
 SERIES_FLUSH_S = 1.0        # how often each worker adds its counters to the shared totals
 GAUGE_STALE_S = 10.0        # a worker whose gauges are older than this is gone
 
@@ -5628,9 +5830,9 @@ class Ledger:
                             for name, value in self.gauges().items()])
         return current
 
-    def session_cost(self, session: str) -> tuple[float, float] | None:
-        """What a session's priced answers cost and what routing saved on them (every
-        worker's rows); None when nothing of it is booked or the database cannot be read."""
+    def query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple] | None:
+        """Rows of a read-only query on the ledger (every worker's); None when there is no
+        ledger yet or it cannot be read."""
         import sqlite3
 
         if not self.path.is_file():
@@ -5638,14 +5840,42 @@ class Ledger:
         try:
             db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=1.0)
             try:
-                cost, saved = db.execute(
-                    "SELECT sum(cost), sum(requested_cost - cost) FROM usage WHERE session = ?",
-                    (session,)).fetchone()
+                return db.execute(sql, tuple(params)).fetchall()
             finally:
                 db.close()
         except sqlite3.Error:
             return None
-        return None if cost is None else (round(cost, 6), round(saved or 0.0, 6))
+
+    def session_costs(self, sessions: list[str]) -> dict[str, tuple[float, float]]:
+        """session -> (cost, saving) of its priced answers, for those with any."""
+        rows = self.query(f"SELECT session, sum(cost), sum(requested_cost - cost) FROM usage "
+                          f"WHERE session IN ({', '.join('?' * len(sessions))}) GROUP BY 1",
+                          sessions) if sessions else None
+        return {s: (round(c, 6), round(saved or 0.0, 6)) for s, c, saved in rows or ()
+                if c is not None}
+
+    def daily(self, days: int) -> list[dict]:
+        """Cost, saving and requests per local day, the last `days` days (zeros included)."""
+        today = datetime.date.today()
+        first = today - datetime.timedelta(days=days - 1)
+        since = time.mktime(first.timetuple())
+        found = {day: (cost, saved, n) for day, cost, saved, n in self.query(
+            "SELECT date(ts, 'unixepoch', 'localtime'), sum(cost), sum(requested_cost - cost), "
+            "count(*) FROM usage WHERE ts >= ? GROUP BY 1", (since,)) or ()}
+        out = []
+        for i in range(days):
+            day = (first + datetime.timedelta(days=i)).isoformat()
+            cost, saved, n = found.get(day, (None, None, 0))
+            out.append({"day": day, "cost_usd": cost or 0.0, "saved_usd": saved or 0.0,
+                        "requests": n})
+        return out
+
+    def recent_errors(self, limit: int = 10) -> list[dict]:
+        """The latest failed requests, newest first."""
+        rows = self.query("SELECT ts, label, answered_model, error FROM usage WHERE status = "
+                          "'failed' ORDER BY ts DESC LIMIT ?", (limit,))
+        return [dict(zip(("ts", "label", "answered_model", "error"), r, strict=True))
+                for r in rows or ()]
 
     def read_series(self) -> tuple[dict[tuple, float], dict[str, float]] | None:
         """Every worker's counts (the database's totals plus this process's counts not
@@ -7235,6 +7465,32 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """Open the running proxy's page; the proxy key goes in the address's #fragment, which
+    the browser never sends anywhere (the page moves it to its session storage)."""
+    directory = _config_dir(args)
+    state, problem = PidFile(directory).read()
+    if state is None:
+        raise ProcessError(f"the proxy is not running{f' ({problem})' if problem else ''}",
+                           f"start it: {self_command(directory)} start --detach")
+    url = state.url + DASHBOARD_PATH
+    if args.print_only:
+        _print(url)
+        return 0
+    import webbrowser
+
+    try:
+        key = (directory / PROXY_KEY_FILE).read_text().strip()
+    except OSError:
+        key = ""
+    if not webbrowser.open(url + (f"#key={key}" if key else "")):
+        _print(f"no browser to open here; open {url} yourself"
+               + (f" (it asks for the proxy key, in {directory / PROXY_KEY_FILE})" if key else ""))
+        return 1
+    _print(f"opened {url} in the browser" + (" (with the proxy key)" if key else ""))
+    return 0
+
+
 def cmd_statusline(args: argparse.Namespace) -> int:
     """One short line for Claude Code's statusLine: never a traceback, always exit 0."""
     try:
@@ -7447,6 +7703,11 @@ def build_parser() -> argparse.ArgumentParser:
     shown.add_argument("--json", action="store_true", help="JSON rows")
     shown.add_argument("--csv", action="store_true", help="CSV rows")
     p.set_defaults(func=cmd_usage)
+    p = sub.add_parser("dashboard", parents=[common],
+                       help="open the proxy's dashboard page in the browser")
+    p.add_argument("--print", action="store_true", dest="print_only",
+                   help="only print its address (without the proxy key)")
+    p.set_defaults(func=cmd_dashboard)
     p = sub.add_parser("statusline", parents=[common],
                        help="one line for Claude Code's statusLine (reads its JSON on stdin)")
     p.set_defaults(func=cmd_statusline)

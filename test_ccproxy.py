@@ -4230,6 +4230,93 @@ def test_a_web_page_in_chromium_cannot_use_the_proxy(proxy, clean_upstream, tmp_
     assert "refused a request (403 permission_error) from http://127.0.0.1:" in proxy.log()
 
 
+def artifact(name: str, tmp_path: Path) -> Path:
+    """Where a test writes a file worth looking at (CCPROXY_ARTIFACTS, else its tmp dir)."""
+    directory = Path(os.environ.get("CCPROXY_ARTIFACTS") or tmp_path)
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory / name
+
+
+@contextlib.contextmanager
+def chromium_page():
+    """A page in headless Chromium (the Debian package) driven through Playwright; yields
+    (page, problems): console errors and uncaught page errors."""
+    browser_path = chromium_binary()
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing_prerequisite("playwright is not installed (README's test command installs it)")
+    with sync_playwright() as driver:          # (as the page's own CSP leaves it: no bypass)
+        browser = driver.chromium.launch(executable_path=browser_path, args=["--no-sandbox"], timeout=60_000)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            problems: list[str] = []
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            yield page, problems
+        finally:
+            browser.close()
+
+
+@slow
+def test_dashboard_in_chromium_shows_the_session_just_sent(proxy, clean_upstream, tmp_path):
+    from playwright.sync_api import expect
+    body, headers = cc_request("haiku", session="dash-haiku")
+    assert proxy.messages(body, headers)[0] == 200
+    body, headers = cc_request("main", session="dash-opus")
+    body["model"] = "claude-opus-4-5"                      # passed through to a model LiteLLM prices
+    assert proxy.messages(body, headers)[0] == 200
+    clean_upstream.scripts.append(failing(500, "api_error", "think is down", model="up-think"))
+    assert proxy.messages(*cc_request("think", session="dash-think"))[0] == 500
+    status, got, raw = http("GET", proxy.url + ccproxy.DASHBOARD_PATH)
+    assert status == 200 and got["content-type"].startswith("text/html")
+    assert "frame-ancestors 'none'" in got["content-security-policy"] and got["x-frame-options"] == "DENY"
+    assert http("GET", proxy.url + ccproxy.DASHBOARD_PATH, headers={"origin": "http://evil.example"})[0] == 403
+    with chromium_page() as (page, problems):
+        page.goto(proxy.url + ccproxy.DASHBOARD_PATH, timeout=30_000)
+        expect(page.locator("#sessions")).to_contain_text("dash-haiku", timeout=30_000)    # locators, not
+        expect(page.locator("#errors")).to_contain_text("think is down", timeout=30_000)   # eval: the CSP holds
+        row = page.locator("#sessions tr", has_text="dash-haiku").first.inner_text()
+        assert "background" in row and "anthropic/up-background" in row
+        expect(page.locator("#sessions")).to_contain_text("$0.0006", timeout=30_000)   # 100 in + 5 out, Opus
+        assert page.locator("#chart rect").count() == 30
+        assert "background" in page.locator("#rules").inner_text()
+        assert page.locator("#labels").inner_text().count("failed") >= 1          # think's last request
+        page.screenshot(path=str(artifact("dashboard.png", tmp_path)), full_page=True)
+    assert problems == []
+
+
+@slow
+def test_dashboard_with_a_proxy_key_takes_it_from_the_fragment_only(keyed_proxy, tmp_path):
+    from playwright.sync_api import expect
+    assert http("GET", keyed_proxy.url + ccproxy.DASHBOARD_PATH)[0] == 200           # the page: no data
+    assert http("GET", keyed_proxy.url + ccproxy.DASHBOARD_DATA_PATH)[0] == 401       # its data: the key
+    with chromium_page() as (page, problems):
+        page.goto(keyed_proxy.url + ccproxy.DASHBOARD_PATH, timeout=30_000)
+        expect(page.locator("#keyform")).to_be_visible(timeout=30_000)
+        assert "needs its key" in page.locator("#state").inner_text()
+        page.goto("about:blank")            # (a new load: only the fragment differs)
+        page.goto(keyed_proxy.url + ccproxy.DASHBOARD_PATH + "#key=" + keyed_proxy.key, timeout=30_000)
+        expect(page.locator("#state")).to_contain_text("requests", timeout=30_000)
+        assert keyed_proxy.key not in page.url and page.locator("#keyform").is_hidden()
+    assert [p for p in problems if "401" not in p] == []        # the keyless load's 401 is the only one
+    recorder = tmp_path / "browser"
+    recorder.write_text(f"#!/bin/sh\necho \"$1\" > {tmp_path / 'opened'}\n")
+    recorder.chmod(0o755)
+    done = run_cli("dashboard", "--config-dir", str(keyed_proxy.directory), env={"BROWSER": str(recorder)})
+    assert done.returncode == 0 and keyed_proxy.key not in done.stdout + done.stderr
+    assert (tmp_path / "opened").read_text().strip() == \
+        f"{keyed_proxy.url}{ccproxy.DASHBOARD_PATH}#key={keyed_proxy.key}"
+    printed = run_cli("dashboard", "--print", "--config-dir", str(keyed_proxy.directory))
+    assert printed.stdout.strip() == keyed_proxy.url + ccproxy.DASHBOARD_PATH
+
+
+def test_dashboard_command_without_a_running_proxy_says_how_to_start_it(tmp_path):
+    done = run_cli("dashboard", "--config-dir", str(tmp_path))
+    assert done.returncode != 0 and "not running" in done.stderr and "start" in done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 2
+
+
 OWNKEY_RULE = {"name": "ownkey", "rule": "MatchModelRule", "params": {"model_name": "ownkey"}}
 
 
