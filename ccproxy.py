@@ -1184,6 +1184,9 @@ class Settings:
         default_factory=dict)
     quota_fallback: str = ""        # label for a session whose Claude plan limit is reached
     unshared_workers: bool = False  # allow num_workers > 1 with per-process session state
+    # where LiteLLM's own tracing callbacks send spans with each routing decision (README,
+    # "Tracing"): {otel: {endpoint, headers, service_name, message_content}, langfuse: {host}}
+    tracing: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 LEGACY_HANDLER = "ccproxy.handler:CCProxyHandler"   # 1.x's `handler:` default: still true
@@ -1555,6 +1558,10 @@ def parse_settings(section: Mapping[str, Any], problems: ConfigProblems) -> Sett
                                f"{', '.join(RETRY_KINDS)}; got {value!r}")
                 continue
             value = tuple(items)
+        elif key == "tracing":
+            value = parse_tracing(value, problems)
+            if value is None:
+                continue
         elif key == "quota_fallback":
             if not isinstance(value, str):
                 problems.error(("ccproxy", key), "`quota_fallback` must name a model_list entry")
@@ -1571,6 +1578,77 @@ def parse_settings(section: Mapping[str, Any], problems: ConfigProblems) -> Sett
     if "rules" in section:
         values["rules"] = parse_rules(section.get("rules"), problems)
     return dataclasses.replace(base, **values)
+
+
+# `tracing:` backends: their keys (value types), and the packages LiteLLM needs for them.
+TRACING_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "otel": {"endpoint": str, "headers": dict, "service_name": str, "message_content": bool},
+    "langfuse": {"host": str, "message_content": bool}}
+TRACING_PACKAGES = {"otel": ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http"),
+                    "langfuse": ("langfuse",)}
+
+
+def parse_tracing(value: Any, problems: ConfigProblems) -> dict | None:
+    """`tracing:` as {backend: settings}; None (an error noted) when malformed."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        problems.error(("ccproxy", "tracing"), "`tracing` must be a mapping, e.g. "
+                       "{otel: {endpoint: http://127.0.0.1:4318}}")
+        return None
+    out = {}
+    for backend, options in value.items():
+        keys = TRACING_KEYS.get(backend)
+        if keys is None:
+            problems.error(("ccproxy", "tracing", backend), f"unknown tracing backend "
+                           f"`{backend}`{_did_you_mean(str(backend), TRACING_KEYS)}; "
+                           f"one of: {', '.join(TRACING_KEYS)}")
+            continue
+        options = options or {}
+        bad = [k for k, v in options.items() if k not in keys or not isinstance(v, keys[k])] \
+            if isinstance(options, dict) else ["(not a mapping)"]
+        if bad:
+            problems.error(("ccproxy", "tracing", backend), f"tracing.{backend}: unknown or "
+                           f"mistyped {', '.join(map(str, bad))}; it takes {', '.join(keys)}")
+            continue
+        endpoint = options.get("endpoint", "")
+        if backend == "otel" and not re.fullmatch(r"https?://\S+", endpoint):
+            problems.error(("ccproxy", "tracing", backend), "tracing.otel needs `endpoint`, the "
+                           "collector's OTLP/HTTP address, e.g. http://127.0.0.1:4318")
+            continue
+        out[backend] = dict(options)
+    return out
+
+
+def tracing_backends(settings: Settings) -> tuple[list[str], list[str]]:
+    """The `tracing:` backends LiteLLM can run here (their packages are installed), and a
+    warning for each that cannot (it stays off: LiteLLM would refuse to start)."""
+    import importlib.util
+
+    ready, warnings = [], []
+    for backend in settings.tracing:
+        missing = []
+        for module in TRACING_PACKAGES[backend]:
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except ImportError:     # its parent package is not there either
+                found = False
+            if not found:
+                missing.append(module)
+        if missing:
+            warnings.append(f"tracing.{backend} is off: {', '.join(missing)} not installed "
+                            f"(pip install {' '.join(TRACING_PIP[backend])})")
+        else:
+            ready.append(backend)
+    return ready, warnings
+
+
+TRACING_PIP = {"otel": ("opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http"),
+               "langfuse": ("'langfuse>=4.7,<5'",)}
+# ccproxy's routing decision on each span, as scalar attributes `litellm.metadata.ccproxy.X`
+# (LiteLLM's OpenTelemetry callback copies these requester_metadata keys; README, "Tracing").
+TRACE_FIELDS = ("label", "requested_model", "model", "reason", "session", "agent", "user",
+                "switch")
 
 
 ORIGIN_PATTERN = re.compile(r"(?i)https?://[^/\s*]+")
@@ -1801,6 +1879,11 @@ def validate_config(config: Config, pipeline: "Pipeline") -> ValidationReport:
                              "default_model_passthrough is false but model_list has no "
                              "`default` entry; add one or turn passthrough on")
     report.errors += fallback_problems(config, table, ccproblems)
+    report.warnings += tracing_backends(config.settings)[1]
+    if "langfuse" in config.settings.tracing and not (os.environ.get("LANGFUSE_PUBLIC_KEY")
+                                                      and os.environ.get("LANGFUSE_SECRET_KEY")):
+        report.warnings.append("tracing.langfuse: LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY "
+                               "are not set in this environment; Langfuse will refuse the traces")
     circles: set[frozenset] = set()
     for name in table.exact:
         chain = table.aliases(name)
@@ -3039,6 +3122,7 @@ class RequestContext:
     notes: list[str] = dataclasses.field(default_factory=list)   # what the fixes changed
     original_thinking: Any = None    # the client's `thinking`, as it arrived
     quota_resend: bool = False       # sent once more because the plan limit was reached
+    switched: bool = False           # this request moved its conversation to another model
     request_class: tuple[str, str] | None = None   # (class, how known), once worked out
 
     @property
@@ -3360,7 +3444,8 @@ class SessionStore:
 
     def record_route(self, ctx: "RequestContext", decision: RoutingDecision,
                      request: Mapping[str, Any], sticky: bool = False) -> None:
-        """Remember where a conversation's request went; count model switches."""
+        """Remember where a conversation's request went; count model switches (and note a
+        switch on the context)."""
         session, conversation = ctx.session, ctx.conversation
         if session is None or conversation is None:
             return
@@ -3375,6 +3460,7 @@ class SessionStore:
             session.requests += 1
             session.requested_model = decision.requested_model
             session.last_label, session.last_upstream = decision.label, decision.upstream
+        ctx.switched = switched
         if switched:
             # The new model has none of this conversation cached: all of it goes again.
             resent = TOKENS.count_request(request)[0]
@@ -4524,6 +4610,21 @@ class Pipeline:
         if not settings.show_requested_model and ctx.decision is not None:
             # LiteLLM answers with the requested model name unless told otherwise.
             answer_with_upstream_model_name(data)
+        if settings.tracing and ctx.decision is not None:
+            note_for_tracing(data, ctx, ctx.decision)
+
+
+def note_for_tracing(data: dict, ctx: RequestContext, decision: RoutingDecision) -> None:
+    """The routing decision where LiteLLM's tracing callbacks take it from: its logging
+    metadata's requester_metadata (OpenTelemetry span attributes, Langfuse metadata)."""
+    requester = litellm_metadata(data).setdefault("requester_metadata", {})
+    if isinstance(requester, dict):
+        user = claude_user(data.get("metadata")).get("claude_account_id")
+        requester[METADATA_KEY] = {
+            "label": decision.label, "requested_model": decision.requested_model,
+            "model": decision.upstream, "reason": decision.reason,
+            "session": ctx.session_id or "", "agent": ctx.agent_id or "", "user": user or "",
+            "switch": ctx.switched}
 
 
 def run_pipeline(pipeline: Pipeline, data: dict, **context: Any) -> tuple[dict, RequestContext]:
@@ -4571,6 +4672,30 @@ def setup_logging(debug: bool = False) -> None:
         log.addHandler(handler_)
         log.propagate = False
     log.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+class FirstLineOnly(logging.Handler):
+    """Takes a library's log lines and logs the first as one warning of ccproxy's: an
+    unreachable collector makes OpenTelemetry's exporter log a line per retry and batch."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(logging.WARNING)
+        self.what, self.seen = what, False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.seen:
+            self.seen = True
+            lines = record.getMessage().strip().splitlines() or [""]
+            log.warning("%s: %s (logged once; requests are not affected)", self.what,
+                        redact_secrets(lines[0])[:300])
+
+
+def quiet_tracing_logs() -> None:
+    """OpenTelemetry's own log lines become one ccproxy warning (see FirstLineOnly)."""
+    otel = logging.getLogger("opentelemetry")
+    if not any(isinstance(h, FirstLineOnly) for h in otel.handlers):
+        otel.addHandler(FirstLineOnly("tracing: the OpenTelemetry exporter reports"))
+        otel.propagate = False
 
 
 RECURSION_LIMIT = 4000    # in the proxy process (see Handler.start)
@@ -4932,6 +5057,8 @@ class Handler:
                  ", ".join(n for n, _f, _p in self.pipeline.hooks) or "none", files)
         load_oauth_sources(self.pipeline, required=config.settings.oauth_required)
         set_config_instance(self.pipeline.legacy_config)     # what 1.x's get_config() gives
+        if "otel" in config.settings.tracing:
+            quiet_tracing_logs()
         BACKGROUND.start(self.pipeline)
         if config.settings.usage_ledger:
             self.ledger.start()
@@ -6285,6 +6412,7 @@ def litellm_config_for_start(config: Config) -> Path:
         litellm_settings["callbacks"] = listed + ["ccproxy.handler"]
     litellm_settings.setdefault("request_timeout", config.settings.upstream_timeout)
     data["litellm_settings"] = litellm_settings
+    add_tracing(data, config.settings)
     router = data.get("router_settings")
     data["router_settings"] = dict(router) if isinstance(router, dict) else {}
     data["router_settings"].update(router_settings_for(config.settings, data["router_settings"]))
@@ -6303,6 +6431,49 @@ def litellm_config_for_start(config: Config) -> Path:
             + _yaml().safe_dump(data, sort_keys=False))
     write_private(path, text)
     return path
+
+
+def add_tracing(data: dict, settings: Settings) -> None:
+    """LiteLLM's tracing callbacks for the `tracing:` backends whose packages are here; the
+    decision's fields as OpenTelemetry span attributes; prompts and answers left out of the
+    traces unless a backend says `message_content: true`."""
+    ready = tracing_backends(settings)[0]
+    if not ready:
+        return
+    litellm_settings = data["litellm_settings"]
+    listed = list(litellm_settings["callbacks"])
+    litellm_settings["callbacks"] = listed + [b for b in ready if b not in listed]
+    callback_settings = dict(data.get("callback_settings") or {})
+    if "otel" in ready:
+        otel = dict(callback_settings.get("otel") or {})
+        otel.setdefault("baggage_metadata_keys",
+                        [f"requester_metadata.ccproxy.{field}" for field in TRACE_FIELDS])
+        otel.setdefault("turn_off_message_logging",
+                        not settings.tracing["otel"].get("message_content", False))
+        callback_settings["otel"] = otel
+        data["callback_settings"] = callback_settings
+    if "langfuse" in ready and not settings.tracing["langfuse"].get("message_content", False):
+        litellm_settings.setdefault("turn_off_message_logging", True)
+
+
+def tracing_environment(settings: Settings) -> dict[str, str]:
+    """What LiteLLM's tracing callbacks read from the environment (kept out of every file:
+    a collector's headers may hold a token). Header values `os.environ/NAME` are read here."""
+    env: dict[str, str] = {}
+    otel = settings.tracing.get("otel")
+    if otel:
+        env.update(OTEL_EXPORTER="otlp_http", OTEL_ENDPOINT=otel["endpoint"],
+                   OTEL_SERVICE_NAME=otel.get("service_name", "ccproxy"))
+        headers = {k: os.environ.get(v[len("os.environ/"):], "") if str(v).startswith(
+            "os.environ/") else str(v) for k, v in (otel.get("headers") or {}).items()}
+        if headers:
+            env["OTEL_HEADERS"] = ",".join(f"{k}={v}" for k, v in headers.items())
+        if not otel.get("message_content", False):
+            env["OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"] = "NO_CONTENT"
+    langfuse = settings.tracing.get("langfuse")
+    if langfuse and langfuse.get("host"):
+        env["LANGFUSE_HOST"] = langfuse["host"]
+    return env
 
 
 def router_settings_for(settings: Settings, router: Mapping[str, Any]) -> dict[str, Any]:
@@ -6346,6 +6517,7 @@ def proxy_environment(config: Config) -> dict[str, str]:
     elif not master_key_setting(config) and is_loopback(config.host):
         env[WEAK_KEY_PERMIT_ENV] = "True"
     env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(tracing_environment(config.settings))
     return env
 
 

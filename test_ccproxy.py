@@ -2437,6 +2437,130 @@ def test_status_line_shows_the_sessions_cost_and_saving():
     assert ccproxy.statusline_text(dict(session, cost_usd=None), up=True).endswith("2 switches")
 
 
+class Collector:
+    """A stand-in OpenTelemetry collector on loopback: OTLP/HTTP POST /v1/traces (protobuf),
+    keeping every span's name and attributes."""
+
+    def __init__(self) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+        self.spans: list[dict] = []
+        collector = self
+
+        def value(v):
+            kind = v.WhichOneof("value")
+            return getattr(v, kind) if kind and kind not in ("array_value", "kvlist_value") else str(v)
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                if self.headers.get("content-encoding") == "gzip":
+                    import gzip
+                    body = gzip.decompress(body)
+                request = ExportTraceServiceRequest()
+                request.ParseFromString(body)
+                found = [{"name": span.name, "attributes": {a.key: value(a.value) for a in span.attributes}}
+                         for resource in request.resource_spans for scope in resource.scope_spans
+                         for span in scope.spans]
+                collector.spans.extend(found)
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def decision_spans(self) -> list[dict]:
+        return [s["attributes"] for s in self.spans if "litellm.metadata.ccproxy.label" in s["attributes"]]
+
+
+@pytest.fixture(scope="module")
+def collector():
+    try:
+        import opentelemetry.proto  # noqa: F401
+        import opentelemetry.sdk  # noqa: F401
+    except ImportError:
+        missing_prerequisite("the OpenTelemetry packages are not installed (README's test command installs them)")
+    found = Collector()
+    yield found
+    found.close()
+
+
+@pytest.fixture(scope="module")
+def traced_proxy(upstream, collector, tmp_path_factory, monkeypatch_module):
+    monkeypatch_module.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")       # export spans within 0.2 s
+    with started_proxy(tmp_path_factory, "traced", lambda d, p: write_config(d, upstream, p, settings={
+            "tracing": {"otel": {"endpoint": collector.url, "service_name": "ccproxy-test"}}})) as run:
+        yield run
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+@slow
+def test_otel_spans_carry_the_routing_decision_and_no_prompt(traced_proxy, collector, clean_upstream):
+    body, headers = cc_request("haiku", session="sess-traced")
+    assert traced_proxy.messages(body, headers)[0] == 200
+    deadline = time.monotonic() + 30
+    while not any(s.get("litellm.metadata.ccproxy.session") == "sess-traced" for s in collector.decision_spans()):
+        assert time.monotonic() < deadline, f"no span with the decision: {collector.spans[:3]}"
+        time.sleep(0.2)
+    span = next(s for s in collector.decision_spans() if s["litellm.metadata.ccproxy.session"] == "sess-traced")
+    assert {k.rsplit(".", 1)[1]: v for k, v in span.items() if k.startswith("litellm.metadata.ccproxy.")} == {
+        "label": "background", "requested_model": "claude-haiku-5-5", "model": "anthropic/up-background",
+        "reason": "model claude-haiku-5-5 contains 'haiku'", "session": "sess-traced",
+        "switch": "False"}, span                       # (LiteLLM leaves out the empty agent and user)
+    prompt = body["messages"][-1]["content"]
+    prompt = prompt if isinstance(prompt, str) else prompt[-1]["text"]
+    assert not any(prompt[:40] in str(v) for s in collector.spans for v in s["attributes"].values())
+    # the collector goes away: requests keep their answers, the log gets one line
+    collector.close()
+    for i in range(3):
+        assert traced_proxy.messages(*cc_request("main", session=f"sess-untraced-{i}"))[0] == 200
+    deadline = time.monotonic() + 60
+    while "tracing: the OpenTelemetry exporter reports" not in traced_proxy.log():
+        assert time.monotonic() < deadline, traced_proxy.log()[-2000:]
+        time.sleep(0.5)
+    assert traced_proxy.messages(*cc_request("main", session="sess-untraced-9"))[0] == 200
+    assert traced_proxy.log().count("tracing: the OpenTelemetry exporter reports") == 1
+
+
+def test_tracing_config_becomes_litellm_callbacks_and_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLLECTOR_TOKEN", "tok-3210")
+    (tmp_path / "ccproxy.yaml").write_text(yaml.safe_dump({"ccproxy": {"tracing": {
+        "otel": {"endpoint": "http://127.0.0.1:4318", "headers": {"authorization": "os.environ/COLLECTOR_TOKEN"}},
+        "langfuse": {"host": "http://127.0.0.1:3000"}}}}))
+    config = ccproxy.load_config(tmp_path)
+    monkeypatch.setitem(ccproxy.TRACING_PACKAGES, "langfuse", ("no_such_langfuse_package",))
+    generated = yaml.safe_load(ccproxy.litellm_config_for_start(config).read_text())
+    assert generated["litellm_settings"]["callbacks"] == ["ccproxy.handler", "otel"]     # langfuse: missing
+    assert generated["callback_settings"]["otel"]["turn_off_message_logging"] is True
+    assert "requester_metadata.ccproxy.label" in generated["callback_settings"]["otel"]["baggage_metadata_keys"]
+    assert "tok-3210" not in json.dumps(generated)
+    env = ccproxy.proxy_environment(config)
+    assert env["OTEL_ENDPOINT"] == "http://127.0.0.1:4318" and env["OTEL_HEADERS"] == "authorization=tok-3210"
+    assert env["OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"] == "NO_CONTENT"
+    warnings = ccproxy.validate_config(config, ccproxy.Pipeline(config)).warnings
+    assert any("tracing.langfuse is off: no_such_langfuse_package not installed" in w for w in warnings)
+    for bad, message in (({"zipkin": {}}, "unknown tracing backend `zipkin`"),
+                         ({"otel": {}}, "tracing.otel needs `endpoint`"),
+                         ({"otel": {"endpoint": "http://x", "port": 1}}, "unknown or mistyped port")):
+        (tmp_path / "ccproxy.yaml").write_text(yaml.safe_dump({"ccproxy": {"tracing": bad}}))
+        with pytest.raises(ccproxy.ConfigError, match=re.escape(message)):
+            ccproxy.load_config(tmp_path)
+
+
 def test_metrics_enabled_false_turns_the_metrics_route_off(tmp_path):
     (tmp_path / "ccproxy.yaml").write_text("ccproxy: {metrics_enabled: false}\n")
     off = ccproxy.Handler(config=ccproxy.load_config(tmp_path))
