@@ -4759,11 +4759,8 @@ class Stats:
             if row.get(f"{kind}_tokens"):
                 self.add("tokens_total", row[f"{kind}_tokens"], label=label, model=model,
                          kind=kind)
-        cost, requested = row.get("cost"), row.get("requested_cost")
-        if cost is not None:
-            self.add("cost_usd_total", cost, label=label, model=model)
-            if requested is not None:
-                self.add("saved_usd_total", requested - cost, label=label, model=model)
+        if row.get("cost") is not None:
+            self.add("cost_usd_total", row["cost"], label=label, model=model)
         elif ok:
             self.add("unpriced_total", label=label, model=model)
         if retries:
@@ -4791,6 +4788,22 @@ class Stats:
                                      / max(1, routed), 3),
                 "tokenizer": "cl100k_base" if TOKENS.exact else "estimate",
                 "token_cache": {"hits": TOKENS.hits, "misses": TOKENS.misses}}
+
+
+def price_requested(row: dict, stats: "Stats | None") -> None:
+    """Fill in what the requested model would have cost for the row's tokens and count the
+    saving. A price lookup (~0.1 ms in LiteLLM): the ledger's thread does it, off the event
+    loop, unless the ledger is off."""
+    requested, answered = str(row.get("requested_model") or ""), str(row.get("answered_model"))
+    cost = row.get("cost")
+    if model_name(requested) == model_name(answered):
+        row["requested_cost"] = cost
+    elif requested:
+        row["requested_cost"] = model_cost(requested, **{k: row.get(k) or 0 for k in (
+            "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")})
+    if stats is not None and cost is not None and row.get("requested_cost") is not None:
+        stats.add("saved_usd_total", row["requested_cost"] - cost,
+                  label=str(row.get("label") or "unrouted"), model=answered)
 
 
 def _le(bound: float) -> str:
@@ -5259,7 +5272,9 @@ class Handler:
         row = self.usage_row(kwargs, status)
         self.stats.finished(row, attempted_retries(kwargs))
         if self.config.settings.usage_ledger:
-            self.ledger.add(row)
+            self.ledger.add(row)            # its thread prices the requested model
+        else:
+            price_requested(row, self.stats)
 
     def usage_row(self, kwargs: Mapping[str, Any], status: str) -> dict:
         """One finished request: who, which route, which deployment answered, tokens, its
@@ -5284,8 +5299,6 @@ class Handler:
             "label": decision.get("label"), "requested_model": requested,
             "answered_model": answered, "provider": decision.get("provider"),
             "routed_model": decision.get("upstream"), **tokens, "cost": cost,
-            "requested_cost": cost if model_name(requested) == model_name(answered)
-            else model_cost(requested, **tokens) if requested else None,
             "latency_s": usage.get("latency_s"), "ttfb_s": usage.get("ttfb_s"), "status": status,
             "error": failure_text(kwargs) if status != "ok" else None}
 
@@ -5870,7 +5883,7 @@ class Ledger:
         import queue
 
         self.path = path
-        self.rows: "queue.Queue[tuple]" = queue.Queue(maxsize=capacity)
+        self.rows: "queue.Queue[dict]" = queue.Queue(maxsize=capacity)
         self.written = self.dropped = 0
         self.stats = stats
         self.gauges = gauges
@@ -5885,7 +5898,7 @@ class Ledger:
         import queue
 
         try:
-            self.rows.put_nowait(tuple(row.get(c) for c in LEDGER_COLUMNS))
+            self.rows.put_nowait(dict(row))
         except queue.Full:
             self._drop(1, "the ledger's queue is full")
 
@@ -5926,9 +5939,14 @@ class Ledger:
                 batch.append(self.rows.get_nowait())
             try:
                 db = db or open_ledger(self.path)
+                for row in batch:
+                    if "requested_cost" not in row:
+                        price_requested(row, self.stats)
+                        row["requested_cost"] = row.get("requested_cost")
                 with self._series_lock:
                     with db:
-                        db.executemany(insert, batch)
+                        db.executemany(insert, [tuple(r.get(c) for c in LEDGER_COLUMNS)
+                                                for r in batch])
                         series = self._write_series(db)
                     self._flushed = series
                 self.written += len(batch)
@@ -7594,7 +7612,7 @@ def usage_rows(path: Path, since_s: float, by: str) -> list[dict]:
         rows = db.execute(           # (a ledger written before the cache columns: 0 there)
             f"SELECT {key}, count(*), sum(status = 'failed'), sum(input_tokens), "
             f"sum(output_tokens), sum({cached[0]}), sum({cached[1]}), sum(cost), "
-            "sum(cost IS NULL), sum(requested_cost - cost) "
+            "sum(cost IS NULL AND status = 'ok'), sum(requested_cost - cost) "
             f"FROM usage WHERE ts >= ? GROUP BY 1 ORDER BY 1", (time.time() - since_s,)).fetchall()
     finally:
         db.close()

@@ -2380,7 +2380,7 @@ ledger = ccproxy.Ledger(ccproxy.Path({path!r}), stats, lambda: {{"sessions": 1}}
 ledger.start()
 row = dict(ts=time.time(), session="s", label="think", requested_model="claude-opus-4-5",
            answered_model="anthropic/claude-haiku-4-5", input_tokens=10, output_tokens=1,
-           cache_read_tokens=0, cache_write_tokens=0, cost=0.5, requested_cost=1.5,
+           cache_read_tokens=0, cache_write_tokens=0, cost=0.5,
            latency_s=0.2, ttfb_s=0.1, status="ok")
 for _ in range({rows}):
     stats.finished(row, 0)
@@ -2400,12 +2400,14 @@ def test_two_processes_writing_one_ledger_lose_no_row_and_no_count(tmp_path):
     outputs = [w.communicate(timeout=120)[0].split() for w in writers]
     assert outputs == [["3000", "0", "True"]] * 2
     import sqlite3
+    opus = ccproxy.model_cost("claude-opus-4-5", 10, 1)          # what each writer's thread priced
     with contextlib.closing(sqlite3.connect(path)) as db:
         assert db.execute("SELECT count(*), sum(cost) FROM usage").fetchone() == (6000, 3000.0)
+        assert db.execute("SELECT sum(requested_cost) FROM usage").fetchone()[0] == pytest.approx(6000 * opus)
     series, gauges = ccproxy.Ledger(path, ccproxy.Stats()).read_series()
     labels = (("label", "think"), ("model", "anthropic/claude-haiku-4-5"))
     assert series["answers_total", labels + (("status", "ok"),)] == 6000
-    assert series["saved_usd_total", labels] == pytest.approx(6000.0)
+    assert series["saved_usd_total", labels] == pytest.approx(6000 * (opus - 0.5))
     assert series["request_seconds_count", (("label", "think"),)] == 6000
     assert gauges == {"sessions": 2}                  # both writers' gauges, fresh
     text = ccproxy.prometheus_text(series, gauges)
@@ -4726,7 +4728,7 @@ def test_install_is_idempotent_and_force_keeps_a_backup(tmp_path):
 
 
 FAST_COMMANDS = [["--help"], ["status"], ["status", "--json"], ["logs", "-n", "5"],
-                 ["run", "true"], ["install"], ["shell", "zsh"], ["shell", "bash"], ["usage"]]
+                 ["run", "true"], ["install"], ["shell", "zsh"], ["shell", "bash"], ["usage"], ["dashboard", "--print"]]
 
 
 @pytest.mark.parametrize("argv", FAST_COMMANDS, ids=" ".join)
@@ -5420,6 +5422,55 @@ def print_proxy_bench(result: dict) -> None:
         print(f"  {name:<14} {wall:6.2f} s  {p50:7.1f} / {p95:7.1f}   {failed} failed")
 
 
+def finished_call(requested: str, answered: str, session: str) -> dict:
+    """The kwargs LiteLLM hands a success callback for one /v1/messages answer (the fields
+    ccproxy reads), with ccproxy's decision in its metadata."""
+    now = time.time()
+    return {"model": answered, "litellm_params": {
+        "metadata": {"ccproxy": {"label": "background", "requested_model": requested, "model": "background",
+                                 "upstream": answered, "provider": "anthropic"}},
+        "proxy_server_request": {"headers": {"user-agent": "claude-cli/2.1.332"},
+                                 "body": {"metadata": {"user_id": json.dumps({"session_id": session})}}}},
+        "standard_logging_object": {
+            "prompt_tokens": 1300, "completion_tokens": 5, "response_cost": 0.00046,
+            "model_map_information": {"model_map_value": {"input_cost_per_token": 1e-6}},
+            "startTime": now - 1.2, "endTime": now, "completionStartTime": now - 1.0,
+            "metadata": {"usage_object": {"cache_read_input_tokens": 1000, "cache_creation_input_tokens": 200}}}}
+
+
+def bench_ledger(calls: int = 5_000) -> dict:
+    """What booking a finished request costs on the request path (LiteLLM's success callback,
+    on the event loop): usage row, counts, queueing for the writer thread. Ledger on (the
+    requested model's price looked up too, or not needed) against ledger off (counts only)."""
+    import tempfile
+    import litellm  # noqa: F401  (loaded first, as in the proxy)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, ledger, requested in (("ledger off (counts only)", False, "anthropic/claude-haiku-4-5"),
+                                        ("ledger on, same model", True, "anthropic/claude-haiku-4-5"),
+                                        ("ledger on, routed (saving priced)", True, "claude-opus-4-5")):
+            (Path(tmp) / "ccproxy.yaml").write_text(yaml.safe_dump({"ccproxy": {"usage_ledger": ledger}}))
+            core = ccproxy.Handler(config=ccproxy.load_config(tmp))
+            if ledger:
+                core.ledger.start()
+            samples = []
+            for i in range(calls):
+                kwargs = finished_call(requested, "anthropic/claude-haiku-4-5", f"s{i % 50}")
+                t = time.perf_counter()
+                core.record_finished(kwargs, "ok")
+                samples.append((time.perf_counter() - t) * 1000)
+            assert not ledger or core.ledger.flush(60)
+            out[name] = percentiles(samples)
+    return out
+
+
+def print_ledger_bench(rows: dict) -> None:
+    base = rows["ledger off (counts only)"][0]
+    print("usage ledger: booking one finished request (success callback, on the event loop), ms")
+    for name, (p50, p95) in rows.items():
+        print(f"  {name:<36} p50 {p50:.4f}  p95 {p95:.4f}  (x{p50 / base:.2f} of counts only)")
+
+
 def bench_cli(runs: int = 15) -> list[tuple[str, float, float]]:
     """Wall time of CLI commands that must stay fast, beside bare `python -c pass`."""
     import tempfile
@@ -5613,6 +5664,8 @@ if __name__ == "__main__":
             print_memory_bench(bench_memory())
         if which in ("all", "proxy"):
             print_proxy_bench(bench_proxy())
+        if which in ("all", "ledger"):
+            print_ledger_bench(bench_ledger())
         sys.exit(0)
     if sys.argv[1:2] == ["v1-suite"]:
         sys.exit(run_v1_suite(Path(sys.argv[2]), Path(sys.argv[3])))
