@@ -1898,12 +1898,14 @@ def validate_config(config: Config, pipeline: "Pipeline") -> ValidationReport:
         "exact model_list entry" for key in ("fallbacks", "context_window_fallbacks")
         for label, targets in getattr(config.settings, key).items() for name in targets
         if name not in table and table.resolve(name) is not None]
-    if config.num_workers > 1 and not config.settings.unshared_workers:
+    if config.num_workers > 1 and not config.settings.unshared_workers \
+            and redis_settings(config) is None:
         report.errors.append(
             f"{ccproblems.where(('litellm', 'num_workers'))}: num_workers is "
             f"{config.num_workers}, but each worker would keep its own session state: turns "
             "would change model mid-tool-loop and thinking blocks would reach models that did "
-            "not sign them; use 1 (or `ccproxy.unshared_workers: true` to accept that)")
+            "not sign them; use 1, or share the state on Redis (router_settings.redis_host, "
+            "see README, \"Running for a team\"), or `ccproxy.unshared_workers: true`")
     report.warnings += readable_secret_warnings(config)
     for i, spec in enumerate(config.settings.rules):
         target = table.resolve(spec.name) if spec.rule.rsplit(".", 1)[-1] == "ImageRule" else None
@@ -3486,10 +3488,20 @@ class SessionStore:
 
     def producer(self, session: SessionState | None, signature: str) -> str | None:
         """The upstream model that produced a thinking block, if it went through us."""
+        return self.producers_of(session, [signature]).get(signature)
+
+    def producers_of(self, session: SessionState | None,
+                     signatures: list[str]) -> dict[str, str | None]:
+        """The models that produced these thinking blocks (None: not through us), in one
+        look-up (one round trip on Redis)."""
         if session is None:
-            return None
+            return {}
         with self._lock:
-            return session.signatures.get(signature_digest(signature))
+            return {s: session.signatures.get(signature_digest(s)) for s in signatures}
+
+    def backend(self) -> dict:
+        """Where the state lives, for health."""
+        return {"backend": "process", "ok": True}
 
     def export(self, session_id: str) -> dict:
         """Every state of a session (main thread and subagents), for `explain --session`."""
@@ -3571,6 +3583,315 @@ class SessionStore:
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+
+def redis_settings(config: Config) -> dict[str, Any] | None:
+    """The Redis LiteLLM is configured with (router_settings' redis_url or redis_host/port/
+    password, else a redis cache in litellm_settings.cache_params), `os.environ/NAME`
+    values read; None when there is none (session state stays in the process)."""
+    def setting(section: Any, key: str) -> Any:
+        value = section.get(key) if isinstance(section, Mapping) else None
+        if isinstance(value, str) and value.startswith("os.environ/"):
+            value = os.environ.get(value[len("os.environ/"):]) or None
+        return value
+
+    router = config.litellm.get("router_settings")
+    litellm_settings = config.litellm.get("litellm_settings")
+    cache = litellm_settings.get("cache_params") if isinstance(litellm_settings, Mapping) else None
+    for section in (router, cache if setting(cache, "type") == "redis" else None):
+        url = setting(section, "redis_url") or setting(section, "url")
+        host = setting(section, "redis_host") or setting(section, "host")
+        if url:
+            return {"url": str(url)}
+        if host:
+            return {"host": str(host), "port": int(setting(section, "redis_port")
+                                                   or setting(section, "port") or 6379),
+                    "password": setting(section, "redis_password") or setting(section, "password")}
+    return None
+
+
+# record_route on Redis, atomically: the conversation's routing state (a JSON field of the
+# session's hash) and the session's figures; returns 1 when the conversation changed model.
+RECORD_ROUTE_LUA = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+local c = raw and cjson.decode(raw) or {}
+local switched = 0
+if c.last_upstream and c.last_upstream ~= ARGV[3] then switched = 1 end
+if ARGV[5] == '0' or ARGV[2] ~= c.turn_label then c.turn_label = ARGV[2] end
+if ARGV[6] == '1' then c.sticky_label = ARGV[2] end
+c.last_label = ARGV[2]
+c.last_upstream = ARGV[3]
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(c), 'requested_model', ARGV[4],
+           'last_label', ARGV[2], 'last_upstream', ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'requests', 1)
+if switched == 1 then
+  redis.call('HINCRBY', KEYS[1], 'switches', 1)
+  redis.call('HINCRBY', KEYS[2], 'switches', 1)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+return switched
+"""
+REDIS_PREFIX = "ccproxy:"
+REDIS_RETRY_S = 5.0          # after a failure, Redis is tried again this much later
+REDIS_WARN_EVERY_S = 60.0    # at most one warning a minute while it stays unreachable
+SESSION_FIELDS = ("requested_model", "last_label", "last_upstream", "requests", "switches",
+                  "uncached_tokens")
+
+
+class RedisSessionStore(SessionStore):
+    """Session state on Redis, shared by every worker and proxy that uses the same Redis:
+    conversations' turns and sticky routes, the signature ledger, switch figures, plan-limit
+    windows. Updates are atomic (a Lua script, or single commands); keys expire after
+    session_ttl instead of being swept. When Redis cannot be reached, requests go on routed
+    by the rules alone (no stickiness, no ledger), a warning at most once a minute, and the
+    state is used again once Redis answers."""
+
+    def __init__(self, connection: Mapping[str, Any], ttl: float = 3600.0,
+                 max_sessions: int = 2000) -> None:
+        super().__init__(ttl, max_sessions)
+        self.connection = dict(connection)
+        self._client: Any = None
+        self._record_route: Any = None
+        self._down_until = 0.0
+        self._warned_at = 0.0
+        self.problem: str | None = None        # why Redis is not used now (health)
+
+    # -- connection -----------------------------------------------------------------------
+    def _redis(self) -> Any:
+        if self._client is None:
+            import redis
+
+            options: dict[str, Any] = dict(socket_timeout=0.5, socket_connect_timeout=0.5,
+                                           decode_responses=True, health_check_interval=30)
+            if "url" not in self.connection:
+                options.update(host=self.connection["host"], port=self.connection["port"],
+                               password=self.connection.get("password"))
+            self._client = redis.Redis.from_url(self.connection["url"], **options) \
+                if "url" in self.connection else redis.Redis(**options)
+            self._record_route = self._client.register_script(RECORD_ROUTE_LUA)
+        return self._client
+
+    def where(self) -> str:
+        """Redis's address for messages (never its password)."""
+        url = self.connection.get("url")
+        if url:
+            return re.sub(r"//[^@/]*@", "//", str(url))
+        return f"{self.connection['host']}:{self.connection['port']}"
+
+    def call(self, work: Callable[[Any], Any]) -> Any:
+        """work(client) against Redis; None while it cannot be reached (see the class)."""
+        now = time.monotonic()
+        if now < self._down_until:
+            return None
+        try:
+            import redis
+        except ImportError:
+            self._down(now, "the redis package is not installed")
+            return None
+        try:
+            result = work(self._redis())
+        except (redis.RedisError, OSError) as exc:
+            self._down(now, redact_secrets(f"{type(exc).__name__}: {exc}"))
+            return None
+        if self.problem is not None:
+            log.warning("Redis at %s answers again: session state is shared again", self.where())
+            self.problem = None
+        return result
+
+    def _down(self, now: float, why: str) -> None:
+        self._down_until = now + REDIS_RETRY_S
+        self.problem = why
+        if now - self._warned_at >= REDIS_WARN_EVERY_S or not self._warned_at:
+            self._warned_at = now
+            log.warning("Redis at %s cannot be reached (%s): requests are routed by the rules "
+                        "alone, without session state, until it answers (warned once a minute)",
+                        self.where(), why)
+
+    def _key(self, kind: str, session_id: str, agent_id: str | None = None) -> str:
+        return f"{REDIS_PREFIX}{kind}:{session_id}\x1f{agent_id or ''}"
+
+    # -- the interface ----------------------------------------------------------------------
+    def attach(self, ctx: "RequestContext", request: Mapping[str, Any]) -> None:
+        ctx.continuation = is_continuation(request)
+        if not ctx.session_id:
+            return
+        ctx.request_class = request_class(request, ctx.headers)
+        separate = ctx.request_class[0] in SEPARATE_CLASSES
+        key = self._key("s", ctx.session_id, ctx.agent_id)
+        producers_key = self._key("p", ctx.session_id, ctx.agent_id)
+        conv_key = conversation_key(request)
+        ttl_ms = int(self.ttl * 1000)
+
+        def read(r: Any) -> list:
+            pipe = r.pipeline(transaction=False)
+            pipe.hmget(key, SESSION_FIELDS)
+            pipe.hget(key, f"c:{conv_key}")
+            pipe.smembers(producers_key)
+            pipe.zadd(f"{REDIS_PREFIX}seen", {key[len(REDIS_PREFIX) + 2:]: time.time()})
+            pipe.pexpire(key, ttl_ms)
+            return pipe.execute()
+
+        found = self.call(read)
+        if found is None:
+            return
+        fields, conversation_json, producers = found[0], found[1], found[2]
+        session = SessionState(ctx.session_id, ctx.agent_id, last_seen=time.monotonic())
+        for name, value in zip(SESSION_FIELDS, fields, strict=True):
+            if value is not None:
+                setattr(session, name, int(value) if name in ("requests", "switches",
+                                                              "uncached_tokens") else value)
+        session.producers.update(producers or ())
+        conversation = None
+        if not separate:
+            state = json.loads(conversation_json) if conversation_json else {}
+            conversation = ConversationState(**{k: state.get(k) for k in (
+                "turn_label", "sticky_label", "last_label", "last_upstream")})
+            session.conversations[conv_key] = conversation
+        ctx.session, ctx.conversation = session, conversation
+
+    def record_route(self, ctx: "RequestContext", decision: RoutingDecision,
+                     request: Mapping[str, Any], sticky: bool = False) -> None:
+        session, conversation = ctx.session, ctx.conversation
+        if session is None or conversation is None or not ctx.session_id:
+            return
+        conv_key = next(iter(session.conversations))
+        key = self._key("s", ctx.session_id, ctx.agent_id)
+        switched = self.call(lambda r: self._record_route(
+            keys=[key, f"{REDIS_PREFIX}totals"],
+            args=[f"c:{conv_key}", decision.label, decision.upstream, decision.requested_model,
+                  int(ctx.continuation), int(sticky), int(self.ttl * 1000)]))
+        ctx.switched = bool(switched)
+        session.last_label, session.last_upstream = decision.label, decision.upstream
+        if ctx.switched:
+            resent = TOKENS.count_request(request)[0]
+            self.call(lambda r: r.pipeline(transaction=False).hincrby(key, "uncached_tokens",
+                                                                      resent)
+                      .hincrby(f"{REDIS_PREFIX}totals", "uncached_tokens", resent).execute())
+            log.info("session %s: switch to %s (%s), ~%d tokens sent uncached",
+                     ctx.session_id[:8], decision.upstream, decision.label, resent)
+
+    def record_signature(self, session_id: str | None, agent_id: str | None, signature: str,
+                         model: str) -> None:
+        if not session_id:
+            return
+        signatures, producers = self._key("g", session_id, agent_id), self._key("p", session_id,
+                                                                                  agent_id)
+        ttl_ms = int(self.ttl * 1000)
+        self.call(lambda r: r.pipeline(transaction=False)
+                  .hset(signatures, signature_digest(signature), model).pexpire(signatures, ttl_ms)
+                  .sadd(producers, model).pexpire(producers, ttl_ms).execute())
+
+    def producers_of(self, session: SessionState | None,
+                     signatures: list[str]) -> dict[str, str | None]:
+        if session is None or not signatures:
+            return {}
+        key = self._key("g", session.session_id, session.agent_id)
+        found = self.call(lambda r: r.hmget(key, [signature_digest(s) for s in signatures]))
+        return dict(zip(signatures, found or [None] * len(signatures), strict=True))
+
+    def export(self, session_id: str) -> dict:
+        states = []
+        for key in self.call(lambda r: r.zrange(f"{REDIS_PREFIX}seen", 0, -1)) or ():
+            sid, _sep, agent = key.partition("\x1f")
+            if sid == session_id:
+                state = self._state(sid, agent or None, conversations=True)
+                if state is not None:
+                    states.append(state)
+        return {"session_id": session_id, "states": states}
+
+    def _state(self, session_id: str, agent_id: str | None,
+               conversations: bool = False) -> dict | None:
+        key = self._key("s", session_id, agent_id)
+        found = self.call(lambda r: r.hgetall(key))
+        if not found:
+            return None
+        state: dict[str, Any] = {"session_id": session_id, "agent_id": agent_id}
+        for name in SESSION_FIELDS:
+            value = found.get(name)
+            state[name] = int(value or 0) if name in ("requests", "switches",
+                                                      "uncached_tokens") else value or ""
+        if conversations:       # all of it, for `explain --session`
+            state["conversations"] = {k[2:]: json.loads(v) for k, v in found.items()
+                                      if k.startswith("c:")}
+            state["signatures"] = self.call(lambda r: r.hgetall(
+                self._key("g", session_id, agent_id))) or {}
+            state["producers"] = sorted(self.call(lambda r: r.smembers(
+                self._key("p", session_id, agent_id))) or ())
+        return state
+
+    def find(self, session_id: str) -> dict | None:
+        found = self._state(session_id, None)
+        if found is None:
+            agents = [s for s in self.export(session_id)["states"]]
+            found = {k: v for k, v in agents[-1].items() if k != "conversations"} \
+                if agents else None
+        if found is not None:
+            found["quota_until"] = self.quota_until(session_id)
+        return found
+
+    def recent(self, limit: int = 50) -> list[dict]:
+        seen = self.call(lambda r: r.zrevrange(f"{REDIS_PREFIX}seen", 0, limit - 1,
+                                               withscores=True)) or []
+        out = []
+        for key, when in seen:
+            sid, _sep, agent = key.partition("\x1f")
+            state = self._state(sid, agent or None)
+            if state is not None:
+                out.append(dict(state, idle_s=round(time.time() - when, 1)))
+        return out
+
+    def limit_reached(self, session_id: str, until: float) -> bool:
+        previous = self.call(lambda r: r.pipeline().zscore(f"{REDIS_PREFIX}quota", session_id)
+                             .zadd(f"{REDIS_PREFIX}quota", {session_id: until}).execute())
+        return previous is not None and (previous[0] is None or previous[0] <= time.time())
+
+    def quota_until(self, session_id: str | None) -> float | None:
+        if not session_id:
+            return None
+        until = self.call(lambda r: r.zscore(f"{REDIS_PREFIX}quota", session_id))
+        if until is None or until > time.time():
+            return until
+        if self.call(lambda r: r.zrem(f"{REDIS_PREFIX}quota", session_id)):
+            log.info("session %s: its plan limit has reset; back to its own routes",
+                     session_id[:8])
+        return None
+
+    def sweep(self) -> int:
+        """Forget the index entries of sessions idle longer than the TTL (their keys expire
+        by themselves); how many."""
+        now = time.time()
+        removed = self.call(lambda r: r.pipeline(transaction=False)
+                            .zremrangebyscore(f"{REDIS_PREFIX}seen", 0, now - self.ttl)
+                            .zremrangebyscore(f"{REDIS_PREFIX}quota", 0, now).execute())
+        return int(removed[0]) if removed else 0
+
+    def totals(self) -> dict:
+        now = time.time()
+        found = self.call(lambda r: r.pipeline(transaction=False)
+                          .zcount(f"{REDIS_PREFIX}seen", now - self.ttl, "+inf")
+                          .hmget(f"{REDIS_PREFIX}totals", ["switches", "uncached_tokens"])
+                          .zcount(f"{REDIS_PREFIX}quota", now, "+inf").execute())
+        if found is None:
+            return {"sessions": 0, "switches": 0, "uncached_tokens": 0, "plan_limited": 0}
+        return {"sessions": found[0], "switches": int(found[1][0] or 0),
+                "uncached_tokens": int(found[1][1] or 0), "plan_limited": found[2]}
+
+    def __len__(self) -> int:
+        return self.totals()["sessions"]
+
+    def backend(self) -> dict:
+        return {"backend": "redis", "at": self.where(), "ok": self.problem is None,
+                "problem": self.problem}
+
+
+def session_store_for(config: Config) -> SessionStore:
+    """Where the proxy keeps session state: Redis when LiteLLM is configured with one, else
+    this process."""
+    settings = config.settings
+    redis = redis_settings(config)
+    if redis is None:
+        return SessionStore(settings.session_ttl, settings.max_sessions)
+    return RedisSessionStore(redis, settings.session_ttl, settings.max_sessions)
 
 
 def _log_session_end(session: SessionState, how: str) -> None:
@@ -4269,15 +4590,16 @@ def strip_foreign_thinking(data: dict, ctx: "RequestContext") -> None:
                  if isinstance(m, dict) and m.get("role") == "assistant"), None)
     dropped = 0
     lost_leading = False
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if message is None or not isinstance(content, list) or message.get("role") != "assistant":
-            continue
+    assistant = [m for m in messages if isinstance(m, dict) and m.get("role") == "assistant"
+                 and isinstance(m.get("content"), list)]
+    signed = [s for m in assistant for s in map(thinking_signature, m["content"]) if s]
+    known = ctx.pipeline.sessions.producers_of(ctx.session, signed) if producers else {}
+    for message in assistant:
+        content = message["content"]
         kept = []
         for position, block in enumerate(content):
             signature = thinking_signature(block)
-            producer = ctx.pipeline.sessions.producer(ctx.session, signature) \
-                if signature and producers else None
+            producer = known.get(signature) if signature else None
             if signature is None or (producer or requested) == target:
                 kept.append(block)
                 continue
@@ -5021,7 +5343,7 @@ class Handler:
                 config = Config(settings=Settings(), litellm={})
         self.config = config
         self.pipeline = legacy.pipeline if legacy is not None else \
-            Pipeline(config, model_source=live_model_list)
+            Pipeline(config, model_source=live_model_list, sessions=session_store_for(config))
         self.stats = Stats()
         self.missing: list[str] = []        # LiteLLM contact points not found at start
         self.guarded = False
@@ -5467,12 +5789,14 @@ class Handler:
     def health(self) -> dict:
         """ccproxy's live figures for GET /ccproxy/health and `status` (no secrets)."""
         report = self.stats.snapshot()
-        report.update(status="ok" if not self.missing else "degraded", version=__version__,
+        shared = self.pipeline.sessions.backend()["ok"]
+        report.update(status="ok" if not self.missing and shared else "degraded", version=__version__,
                       instance=os.environ.get(INSTANCE_ENV, ""), guarded=self.guarded,
                       litellm=litellm_version(), missing=self.missing,
                       rules=[getattr(r, "name", "?") for r in self.pipeline.rules],
                       config_error=self.config_error,
                       sessions=self.pipeline.sessions.totals(),
+                      state=self.pipeline.sessions.backend(),
                       oauth={p: ("ok" if s.token else (s.error or "not loaded"))
                              for p, s in self.pipeline.oauth.items()},
                       rule_counts=self._rule_counts(), labels=self._label_health(),

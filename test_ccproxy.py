@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -2958,8 +2959,10 @@ class ScriptedClaudeCode:
     Claude Code does, an answer's thinking blocks are replayed only when the answer's `model`
     is the model it asked for."""
 
-    def __init__(self, url: str, session: str, model: str = "claude-opus-5-5", agent: str | None = None):
-        self.url, self.model = url, model
+    def __init__(self, url: str | list[str], session: str, model: str = "claude-opus-5-5",
+                 agent: str | None = None):
+        self.urls = itertools.cycle([url] if isinstance(url, str) else url)    # several: round robin
+        self.model = model
         body, headers = cc_request("main", session=session)
         self.system, self.tools = body["system"], body["tools"]
         self.metadata = body["metadata"]
@@ -2977,7 +2980,7 @@ class ScriptedClaudeCode:
                 "thinking": {"type": "adaptive", "display": "omitted"},
                 "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
                 "output_config": {"effort": self.effort}, "stream": stream}
-        status, headers, raw = http("POST", self.url + "/v1/messages?beta=true", body, self.headers)
+        status, headers, raw = http("POST", next(self.urls) + "/v1/messages?beta=true", body, self.headers)
         self.statuses.append(status)
         if status != 200:
             return None
@@ -2999,7 +3002,7 @@ class ScriptedClaudeCode:
             message = self.request(stream)
 
 
-def run_switching_session(url: str, session: str) -> tuple[ScriptedClaudeCode, ScriptedClaudeCode]:
+def run_switching_session(url: str | list[str], session: str) -> tuple[ScriptedClaudeCode, ScriptedClaudeCode]:
     """default -> think -> (subagent) -> default -> long_context (stays) -> default, with
     tool loops inside turns."""
     main = ScriptedClaudeCode(url, session)
@@ -3053,7 +3056,7 @@ def test_200_concurrent_streams_from_50_sessions_keep_their_routes_and_state(pro
     assert state["requests"] == 3 and state["switches"] == 1          # its main thread's own figures
 
 
-def strict_session(url: str, upstream: FakeUpstream, session: str):
+def strict_session(url: str | list[str], upstream: FakeUpstream, session: str):
     """The switching session against an upstream that enforces Anthropic's thinking rules."""
     strict = StrictAnthropic()
     upstream.scripts.append(strict)
@@ -3095,6 +3098,133 @@ def test_a_switching_session_never_breaks(proxy, clean_upstream):
     # default->think, think->default, default->long_context, long_context->default
     assert state["switches"] == 4 and state["uncached_tokens"] > 60000
     assert state["last_label"] == "default" and state["requested_model"] == "claude-opus-5-5"
+
+
+class RedisServer:
+    """A real redis-server (the Debian package) on a loopback port, no persistence."""
+
+    def __init__(self, port: int | None = None) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            missing_prerequisite("redis-server is not installed (.ci/run installs the Debian package)")
+        self.port = port or free_port()
+        self.process = subprocess.Popen([binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                         "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import redis
+        self.client = redis.Redis(port=self.port, socket_timeout=1, decode_responses=True)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                if self.client.ping():
+                    break
+            except redis.RedisError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+def write_redis_config(directory: Path, upstream: FakeUpstream, port: int, redis_port: int, workers: int = 1) -> None:
+    write_config(directory, upstream, port, litellm={"host": "127.0.0.1", "port": port, "num_workers": workers},
+                 router_settings={"redis_host": "127.0.0.1", "redis_port": redis_port})
+
+
+@pytest.fixture(scope="module")
+def redis_proxies(upstream, redis_server, tmp_path_factory):
+    """Two proxies (two config dirs, as on two machines) sharing one Redis."""
+    with started_proxy(tmp_path_factory, "redis-a", lambda d, p: write_redis_config(d, upstream, p, redis_server.port)) as a, \
+            started_proxy(tmp_path_factory, "redis-b", lambda d, p: write_redis_config(d, upstream, p, redis_server.port)) as b:
+        yield a, b
+
+
+def check_switching_session(main, agent, strict, upstream) -> None:
+    assert strict.rejected == [] and set(main.statuses + agent.statuses) == {200}
+    assert [rule for rule, _m in main.routes] == ["default", "default", "think", "think", "default", "default",
+                                                   "long_context", "long_context", "default", "default"]
+    assert [r for r, _m in agent.routes] == ["default", "default"]
+    assert upstream_thinking_is_own(upstream.received("/v1/messages")) == []
+
+
+@slow
+def test_two_proxies_on_one_redis_behind_round_robin_keep_a_switching_session_whole(redis_proxies, redis_server,
+                                                                                   clean_upstream):
+    a, b = redis_proxies
+    strict, main, agent = strict_session([a.url, b.url], clean_upstream, "sess-two-proxies")
+    check_switching_session(main, agent, strict, clean_upstream)
+    for proxy in (a, b):                              # either proxy knows the whole session
+        state = json.loads(http("GET", proxy.url + "/ccproxy/session/sess-two-proxies")[2])
+        assert state["switches"] == 4 and state["requests"] == 10 and state["last_label"] == "default"
+        health = json.loads(http("GET", proxy.url + ccproxy.HEALTH_PATH)[2])
+        assert health["state"] == {"backend": "redis", "at": f"127.0.0.1:{redis_server.port}", "ok": True,
+                                   "problem": None}
+
+
+@slow
+def test_two_workers_on_redis_keep_a_switching_session_whole(upstream, redis_server, clean_upstream, tmp_path_factory):
+    with started_proxy(tmp_path_factory, "redis-workers",
+                       lambda d, p: write_redis_config(d, upstream, p, redis_server.port, workers=2)) as proxy:
+        assert ccproxy.validate_config(ccproxy.load_config(proxy.directory),
+                                       ccproxy.Pipeline(ccproxy.load_config(proxy.directory))).errors == []
+        strict, main, agent = strict_session(proxy.url, clean_upstream, "sess-two-workers")
+        check_switching_session(main, agent, strict, clean_upstream)
+
+
+@slow
+def test_redis_going_away_mid_session_keeps_requests_answered_and_comes_back(upstream, clean_upstream, tmp_path_factory):
+    server = RedisServer()
+    try:
+        with started_proxy(tmp_path_factory, "redis-down",
+                           lambda d, p: write_redis_config(d, upstream, p, server.port)) as proxy:
+            main = ScriptedClaudeCode(proxy.url, "sess-redis-down")
+            main.turn("hello, USE-TOOL to look around")
+            server.stop()
+            main.effort = "max"
+            main.turn("plan it, USE-TOOL first", stream=True)                # rules alone: still answered
+            main.turn("and again")
+            assert set(main.statuses) == {200}
+            health = json.loads(http("GET", proxy.url + ccproxy.HEALTH_PATH)[2])
+            assert health["status"] == "degraded" and health["state"]["ok"] is False
+            log = proxy.log()
+            assert log.count("cannot be reached") == 1 and "Traceback" not in log
+            server = RedisServer(server.port)                               # back on the same port
+            deadline = time.monotonic() + 30
+            while json.loads(http("GET", proxy.url + ccproxy.HEALTH_PATH)[2])["state"]["ok"] is not True:
+                main.turn("still there?")
+                assert time.monotonic() < deadline, proxy.log()[-2000:]
+                time.sleep(0.5)
+            assert "answers again" in proxy.log()
+            assert set(main.statuses) == {200}
+    finally:
+        server.stop()
+
+
+def test_redis_settings_come_from_litellms_own_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("REDIS_PASSWORD", "pw-7788")
+    for litellm, expected in (
+            ({"router_settings": {"redis_host": "10.0.0.5", "redis_port": 6380, "redis_password": "os.environ/REDIS_PASSWORD"}},
+             {"host": "10.0.0.5", "port": 6380, "password": "pw-7788"}),
+            ({"router_settings": {"redis_url": "redis://:pw@10.0.0.6:6379/0"}}, {"url": "redis://:pw@10.0.0.6:6379/0"}),
+            ({"litellm_settings": {"cache": True, "cache_params": {"type": "redis", "host": "10.0.0.7"}}},
+             {"host": "10.0.0.7", "port": 6379, "password": None}),
+            ({"litellm_settings": {"cache": True, "cache_params": {"type": "local"}}}, None)):
+        config = ccproxy.Config(settings=ccproxy.Settings(), litellm=litellm)
+        assert ccproxy.redis_settings(config) == expected
+    store = ccproxy.session_store_for(ccproxy.Config(settings=ccproxy.Settings(), litellm={
+        "router_settings": {"redis_url": "redis://:secret-pw@10.0.0.6:6379/0"}}))
+    assert isinstance(store, ccproxy.RedisSessionStore) and store.where() == "redis://10.0.0.6:6379/0"
+    two = ccproxy.Config(settings=ccproxy.Settings(), litellm={"router_settings": {"redis_host": "h"}}, num_workers=2)
+    assert not [e for e in ccproxy.validate_config(two, ccproxy.Pipeline(two)).errors if "num_workers" in e]
+    alone = ccproxy.Config(settings=ccproxy.Settings(), litellm={}, num_workers=2)
+    assert [e for e in ccproxy.validate_config(alone, ccproxy.Pipeline(alone)).errors if "Redis" in e]
 
 
 @pytest.fixture(scope="module")
@@ -5471,6 +5601,42 @@ def print_ledger_bench(rows: dict) -> None:
         print(f"  {name:<36} p50 {p50:.4f}  p95 {p95:.4f}  (x{p50 / base:.2f} of counts only)")
 
 
+def bench_redis(requests: int = 400) -> dict:
+    """Session state on Redis (loopback) against in the process: one request's routing
+    (attach, rules, route recorded, thinking blocks' producers looked up) plus the answer's
+    signature recorded, ms per request, the two stores interleaved."""
+    server = RedisServer()
+    try:
+        config = ccproxy.default_config()
+        stores = {"in the process": ccproxy.SessionStore(),
+                  "on Redis": ccproxy.RedisSessionStore({"host": "127.0.0.1", "port": server.port})}
+        pipelines = {name: ccproxy.Pipeline(config, sessions=store) for name, store in stores.items()}
+        samples: dict[str, list[float]] = {name: [] for name in stores}
+        for i in range(requests + 20):
+            body, headers = cc_request("main", session=f"bench-{i % 20}")
+            body["messages"].append({"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "t", "signature": f"sig.claude-opus-5-5.{i}"},
+                {"type": "text", "text": "ok"}]})
+            body["messages"].append({"role": "user", "content": [{"type": "text", "text": f"go on {i}"}]})
+            for name, pipeline in pipelines.items():
+                data = copy.deepcopy(body)
+                t = time.perf_counter()
+                _data, ctx = ccproxy.run_pipeline(pipeline, data, headers=headers)
+                pipeline.sessions.record_signature(ctx.session_id, ctx.agent_id, f"sig.x.{i}", "claude-opus-5-5")
+                if i >= 20:                       # the first rounds warm up
+                    samples[name].append((time.perf_counter() - t) * 1000)
+        return {name: percentiles(values) for name, values in samples.items()}
+    finally:
+        server.stop()
+
+
+def print_redis_bench(rows: dict) -> None:
+    base = rows["in the process"][0]
+    print("session state: one request routed and its answer's signature recorded, ms: p50 / p95")
+    for name, (p50, p95) in rows.items():
+        print(f"  {name:<16} {p50:6.3f} / {p95:6.3f}   {p50 - base:+.3f}")
+
+
 def bench_cli(runs: int = 15) -> list[tuple[str, float, float]]:
     """Wall time of CLI commands that must stay fast, beside bare `python -c pass`."""
     import tempfile
@@ -5666,6 +5832,8 @@ if __name__ == "__main__":
             print_proxy_bench(bench_proxy())
         if which in ("all", "ledger"):
             print_ledger_bench(bench_ledger())
+        if which in ("all", "redis"):
+            print_redis_bench(bench_redis())
         sys.exit(0)
     if sys.argv[1:2] == ["v1-suite"]:
         sys.exit(run_v1_suite(Path(sys.argv[2]), Path(sys.argv[3])))
