@@ -48,6 +48,7 @@ __all__ = [
 import argparse
 import bisect
 import collections
+import contextlib
 import contextvars
 import copy
 import dataclasses
@@ -64,7 +65,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import types
 
@@ -192,6 +193,8 @@ svg{background:#fff;border:1px solid #e4e4e4} .empty{color:#888;font-style:itali
 <h2>Sessions</h2><table id="sessions"></table>
 <h2>Cost per day (last 30 days)</h2>
 <svg id="chart" width="640" height="160" role="img"></svg><div id="totals"></div>
+<h2>Users (last 7 days)</h2><table id="users"></table>
+<h2>A/B arms (last 7 days)</h2><table id="arms"></table>
 <h2>Rules</h2><table id="rules"></table>
 <h2>Routes</h2><table id="labels"></table>
 <h2>Recent errors</h2><table id="errors"></table>
@@ -272,6 +275,17 @@ function show(d) {
   const sum = key => d.days.reduce((total, day) => total + day[key], 0);
   $("totals").textContent = `30 days: ${usd(sum("cost_usd"))} spent, ` +
     `${usd(sum("saved_usd"))} saved by routing, ${num(sum("requests"))} requests`;
+  const secs = v => v == null ? "-" : v.toFixed(2) + " s";
+  fill("users", [["user"], ["requests", 1], ["failed", 1], ["tokens", 1], ["cost", 1], ["saved", 1]],
+       d.users.map(u => [u.user, num(u.requests), num(u.failed),
+                         num(u.input_tokens + u.output_tokens), usd(u.cost_usd), usd(u.saved_usd)]),
+       "no user booked yet");
+  fill("arms", [["arm"], ["requests", 1], ["failed", 1], ["p50", 1], ["p95", 1], ["tokens", 1],
+                ["cost", 1]],
+       d.arms.map(a => [a.arm, num(a.requests), num(a.failed), secs(a.latency_p50_s),
+                        secs(a.latency_p95_s), num(a.input_tokens + a.output_tokens),
+                        usd(a.cost_usd)]),
+       "no rule with an `ab` split has matched");
   fill("rules", [["rule"], ["evaluated", 1], ["matched", 1], ["failed", 1]],
        Object.entries(h.rule_counts).map(([r, c]) => [r, num(c.evaluated), num(c.matched),
                                                      num(c.failed)]),
@@ -703,7 +717,7 @@ def answer_usage(kwargs: Mapping[str, Any]) -> dict:
     payload = kwargs.get("standard_logging_object")
     if not isinstance(payload, Mapping):
         return {}
-    cost = payload.get("response_cost")
+    cost = 0.0 if payload.get("cache_hit") else payload.get("response_cost")  # a hit: no call
     info = payload.get("model_map_information")
     prices = info.get("model_map_value") if isinstance(info, Mapping) else None
     priced = isinstance(cost, (int, float)) and isinstance(prices, Mapping) \
@@ -911,6 +925,20 @@ async def parsed_json_body(request: Any) -> Any:
         return json.loads(await request.body() or b"{}")
     except ValueError:
         return None
+
+
+def refuse(slot: dict | None, status: int, kind: str, message: str,
+           headers: Mapping[str, str]) -> None:
+    """Refuse the request from a pre-call hook: LiteLLM answers an HTTPException raised there
+    with its status; on /v1/messages the request's error slot (see UpstreamErrors) gets this
+    Anthropic error and `headers`, which replace LiteLLM's body."""
+    from fastapi import HTTPException
+
+    if slot is not None:
+        slot.clear()
+        slot.update(status=status, headers=dict(headers),
+                    body={"type": "error", "error": {"type": kind, "message": message}})
+    raise HTTPException(status_code=status, detail=message, headers=dict(headers))
 
 
 def json_response(body: Any, status: int = 200) -> Any:
@@ -1132,6 +1160,7 @@ class RuleSpec:
     where: str = ""
     override: bool | None = None    # may switch models inside a turn (None: the rule's default)
     sticky: bool = False            # once matched, later turns of the conversation stay
+    ab: tuple[tuple[str, int], ...] = ()    # A/B: route labels and their weights
 
 
 @dataclasses.dataclass(slots=True, frozen=True)
@@ -1140,6 +1169,35 @@ class HookSpec:
 
     path: str | Callable[..., Any]
     params: Mapping[str, Any]
+    where: str = ""
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class BudgetSpec:
+    """One `budgets:` entry: a limit in USD or tokens per day/week/month, counted for each
+    user, label or model (or for all requests), and what happens when it is reached."""
+
+    name: str
+    per: str = "all"               # user | label | model | all
+    period: str = "day"            # day | week | month
+    usd: float | None = None
+    tokens: int | None = None
+    action: str = "block"          # block | downgrade
+    to: str = ""                   # downgrade: the route label to use instead
+    alert_at: float | None = None  # fraction of the limit that logs (and notifies) once
+    notify: Mapping[str, str] = dataclasses.field(default_factory=dict)   # webhook, command
+    where: str = ""
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class UserSpec:
+    """One `users:` entry: a user id or pattern, the route labels it may use (None: all), its
+    own rules (None: the global ones) and its own budgets."""
+
+    pattern: str
+    labels: tuple[str, ...] | None = None
+    rules: tuple[RuleSpec, ...] | None = None
+    budgets: tuple[BudgetSpec, ...] = ()
     where: str = ""
 
 
@@ -1187,6 +1245,11 @@ class Settings:
     # where LiteLLM's own tracing callbacks send spans with each routing decision (README,
     # "Tracing"): {otel: {endpoint, headers, service_name, message_content}, langfuse: {host}}
     tracing: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    budgets: tuple[BudgetSpec, ...] = ()
+    users: tuple[UserSpec, ...] = ()
+    user_header: str = ""           # a request header naming the user (else key, Claude Code)
+    # LiteLLM's response cache for identical requests: {type: local|redis|disk, ttl: seconds}
+    cache: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 LEGACY_HANDLER = "ccproxy.handler:CCProxyHandler"   # 1.x's `handler:` default: still true
@@ -1518,7 +1581,7 @@ def parse_settings(section: Mapping[str, Any], problems: ConfigProblems) -> Sett
             problems.warn(("ccproxy", key), f"`handler: {value}` has no effect: LiteLLM loads "
                           "ccproxy from `litellm_settings.callbacks: [ccproxy.handler]`; to add "
                           "your own callback, list it there too")
-        if key in ("handler", "hooks", "rules"):
+        if key in ("handler", "hooks", "rules", "budgets", "users"):
             continue
         if key == "credentials":          # ccproxy 1.x: one command for the Anthropic token
             if isinstance(value, str) and value.strip():
@@ -1562,6 +1625,20 @@ def parse_settings(section: Mapping[str, Any], problems: ConfigProblems) -> Sett
             value = parse_tracing(value, problems)
             if value is None:
                 continue
+        elif key == "cache":
+            value = value or {}
+            if not isinstance(value, dict) or set(value) - {"type", "ttl"} \
+                    or value.get("type", "local") not in CACHE_TYPES \
+                    or not isinstance(value.get("ttl", 1), (int, float)) \
+                    or isinstance(value.get("ttl"), bool) or value.get("ttl", 1) <= 0:
+                problems.error(("ccproxy", key), f"`cache` takes `type` ({', '.join(CACHE_TYPES)}"
+                               f") and `ttl` (seconds); got {value!r}")
+                continue
+        elif key == "user_header":
+            if not isinstance(value, str):
+                problems.error(("ccproxy", key), "`user_header` names a request header")
+                continue
+            value = value.lower()
         elif key == "quota_fallback":
             if not isinstance(value, str):
                 problems.error(("ccproxy", key), "`quota_fallback` must name a model_list entry")
@@ -1577,9 +1654,17 @@ def parse_settings(section: Mapping[str, Any], problems: ConfigProblems) -> Sett
         values["hooks"] = parse_hooks(section.get("hooks"), problems)
     if "rules" in section:
         values["rules"] = parse_rules(section.get("rules"), problems)
+    if "budgets" in section:
+        values["budgets"] = parse_budgets(section.get("budgets"), problems, ("ccproxy", "budgets"))
+    if "users" in section:
+        values["users"] = parse_users(section.get("users"), problems)
     return dataclasses.replace(base, **values)
 
 
+CACHE_TYPES = ("local", "redis", "disk")
+# The calls LiteLLM's cache answers (its default list also has embeddings and more; these are
+# the ones ccproxy routes, measured to hit on LiteLLM 1.108.7, /v1/messages streaming too).
+CACHE_CALL_TYPES = ["anthropic_messages", "acompletion", "completion"]
 # `tracing:` backends: their keys (value types), and the packages LiteLLM needs for them.
 TRACING_KEYS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "otel": {"endpoint": str, "headers": dict, "service_name": str, "message_content": bool},
@@ -1710,19 +1795,20 @@ def parse_hooks(hooks: Any, problems: ConfigProblems) -> tuple[HookSpec, ...]:
     return tuple(out)
 
 
-RULE_KEYS = ("name", "label", "rule", "params", "override", "sticky")
+RULE_KEYS = ("name", "label", "rule", "params", "override", "sticky", "ab")
 
 
-def parse_rules(rules: Any, problems: ConfigProblems) -> tuple[RuleSpec, ...]:
+def parse_rules(rules: Any, problems: ConfigProblems,
+                at: tuple = ("ccproxy", "rules")) -> tuple[RuleSpec, ...]:
     """`rules:` entries with `name` (1.x also `label`), `rule` and optional `params`."""
     if rules is None:
         return ()
     if not isinstance(rules, list):
-        problems.error(("ccproxy", "rules"), "`rules` must be a list")
+        problems.error(at, "`rules` must be a list")
         return ()
     out = []
     for i, item in enumerate(rules):
-        keys = ("ccproxy", "rules", i)
+        keys = at + (i,)
         if not isinstance(item, dict):
             problems.error(keys, "a rule is a mapping with `name`, `rule` and optional `params`")
             continue
@@ -1746,8 +1832,107 @@ def parse_rules(rules: Any, problems: ConfigProblems) -> tuple[RuleSpec, ...]:
                 else:
                     problems.error(keys + (flag,), f"rule `{name}`: `{flag}` must be true or "
                                    f"false, got {item[flag]!r}")
+        split: tuple[tuple[str, int], ...] = ()
+        if "ab" in item:
+            value = item["ab"]
+            if isinstance(value, dict) and value and all(
+                    isinstance(k, str) and k and isinstance(w, int) and not isinstance(w, bool)
+                    and w > 0 for k, w in value.items()):
+                split = tuple(value.items())
+            else:
+                problems.error(keys + ("ab",), f"rule `{name}`: `ab` maps route labels to "
+                               f"positive whole weights, e.g. {{think-opus: 50, think-other: "
+                               f"50}}; got {value!r}")
         params, args = parse_params(item.get("params"))
-        out.append(RuleSpec(name, path, params, args, problems.where(keys), **flags))
+        out.append(RuleSpec(name, path, params, args, problems.where(keys), ab=split, **flags))
+    return tuple(out)
+
+
+BUDGET_KEYS: dict[str, type | tuple[type, ...]] = {
+    "name": str, "per": str, "period": str, "usd": (int, float), "tokens": int, "action": str,
+    "to": str, "alert_at": (int, float), "notify": dict}
+BUDGET_CHOICES = {"per": ("user", "label", "model", "all"), "period": ("day", "week", "month"),
+                  "action": ("block", "downgrade")}
+
+
+def parse_budgets(value: Any, problems: ConfigProblems, at: tuple) -> tuple[BudgetSpec, ...]:
+    """`budgets:` entries (see BudgetSpec); each problem an error at its line."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        problems.error(at, "`budgets` must be a list of {name, per, period, usd or tokens, "
+                       "action, ...}")
+        return ()
+    out = []
+    for i, item in enumerate(value):
+        keys = at + (i,)
+        if not isinstance(item, dict):
+            problems.error(keys, "a budget is a mapping: {name, per, period, usd|tokens, action}")
+            continue
+        wrong = [k for k, v in item.items() if k not in BUDGET_KEYS or isinstance(v, bool)
+                 or not isinstance(v, BUDGET_KEYS[k])]
+        wrong += [f"{k}: {item[k]!r} (one of {', '.join(c)})" for k, c in BUDGET_CHOICES.items()
+                  if k in item and item[k] not in c]
+        name = str(item["name"]) if isinstance(item.get("name"), str) else f"budget {i + 1}"
+        if wrong:
+            problems.error(keys, f"budget `{name}`: unknown or mistyped {', '.join(wrong)}; "
+                           f"keys: {', '.join(BUDGET_KEYS)}")
+            continue
+        limit = item.get("usd", item.get("tokens"))
+        if ("usd" in item) == ("tokens" in item) or limit is None or limit <= 0:
+            problems.error(keys, f"budget `{name}`: give one positive limit, `usd` or `tokens`")
+            continue
+        if item.get("action") == "downgrade" and not item.get("to"):
+            problems.error(keys, f"budget `{name}`: `action: downgrade` needs `to:`, the route "
+                           "label to use instead")
+            continue
+        notify = item.get("notify") or {}
+        if set(notify) - {"webhook", "command"} or not all(isinstance(v, str) for v in
+                                                           notify.values()):
+            problems.error(keys, f"budget `{name}`: `notify` takes `webhook` (a URL) and/or "
+                           "`command`")
+            continue
+        alert = item.get("alert_at")
+        if alert is not None and not 0 < alert < 1:
+            problems.error(keys, f"budget `{name}`: `alert_at` is a fraction of the limit "
+                           f"between 0 and 1, e.g. 0.8; got {alert!r}")
+            continue
+        out.append(BudgetSpec(name=name, per=item.get("per", "all"),
+                              period=item.get("period", "day"),
+                              usd=float(item["usd"]) if "usd" in item else None,
+                              tokens=item.get("tokens"), action=item.get("action", "block"),
+                              to=item.get("to", ""), alert_at=alert, notify=dict(notify),
+                              where=problems.where(keys)))
+    return tuple(out)
+
+
+def parse_users(value: Any, problems: ConfigProblems) -> tuple[UserSpec, ...]:
+    """`users:` as {user id or pattern: {labels, rules, budgets}}."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        problems.error(("ccproxy", "users"), "`users` maps a user id (or a pattern like "
+                       "'*@example.com') to {labels, rules, budgets}")
+        return ()
+    out = []
+    for pattern, item in value.items():
+        keys = ("ccproxy", "users", pattern)
+        item = item or {}
+        if not isinstance(item, dict) or set(item) - {"labels", "rules", "budgets"}:
+            problems.error(keys, f"user `{pattern}`: takes `labels`, `rules` and `budgets`")
+            continue
+        labels = item.get("labels")
+        if labels is not None and not (isinstance(labels, list) and labels
+                                       and all(isinstance(x, str) for x in labels)):
+            problems.error(keys + ("labels",), f"user `{pattern}`: `labels` lists the route "
+                           "labels the user may use")
+            continue
+        budgets = parse_budgets(item.get("budgets"), problems, keys + ("budgets",))
+        out.append(UserSpec(str(pattern), tuple(labels) if labels is not None else None,
+                            parse_rules(item["rules"], problems, keys + ("rules",))
+                            if "rules" in item else None,
+                            tuple(dataclasses.replace(b, per="user") for b in budgets),
+                            problems.where(keys)))
     return tuple(out)
 
 
@@ -1870,7 +2055,12 @@ def validate_config(config: Config, pipeline: "Pipeline") -> ValidationReport:
             report.errors.append(f"{ccproblems.where(keys)}: rule name `{spec.name}` is used "
                                  f"twice (first at {seen[spec.name]}); names must be unique")
         seen.setdefault(spec.name, ccproblems.where(keys))
-        if spec.name not in table and spec.name not in catch_all:
+        for arm, _weight in spec.ab:
+            if arm not in table:
+                report.errors.append(f"{ccproblems.where(keys + ('ab',))}: rule `{spec.name}`: "
+                                     f"A/B arm `{arm}` has no model_list entry of that name"
+                                     f"{_did_you_mean(arm, table.exact)}")
+        if spec.name not in table and spec.name not in catch_all and not spec.ab:
             report.warnings.append(f"{ccproblems.where(keys)}: rule `{spec.name}` has no "
                                    f"model_list entry named `{spec.name}`; its requests fall "
                                    "back to the default route")
@@ -1880,6 +2070,11 @@ def validate_config(config: Config, pipeline: "Pipeline") -> ValidationReport:
                              "`default` entry; add one or turn passthrough on")
     report.errors += fallback_problems(config, table, ccproblems)
     report.warnings += tracing_backends(config.settings)[1]
+    report.errors += team_problems(config, table)
+    if config.settings.cache.get("type") == "redis" and redis_settings(config) is None:
+        report.errors.append(f"{ccproblems.where(('ccproxy', 'cache'))}: `cache: {{type: redis}}` "
+                             "uses LiteLLM's Redis: set router_settings.redis_host (and port, "
+                             "password) or redis_url")
     if "langfuse" in config.settings.tracing and not (os.environ.get("LANGFUSE_PUBLIC_KEY")
                                                       and os.environ.get("LANGFUSE_SECRET_KEY")):
         report.warnings.append("tracing.langfuse: LANGFUSE_PUBLIC_KEY and LANGFUSE_SECRET_KEY "
@@ -1941,6 +2136,26 @@ def validate_config(config: Config, pipeline: "Pipeline") -> ValidationReport:
                                  "needs model_name and litellm_params.model")
     report.errors += callback_problems(config, lproblems)
     return report
+
+
+def team_problems(config: Config, table: "ModelTable") -> list[str]:
+    """Budgets and users that name route labels model_list lacks, or that cannot count."""
+    settings = config.settings
+    problems = []
+    budgets = list(settings.budgets) + [b for u in settings.users for b in u.budgets]
+    if budgets and not settings.usage_ledger:
+        problems.append(f"{budgets[0].where}: budgets count from the usage ledger; set "
+                        "`usage_ledger: true` (or drop the budgets)")
+    for budget in budgets:
+        if budget.action == "downgrade" and budget.to not in table:
+            problems.append(f"{budget.where}: budget `{budget.name}` downgrades to `{budget.to}`, "
+                            f"which has no model_list entry{_did_you_mean(budget.to, table.exact)}")
+    for user in settings.users:
+        for label in user.labels or ():
+            if label not in table and label != "default":
+                problems.append(f"{user.where}: user `{user.pattern}` may use `{label}`, which "
+                                f"has no model_list entry{_did_you_mean(label, table.exact)}")
+    return problems
 
 
 def fallback_problems(config: Config, table: "ModelTable",
@@ -2887,10 +3102,11 @@ def build_rule(spec: RuleSpec, search_dir: Path | None = None) -> Rule:
         rule.override = getattr(rule, "overrides_turn", False) if spec.override is None \
             else spec.override
         rule.sticky = spec.sticky
+        rule.ab = spec.ab
     except AttributeError as exc:
         raise RuleError(f"rule `{spec.name}` ({spec.rule}): ccproxy cannot set its name, "
                         f"override and sticky ({exc})",
-                        "add `name`, `override` and `sticky` to its __slots__, or drop "
+                        "add `name`, `override`, `sticky` and `ab` to its __slots__, or drop "
                         "__slots__") from exc
     return rule
 
@@ -3095,6 +3311,8 @@ class RoutingDecision:
     passthrough: bool           # True when the requested model was kept
     reason: str = ""            # the matching rule's fact
     provider: str | None = None
+    arm: str | None = None      # the A/B arm (a route label) a rule's `ab` split chose
+    user: str | None = None     # who sent it (see request_user)
 
     def as_dict(self) -> dict:
         """JSON-safe form for metadata, logs and `explain --json`."""
@@ -3125,6 +3343,9 @@ class RequestContext:
     original_thinking: Any = None    # the client's `thinking`, as it arrived
     quota_resend: bool = False       # sent once more because the plan limit was reached
     switched: bool = False           # this request moved its conversation to another model
+    arm: str | None = None           # the A/B arm the matching rule's `ab` split chose
+    user: str | None = None          # who sent it (user_header, LiteLLM key, Claude Code account)
+    blocked: tuple[str, float] | None = None   # a budget refuses it: (why, when it resets)
     request_class: tuple[str, str] | None = None   # (class, how known), once worked out
 
     @property
@@ -3138,6 +3359,19 @@ class RequestContext:
         if name.startswith("_"):
             raise AttributeError(name)
         return getattr(self.pipeline.legacy_config, name)
+
+
+def request_user(data: Mapping[str, Any], headers: Mapping[str, str], key: Any,
+                 header: str = "") -> str | None:
+    """Who sent a request: the configured header, else the user of the LiteLLM virtual key
+    it came with, else Claude Code's account (or device) from metadata.user_id."""
+    if header and headers.get(header):
+        return headers[header]
+    key_user = key.get("user_id") if isinstance(key, Mapping) else getattr(key, "user_id", None)
+    if isinstance(key_user, str) and key_user:
+        return key_user
+    claude = claude_user(data.get("metadata"))
+    return claude.get("claude_account_id") or claude.get("claude_user_hash")
 
 
 def parse_session(metadata: Any, headers: Mapping[str, str]) -> str | None:
@@ -3894,6 +4128,178 @@ def session_store_for(config: Config) -> SessionStore:
     return RedisSessionStore(redis, settings.session_ttl, settings.max_sessions)
 
 
+def period_start(period: str, now: float | None = None) -> float:
+    """When the current day, week (Monday) or month began, local time (epoch seconds)."""
+    today = datetime.date.fromtimestamp(time.time() if now is None else now)
+    if period == "week":
+        today -= datetime.timedelta(days=today.weekday())
+    elif period == "month":
+        today = today.replace(day=1)
+    return time.mktime(today.timetuple())
+
+
+def period_end(period: str, start: float) -> float:
+    """When the period that began at `start` ends (the next one begins)."""
+    first = datetime.date.fromtimestamp(start)
+    if period == "day":
+        nxt = first + datetime.timedelta(days=1)
+    elif period == "week":
+        nxt = first + datetime.timedelta(days=7)
+    else:
+        nxt = (first.replace(day=28) + datetime.timedelta(days=4)).replace(day=1)
+    return time.mktime(nxt.timetuple())
+
+
+# What a budget counts a request against, per `per`: the ledger column and the request's value.
+BUDGET_COLUMNS = {"user": "user", "label": "label", "model": "answered_model", "all": "'*'"}
+
+
+class BudgetBook:
+    """What each budget has counted in its current period, per subject (a user, label, model
+    or `*`): in this process, started from the usage ledger (so a restart forgets nothing),
+    or on Redis when session state is there (every worker and proxy counts into the same
+    figures). Spend is added by the ledger's writer thread, off the event loop."""
+
+    def __init__(self, budgets: Iterable[BudgetSpec], users: Iterable[UserSpec],
+                 sessions: SessionStore) -> None:
+        self.budgets = list(budgets)
+        self.user_budgets = [(u.pattern, b) for u in users for b in u.budgets]
+        self.redis = sessions if isinstance(sessions, RedisSessionStore) else None
+        self.ledger_path: Path | None = None
+        self._spent: dict[tuple, list[float]] = {}      # (budget, subject, start) -> [usd, tokens]
+        self._alerted: set[tuple] = set()
+        self._lock = threading.Lock()
+
+    def __bool__(self) -> bool:
+        return bool(self.budgets or self.user_budgets)
+
+    def applying(self, user: str | None) -> list[BudgetSpec]:
+        """The budgets a request of this user counts against."""
+        import fnmatch
+
+        mine = [b for pattern, b in self.user_budgets if user and fnmatch.fnmatchcase(user, pattern)]
+        return self.budgets + mine
+
+    @staticmethod
+    def subject(budget: BudgetSpec, user: str | None, label: str, model: str) -> str | None:
+        return {"user": user, "label": label, "model": model, "all": "*"}[budget.per]
+
+    def spent(self, budget: BudgetSpec, subject: str) -> tuple[float, int]:
+        """(USD, tokens) counted so far this period."""
+        start = period_start(budget.period)
+        if self.redis is not None:
+            found = self.redis.call(lambda r: r.hmget(self._key(budget, subject, start),
+                                                      ["usd", "tokens"]))
+            return (float(found[0] or 0), int(found[1] or 0)) if found else (0.0, 0)
+        with self._lock:
+            counted = self._spent.get((budget.name, subject, start))
+            if counted is None:
+                counted = self._spent[budget.name, subject, start] = \
+                    self._from_ledger(budget, subject, start)
+            return counted[0], int(counted[1])
+
+    def _from_ledger(self, budget: BudgetSpec, subject: str, start: float) -> list[float]:
+        import sqlite3
+
+        if self.ledger_path is None or not self.ledger_path.is_file():
+            return [0.0, 0]
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{self.ledger_path}?mode=ro", uri=True,
+                                                    timeout=2.0)) as db:
+                usd, tokens = db.execute(
+                    "SELECT coalesce(sum(cost), 0), coalesce(sum(input_tokens + output_tokens), 0) "
+                    f"FROM usage WHERE ts >= ? AND {BUDGET_COLUMNS[budget.per]} = ?",
+                    (start, subject)).fetchone()
+        except sqlite3.Error:
+            return [0.0, 0]
+        return [float(usd), int(tokens)]
+
+    def _key(self, budget: BudgetSpec, subject: str, start: float) -> str:
+        return f"{REDIS_PREFIX}budget:{budget.name}\x1f{subject}\x1f{int(start)}"
+
+    def over(self, budget: BudgetSpec, subject: str) -> float:
+        """The fraction of the budget used this period."""
+        usd, tokens = self.spent(budget, subject)
+        return usd / budget.usd if budget.usd else tokens / (budget.tokens or 1)
+
+    def book(self, row: Mapping[str, Any]) -> None:
+        """Count a finished request (a ledger row) against the budgets it falls under; a
+        budget crossing its alert_at warns once a period (and notifies)."""
+        usd, tokens = float(row.get("cost") or 0.0), \
+            int((row.get("input_tokens") or 0) + (row.get("output_tokens") or 0))
+        user = row.get("user")
+        for budget in self.applying(user):
+            subject = self.subject(budget, user, str(row.get("label") or ""),
+                                   str(row.get("answered_model") or ""))
+            if not subject:
+                continue
+            start = period_start(budget.period)
+            if self.redis is not None:
+                self.redis.call(functools.partial(
+                    self._add_on_redis, self._key(budget, subject, start), usd, tokens,
+                    int(period_end(budget.period, start) - time.time()) + 86400))
+            else:
+                self.spent(budget, subject)              # loaded from the ledger first
+                with self._lock:
+                    counted = self._spent[budget.name, subject, start]
+                    counted[0] += usd
+                    counted[1] += tokens
+            if budget.alert_at is not None and self.over(budget, subject) >= budget.alert_at:
+                self._alert(budget, subject, start)
+
+    @staticmethod
+    def _add_on_redis(key: str, usd: float, tokens: int, ttl: int, r: Any) -> Any:
+        return r.pipeline(transaction=False).hincrbyfloat(key, "usd", usd) \
+            .hincrby(key, "tokens", tokens).expire(key, ttl).execute()
+
+    def _alert(self, budget: BudgetSpec, subject: str, start: float) -> None:
+        key = (budget.name, subject, start)
+        if self.redis is not None:
+            first = self.redis.call(lambda r: r.set(self._key(budget, subject, start) + "\x1falert",
+                                                    "1", nx=True, ex=40 * 86400))
+        else:
+            with self._lock:
+                first = key not in self._alerted
+                self._alerted.add(key)
+        if not first:
+            return
+        used = self.over(budget, subject)
+        log.warning("budget %s: %s has used %.0f%% of its %s limit (%s)", budget.name, subject,
+                    used * 100, budget.period, budget_limit_text(budget))
+        if budget.notify:
+            threading.Thread(target=notify_budget, args=(budget, subject, used), daemon=True,
+                             name="ccproxy-budget-notify").start()
+
+
+def budget_limit_text(budget: BudgetSpec) -> str:
+    return f"${budget.usd:g}" if budget.usd is not None else f"{budget.tokens:,} tokens"
+
+
+def notify_budget(budget: BudgetSpec, subject: str, used: float) -> None:
+    """Tell the budget's webhook (a JSON POST) and command (with CCPROXY_BUDGET_* set) that
+    it crossed its alert_at; failures are logged, never raised."""
+    import subprocess
+    import urllib.request
+
+    event = {"budget": budget.name, "subject": subject, "per": budget.per,
+             "period": budget.period, "used": round(used, 4), "limit": budget_limit_text(budget)}
+    if budget.notify.get("webhook"):
+        try:
+            request = urllib.request.Request(budget.notify["webhook"], method="POST",
+                                             data=json.dumps(event).encode(),
+                                             headers={"content-type": "application/json"})
+            urllib.request.urlopen(request, timeout=5).close()
+        except (OSError, ValueError) as exc:
+            log.warning("budget %s: webhook failed: %s", budget.name, redact_secrets(str(exc)))
+    if budget.notify.get("command"):
+        env = dict(os.environ, **{f"CCPROXY_BUDGET_{k.upper()}": str(v) for k, v in event.items()})
+        try:
+            subprocess.run(budget.notify["command"], shell=True, env=env, timeout=30,
+                           stdin=subprocess.DEVNULL, capture_output=True)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("budget %s: command failed: %s", budget.name, exc)
+
+
 def _log_session_end(session: SessionState, how: str) -> None:
     log.info("session %s%s %s: %d requests, %d model switches, ~%d tokens re-sent uncached",
              session.session_id[:8], f" agent {session.agent_id}" if session.agent_id else "",
@@ -4185,8 +4591,8 @@ def decision_from_v1_metadata(data: dict) -> RoutingDecision | None:
 @accepts_v1_call
 def rule_evaluator(data: dict, ctx: RequestContext, **params: Any) -> dict:
     """Label the request with the first rule that matches (none: `default`)."""
-    evaluate_rules(((getattr(r, "name", "") or type(r).__name__, r) for r in ctx.pipeline.rules),
-                   data, ctx)
+    evaluate_rules(((getattr(r, "name", "") or type(r).__name__, r)
+                    for r in ctx.pipeline.rules_for(ctx.user)), data, ctx)
     return data
 
 
@@ -4209,8 +4615,26 @@ def evaluate_rules(rules: Iterable[tuple[str, Any]], data: dict, ctx: RequestCon
         if verdict.matched:
             ctx.label = name
             ctx.route_label = verdict.label
+            split = getattr(rule, "ab", ())
+            if split and verdict.label is None:
+                ctx.arm = ctx.route_label = ab_arm(split, name, ctx.session_id or
+                                                   conversation_key(data))
             break
     return ctx.label
+
+
+def ab_arm(split: Sequence[tuple[str, int]], rule: str, session: str) -> str:
+    """The arm of a weighted split for a session: the same session always gets the same arm
+    (a hash, so every worker and proxy agrees without sharing anything)."""
+    import hashlib
+
+    point = int.from_bytes(hashlib.blake2b(f"{rule}\x1f{session}".encode(), digest_size=8)
+                           .digest(), "big") % sum(weight for _label, weight in split)
+    for label, weight in split:
+        if point < weight:
+            return label
+        point -= weight
+    return split[-1][0]
 
 
 def _describe(rule: Any) -> str:
@@ -4258,6 +4682,10 @@ def model_router(data: dict, ctx: RequestContext, **params: Any) -> dict:
         label, rule = quota, next((r for r in pipeline.rules if getattr(r, "name", None) == quota),
                                   None)
         reason = "the plan limit is reached" + (f" until {clock(until)}" if until else "")
+    limited = user_limits(ctx, label, requested)
+    if limited is not None:
+        label, reason = limited
+        rule = next((r for r in pipeline.rules if getattr(r, "name", None) == label), None)
     passthrough = (rule is None and label == "default"
                    and pipeline.config.settings.default_model_passthrough) \
         or bool(getattr(rule, "passthrough", False))
@@ -4286,7 +4714,8 @@ def model_router(data: dict, ctx: RequestContext, **params: Any) -> dict:
                            "add an entry (e.g. model_name: \"claude-*\")")
     decision = RoutingDecision(label=label, requested_model=requested, model=target,
                                upstream=upstream, passthrough=passthrough, reason=reason,
-                               provider=provider)
+                               provider=provider, arm=ctx.arm if ctx.arm == label else None,
+                               user=ctx.user)
     ctx.decision = decision
     if conversation is not None:
         pipeline.sessions.record_route(ctx, decision, data, sticky=getattr(rule, "sticky", False))
@@ -4294,6 +4723,36 @@ def model_router(data: dict, ctx: RequestContext, **params: Any) -> dict:
     meta = litellm_metadata(data)
     meta[METADATA_KEY] = decision.as_dict()
     return data
+
+
+def user_limits(ctx: RequestContext, label: str, requested: str) -> tuple[str, str] | None:
+    """(label, reason) when the user's allowed labels or a budget change the route; a budget
+    that blocks sets ctx.blocked instead. None: the route stands."""
+    pipeline = ctx.pipeline
+    found = pipeline.user_spec(ctx.user)
+    changed = None
+    allowed = found[0].labels if found else None
+    if allowed is not None and label not in allowed:
+        changed = label, reason = allowed[0], f"user {ctx.user} may not use `{label}`"
+    book = pipeline.budgets
+    if not book:
+        return changed
+    table = pipeline.models()
+    for budget in book.applying(ctx.user):
+        resolved = table.resolve_route(label) if label in table else None
+        model = resolved[1] if resolved else requested
+        subject = book.subject(budget, ctx.user, label, model)
+        if not subject or book.over(budget, subject) < 1.0:
+            continue
+        resets = period_end(budget.period, period_start(budget.period))
+        why = (f"budget `{budget.name}` for {subject} is used up for this {budget.period} "
+               f"({budget_limit_text(budget)}); it resets at {clock(resets)}")
+        if budget.action == "block":
+            ctx.blocked = why, resets
+            return changed
+        if budget.to != label:
+            changed = label, reason = budget.to, why + f"; routed to `{budget.to}`"
+    return changed
 
 
 def clock(epoch: float) -> str:
@@ -4828,6 +5287,28 @@ class Pipeline:
         self._warned: set[str] = set()
         self._lock = threading.Lock()
         self._legacy: CCProxyConfig | None = None
+        self.budgets = BudgetBook(config.settings.budgets, config.settings.users, self.sessions)
+        self.user_rules: list[tuple[UserSpec, list[Any]]] = []
+        for user in config.settings.users:
+            built = []
+            for spec in user.rules or ():
+                try:
+                    built.append(build_rule(spec, search_dir))
+                except RuleError as exc:
+                    self.problems.append(f"{spec.where}: {exc}")
+            self.user_rules.append((user, built))
+
+    def user_spec(self, user: str | None) -> tuple[UserSpec, list[Any]] | None:
+        """The `users:` entry (and its built rules) for a user, first match."""
+        import fnmatch
+
+        return next(((spec, rules) for spec, rules in self.user_rules
+                     if user and fnmatch.fnmatchcase(user, spec.pattern)), None)
+
+    def rules_for(self, user: str | None) -> list[Any]:
+        """The rules that decide a user's requests: its own (`users:`) or the global ones."""
+        found = self.user_spec(user)
+        return found[1] if found and found[0].rules is not None else self.rules
 
     @property
     def legacy_config(self) -> CCProxyConfig:
@@ -4887,6 +5368,7 @@ class Pipeline:
                              agent_id=hdrs.get("x-claude-code-agent-id") or None,
                              user_api_key_dict=user_api_key_dict, quota_resend=quota_resend,
                              original_thinking=_top_level_copy(data.get("thinking")))
+        ctx.user = request_user(data, hdrs, user_api_key_dict, self.config.settings.user_header)
         if self.config.settings.sticky_turns and call_type != "count_tokens":
             self.sessions.attach(ctx, data)
         else:
@@ -5161,6 +5643,7 @@ METRIC_FAMILIES = {
     "fallbacks_total": ("counter", "Answers from another deployment than the routed one, by label"),
     "quota_resends_total": ("counter", "Requests sent once more to quota_fallback (plan limit)"),
     "count_tokens_total": ("counter", "count_tokens requests, by route label"),
+    "budget_blocks_total": ("counter", "Requests refused because a budget was used up"),
     "rule_verdicts_total": ("counter", "Rule evaluations, matches and failures"),
     "hook_errors_total": ("counter", "Hooks that raised (skipped)"),
     "hook_seconds_total": ("counter", "Time spent in the hook pipeline"),
@@ -5351,7 +5834,9 @@ class Handler:
         self._http: Any = None
         self._started = False
         self.ledger = Ledger((config.directory or Path(DEFAULT_CONFIG_DIR).expanduser())
-                             / LEDGER_FILE, self.stats, self.session_gauges)
+                             / LEDGER_FILE, self.stats, self.session_gauges,
+                             on_row=self.pipeline.budgets.book if self.pipeline.budgets else None)
+        self.pipeline.budgets.ledger_path = self.ledger.path
 
     # -- start ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -5430,6 +5915,11 @@ class Handler:
         data, ctx = run_pipeline(self.pipeline, data, call_type=call_type,
                                  user_api_key_dict=user_api_key_dict,
                                  quota_resend=resend.get("sent") == "quota")
+        if ctx.blocked is not None:
+            self.stats.add("budget_blocks_total")
+            log.warning("refused (429): %s", ctx.blocked[0])
+            refuse(_UPSTREAM_ERROR.get(), 429, "rate_limit_error", ctx.blocked[0],
+                   {"retry-after": str(max(1, int(ctx.blocked[1] - time.time())))})
         decision = ctx.decision
         if decision is not None and decision.provider == "anthropic":
             self.keep_thinking(decision.upstream)
@@ -5617,10 +6107,11 @@ class Handler:
         return {
             "ts": time.time(), "session": parse_session(metadata, headers),
             "agent": headers.get("x-claude-code-agent-id"),
-            "user": claude_user(metadata).get("claude_account_id"),
+            "user": decision.get("user") or claude_user(metadata).get("claude_account_id"),
             "label": decision.get("label"), "requested_model": requested,
             "answered_model": answered, "provider": decision.get("provider"),
-            "routed_model": decision.get("upstream"), **tokens, "cost": cost,
+            "routed_model": decision.get("upstream"), "arm": decision.get("arm"), **tokens,
+            "cost": cost,
             "latency_s": usage.get("latency_s"), "ttfb_s": usage.get("ttfb_s"), "status": status,
             "error": failure_text(kwargs) if status != "ok" else None}
 
@@ -5659,9 +6150,13 @@ class Handler:
         for session in sessions:
             session["cost_usd"], session["saved_usd"] = spent.get(session["session_id"],
                                                                   (None, None))
+        booked = ledger and self.ledger.path.is_file()
+        week = {by: [r for r in usage_rows(self.ledger.path, 7 * 86400, by) if r[by]]
+                if booked else [] for by in ("arm", "user")}
         return {"health": self.health(), "sessions": sessions,
                 "days": self.ledger.daily(30) if ledger else [],
-                "errors": self.ledger.recent_errors() if ledger else []}
+                "errors": self.ledger.recent_errors() if ledger else [], "arms": week["arm"],
+                "users": week["user"]}
 
     async def _metrics_route(self, request: Any, response: Any, key: Any) -> Any:
         import asyncio
@@ -6186,7 +6681,7 @@ BACKGROUND = Background()
 LEDGER_COLUMNS = ("ts", "session", "agent", "user", "label", "requested_model", "answered_model",
                   "provider", "input_tokens", "output_tokens", "cost", "requested_cost",
                   "latency_s", "ttfb_s", "status", "cache_read_tokens", "cache_write_tokens",
-                  "error")
+                  "error", "arm")
 SERIES_FLUSH_S = 1.0        # how often each worker adds its counters to the shared totals
 GAUGE_STALE_S = 10.0        # a worker whose gauges are older than this is gone
 
@@ -6203,7 +6698,8 @@ class Ledger:
 
     def __init__(self, path: Path, stats: "Stats | None" = None,
                  gauges: Callable[[], Mapping[str, float]] | None = None,
-                 capacity: int = 10_000) -> None:
+                 capacity: int = 10_000,
+                 on_row: Callable[[Mapping[str, Any]], None] | None = None) -> None:
         import queue
 
         self.path = path
@@ -6211,6 +6707,7 @@ class Ledger:
         self.written = self.dropped = 0
         self.stats = stats
         self.gauges = gauges
+        self.on_row = on_row            # e.g. the budgets, counting each row's spend
         self.process = f"{os.getpid()}-{os.environ.get(INSTANCE_ENV, '')}"
         self._flushed: dict[tuple, float] = {}     # the counts `series` has from this process
         self._series_lock = threading.Lock()
@@ -6267,6 +6764,8 @@ class Ledger:
                     if "requested_cost" not in row:
                         price_requested(row, self.stats)
                         row["requested_cost"] = row.get("requested_cost")
+                        if self.on_row is not None:
+                            self.on_row(row)
                 with self._series_lock:
                     with db:
                         db.executemany(insert, [tuple(r.get(c) for c in LEDGER_COLUMNS)
@@ -6375,6 +6874,49 @@ class Ledger:
         for name, value in gauge_rows:
             gauges[name] = gauges.get(name, 0) + value
         return series, gauges
+
+
+USAGE_GROUPS = {"day": "date(ts, 'unixepoch', 'localtime')", "label": "label",
+                "model": "answered_model", "session": "session", "user": "user", "arm": "arm"}
+SINCE_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def usage_rows(path: Path, since_s: float, by: str) -> list[dict]:
+    """The ledger summed per group since `since_s` seconds ago, with each group's latency
+    p50/p95 (read-only; the proxy may be writing). Unpriced requests count as such: their
+    cost is not taken as 0."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    try:
+        have = {row[1] for row in db.execute("PRAGMA table_info(usage)")}
+        # (a ledger from before the cache and arm columns: 0 and NULL there)
+        cache_read, cache_write = (c if c in have else "0"
+                                   for c in ("cache_read_tokens", "cache_write_tokens"))
+        key = USAGE_GROUPS[by] if by != "arm" or "arm" in have else "NULL"
+        since = (time.time() - since_s,)
+        rows = db.execute(
+            f"SELECT {key}, count(*), sum(status = 'failed'), sum(input_tokens), "
+            f"sum(output_tokens), sum({cache_read}), sum({cache_write}), sum(cost), "
+            "sum(cost IS NULL AND status = 'ok'), sum(requested_cost - cost) "
+            "FROM usage WHERE ts >= ? GROUP BY 1 ORDER BY 1", since).fetchall()
+        latencies: dict[Any, list[float]] = collections.defaultdict(list)
+        for group, latency in db.execute(f"SELECT {key}, latency_s FROM usage WHERE ts >= ? "
+                                         "AND latency_s IS NOT NULL ORDER BY 2", since):
+            latencies[group].append(latency)
+    finally:
+        db.close()
+    names = (by, "requests", "failed", "input_tokens", "output_tokens", "cache_read_tokens",
+             "cache_write_tokens", "cost_usd", "unpriced", "saved_usd")
+    out = []
+    for row in rows:
+        found = dict(zip(names, row, strict=True))
+        ordered = latencies.get(row[0], [])
+        found["latency_p50_s"] = ordered[len(ordered) // 2] if ordered else None
+        found["latency_p95_s"] = ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))] \
+            if ordered else None
+        out.append(found)
+    return out
 
 
 def open_ledger(path: Path) -> Any:
@@ -6755,6 +7297,7 @@ def litellm_config_for_start(config: Config) -> Path:
     litellm_settings.setdefault("request_timeout", config.settings.upstream_timeout)
     data["litellm_settings"] = litellm_settings
     add_tracing(data, config.settings)
+    add_cache(data, config)
     router = data.get("router_settings")
     data["router_settings"] = dict(router) if isinstance(router, dict) else {}
     data["router_settings"].update(router_settings_for(config.settings, data["router_settings"]))
@@ -6796,6 +7339,22 @@ def add_tracing(data: dict, settings: Settings) -> None:
         data["callback_settings"] = callback_settings
     if "langfuse" in ready and not settings.tracing["langfuse"].get("message_content", False):
         litellm_settings.setdefault("turn_off_message_logging", True)
+
+
+def add_cache(data: dict, config: Config) -> None:
+    """LiteLLM's response cache from `cache:` (unless litellm_settings already sets one): on
+    Redis, LiteLLM's own Redis (router_settings)."""
+    spec = config.settings.cache
+    litellm_settings = data["litellm_settings"]
+    if not spec or "cache" in litellm_settings:
+        return
+    params: dict[str, Any] = {"type": spec.get("type", "local"),
+                              "supported_call_types": list(CACHE_CALL_TYPES)}
+    if "ttl" in spec:
+        params["ttl"] = spec["ttl"]
+    if params["type"] == "redis":
+        params.update({k: v for k, v in (redis_settings(config) or {}).items() if v is not None})
+    litellm_settings.update(cache=True, cache_params=params)
 
 
 def tracing_environment(settings: Settings) -> dict[str, str]:
@@ -7918,33 +8477,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-USAGE_GROUPS = {"day": "date(ts, 'unixepoch', 'localtime')", "label": "label",
-                "model": "answered_model", "session": "session", "user": "user"}
-SINCE_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-def usage_rows(path: Path, since_s: float, by: str) -> list[dict]:
-    """The ledger summed per group since `since_s` seconds ago (read-only; the proxy may be
-    writing). Unpriced requests count as such: their cost is not taken as 0."""
-    import sqlite3
-
-    key = USAGE_GROUPS[by]
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
-    try:
-        have = {row[1] for row in db.execute("PRAGMA table_info(usage)")}
-        cached = [c if c in have else "0" for c in ("cache_read_tokens", "cache_write_tokens")]
-        rows = db.execute(           # (a ledger written before the cache columns: 0 there)
-            f"SELECT {key}, count(*), sum(status = 'failed'), sum(input_tokens), "
-            f"sum(output_tokens), sum({cached[0]}), sum({cached[1]}), sum(cost), "
-            "sum(cost IS NULL AND status = 'ok'), sum(requested_cost - cost) "
-            f"FROM usage WHERE ts >= ? GROUP BY 1 ORDER BY 1", (time.time() - since_s,)).fetchall()
-    finally:
-        db.close()
-    names = (by, "requests", "failed", "input_tokens", "output_tokens", "cache_read_tokens",
-             "cache_write_tokens", "cost_usd", "unpriced", "saved_usd")
-    return [dict(zip(names, row, strict=True)) for row in rows]
-
-
 def cmd_usage(args: argparse.Namespace) -> int:
     """What the proxy served, what it cost and what routing saved, from the usage ledger."""
     match = re.fullmatch(r"(\d+)([mhdw])", args.since)
@@ -7967,15 +8499,17 @@ def cmd_usage(args: argparse.Namespace) -> int:
         writer.writerows(rows)
         return 0
     total = {args.by: "total"} | {k: sum(r[k] or 0 for r in rows) for k in rows[0]
-                                  if k != args.by} if rows else {}
+                                  if k != args.by and not k.startswith("latency")} if rows else {}
     _print(f"usage since {args.since} ago, by {args.by}")
     _print(f"{args.by:<28} {'requests':>9} {'failed':>7} {'input':>11} {'cached':>11} "
-           f"{'output':>9} {'cost $':>10} {'saved $':>9} {'unpriced':>9}")
+           f"{'output':>9} {'cost $':>10} {'saved $':>9} {'unpriced':>9} {'p50 s':>7} {'p95 s':>7}")
     for row in rows + ([total] if total else []):
+        p50, p95 = (f"{row[k]:.2f}" if row.get(k) is not None else "-"
+                    for k in ("latency_p50_s", "latency_p95_s"))
         _print(f"{str(row[args.by])[:28]:<28} {row['requests']:>9,} {row['failed'] or 0:>7,} "
                f"{row['input_tokens'] or 0:>11,} {row['cache_read_tokens'] or 0:>11,} "
                f"{row['output_tokens'] or 0:>9,} {row['cost_usd'] or 0:>10.4f} "
-               f"{row['saved_usd'] or 0:>9.4f} {row['unpriced'] or 0:>9,}")
+               f"{row['saved_usd'] or 0:>9.4f} {row['unpriced'] or 0:>9,} {p50:>7} {p95:>7}")
     return 0
 
 

@@ -7,6 +7,7 @@ Benchmarks: python test_ccproxy.py bench
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -3225,6 +3226,209 @@ def test_redis_settings_come_from_litellms_own_config(tmp_path, monkeypatch):
     assert not [e for e in ccproxy.validate_config(two, ccproxy.Pipeline(two)).errors if "num_workers" in e]
     alone = ccproxy.Config(settings=ccproxy.Settings(), litellm={}, num_workers=2)
     assert [e for e in ccproxy.validate_config(alone, ccproxy.Pipeline(alone)).errors if "Redis" in e]
+
+
+class Hook:
+    """A webhook receiver on loopback: keeps each JSON body POSTed to it."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                hook.events.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/budget"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+TEAM_RULES = [{"name": "background", "rule": "MatchModelRule", "params": {"model_name": "haiku"}},
+              {"name": "think", "rule": "ThinkingRule", "ab": {"think-a": 50, "think-b": 50}}]
+
+
+def write_team_config(directory: Path, upstream: FakeUpstream, port: int, redis_port: int, hook_url: str) -> None:
+    base = upstream.url
+    write_config(directory, upstream, port, settings={
+        "user_header": "x-team-user", "rules": TEAM_RULES, "cache": {"type": "local", "ttl": 600},
+        "budgets": [{"name": "daily-usd", "per": "user", "period": "day", "usd": 0.002, "action": "block",
+                     "alert_at": 0.5, "notify": {"webhook": hook_url}}],
+        "users": {"intern-*": {"labels": ["background", "small"]},
+                  "bob": {"rules": [{"name": "small", "rule": "MatchModelRule", "params": {"model_name": "claude"}}]},
+                  "dave": {"budgets": [{"name": "dave-tokens", "tokens": 300, "action": "downgrade", "to": "small"}]}}},
+        router_settings={"redis_host": "127.0.0.1", "redis_port": redis_port},
+        model_list=[{"model_name": n, "litellm_params": {"model": f"anthropic/up-{n}", "api_base": base}}
+                    for n in ("background", "think-a", "think-b", "small")]
+        + [{"model_name": "claude-*", "litellm_params": {"model": "anthropic/claude-*", "api_base": base}}])
+
+
+@pytest.fixture(scope="module")
+def team(upstream, redis_server, tmp_path_factory):
+    hook = Hook()
+    with started_proxy(tmp_path_factory, "team",
+                       lambda d, p: write_team_config(d, upstream, p, redis_server.port, hook.url)) as proxy:
+        yield proxy, hook
+    hook.close()
+
+
+def team_request(proxy, user: str, session: str, text: str, model: str = "claude-opus-5-5", effort: str = "medium"):
+    body, headers = cc_request("main", session=session)
+    body.update(model=model, output_config={"effort": effort})
+    body["messages"] = [{"role": "user", "content": [{"type": "text", "text": text}]}]
+    headers["x-team-user"] = user
+    return proxy.messages(body, headers)
+
+
+@slow
+def test_ab_split_is_sticky_per_session_and_usage_reports_each_arm(team, clean_upstream):
+    proxy, _hook = team
+    arms = {}
+    for i in range(12):
+        for turn in range(2):
+            status, got, raw = team_request(proxy, "ab-user", f"sess-ab-{i}", f"think hard {i}.{turn}", effort="max")
+            assert status == 200, raw[:300]
+            arms.setdefault(i, set()).add(got["x-ccproxy-rule"])
+    assert all(len(seen) == 1 for seen in arms.values())                # sticky per session
+    assert set().union(*arms.values()) == {"think-a", "think-b"}        # both arms used
+    expected = {i: {ccproxy.ab_arm((("think-a", 50), ("think-b", 50)), "think", f"sess-ab-{i}")} for i in arms}
+    assert arms == expected                                           # any worker or proxy would agree
+    deadline = time.monotonic() + 30
+    while True:
+        rows = {r["arm"]: r for r in json.loads(run_cli("usage", "--by", "arm", "--json", "--config-dir",
+                                                        str(proxy.directory)).stdout)}
+        if sum(rows.get(a, {}).get("requests", 0) for a in ("think-a", "think-b")) >= 24:
+            break
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.3)
+    assert all(rows[a]["latency_p50_s"] is not None and rows[a]["latency_p95_s"] >= rows[a]["latency_p50_s"]
+               for a in ("think-a", "think-b"))
+    table = run_cli("usage", "--by", "arm", "--config-dir", str(proxy.directory)).stdout
+    assert re.search(r"^think-a\s+\d+", table, re.M) and "p95 s" in table
+    figures = json.loads(http("GET", proxy.url + ccproxy.DASHBOARD_DATA_PATH)[2])
+    assert {a["arm"] for a in figures["arms"]} >= {"think-a", "think-b"}
+    assert "ab-user" in {u["user"] for u in figures["users"]}                # booked under the header's user
+
+
+@slow
+def test_users_get_their_own_labels_and_rules(team, clean_upstream):
+    proxy, _hook = team
+    status, got, _raw = team_request(proxy, "intern-7", "sess-intern", "think it through", effort="max")
+    assert status == 200 and got["x-ccproxy-rule"] == "background"        # think is not theirs
+    status, got, _raw = team_request(proxy, "bob", "sess-bob", "anything")
+    assert status == 200 and got["x-ccproxy-rule"] == "small"             # bob's own rules
+    status, got, _raw = team_request(proxy, "someone", "sess-someone", "anything")
+    assert status == 200 and got["x-ccproxy-rule"] == "default"           # the global rules
+
+
+@slow
+def test_budgets_block_with_an_anthropic_error_downgrade_and_alert_once(team, clean_upstream):
+    proxy, hook = team
+    answered = 0
+    deadline = time.monotonic() + 60
+    while True:        # $0.000625 a request (Opus 4.5, 100 in + 5 out): blocked once $0.002 is booked
+        status, got, raw = team_request(proxy, "carol", f"sess-carol-{answered}", f"question {answered}",
+                                        model="claude-opus-4-5")
+        if status != 200:
+            break
+        answered += 1
+        assert time.monotonic() < deadline, "the budget never blocked"
+        time.sleep(0.2)
+    assert status == 429 and 4 <= answered <= 12, (answered, raw[:300])
+    error = json.loads(raw)
+    assert error["type"] == "error" and error["error"]["type"] == "rate_limit_error"
+    assert "budget `daily-usd` for carol is used up for this day ($0.002)" in error["error"]["message"]
+    assert int(got["retry-after"]) > 0
+    assert [e["budget"] for e in hook.events] == ["daily-usd"] and hook.events[0]["subject"] == "carol"
+    assert proxy.log().count("budget daily-usd: carol has used") == 1
+    other = team_request(proxy, "erin", "sess-erin", "hello", model="claude-opus-4-5")
+    assert other[0] == 200                                               # only carol's budget is used up
+    routes = []
+    deadline = time.monotonic() + 60
+    while "small" not in routes:              # dave: 300 tokens a day, then `small` (105 tokens a request)
+        status, got, _raw = team_request(proxy, "dave", "sess-dave", f"step {len(routes)}")
+        assert status == 200 and time.monotonic() < deadline, routes
+        routes.append(got["x-ccproxy-rule"])
+        time.sleep(0.2)
+    assert routes[0] == "default" and 3 <= len(routes) <= 10
+    metrics = metric_values(proxy.url)
+    assert metrics[("ccproxy_budget_blocks_total", ())] >= 1
+
+
+@slow
+def test_identical_requests_are_answered_from_litellms_cache(team, clean_upstream):
+    proxy, _hook = team
+    for _ in range(2):
+        status, got, raw = team_request(proxy, "frank", "sess-cache", "the same question", model="claude-opus-4-5")
+        assert status == 200
+    assert len(clean_upstream.received("/v1/messages")) == 1
+    import sqlite3
+    ledger = proxy.directory / ccproxy.LEDGER_FILE
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.closing(sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)) as db:
+            costs = [r[0] for r in db.execute("SELECT cost FROM usage WHERE session = 'sess-cache' ORDER BY ts")]
+        if len(costs) == 2:
+            break
+        assert time.monotonic() < deadline, costs
+        time.sleep(0.2)
+    assert costs[0] > 0 and costs[1] == 0.0                          # the hit cost nothing
+
+
+def test_budget_and_user_config_errors_name_the_line(tmp_path):
+    for section, message in (
+            ({"budgets": [{"name": "b", "usd": 5, "tokens": 9}]}, "give one positive limit"),
+            ({"budgets": [{"name": "b", "usd": 5, "per": "team"}]}, "per: 'team' (one of user, label, model, all)"),
+            ({"budgets": [{"name": "b", "usd": 5, "action": "downgrade"}]}, "needs `to:`"),
+            ({"budgets": [{"name": "b", "usd": 5, "alert_at": 80}]}, "`alert_at` is a fraction"),
+            ({"users": {"x": {"labels": "think"}}}, "`labels` lists the route labels"),
+            ({"cache": {"type": "memcached"}}, "`cache` takes `type`"),
+            ({"rules": [{"name": "t", "rule": "ThinkingRule", "ab": {"a": 0}}]}, "positive whole weights")):
+        (tmp_path / "ccproxy.yaml").write_text(yaml.safe_dump({"ccproxy": section}))
+        with pytest.raises(ccproxy.ConfigError, match=re.escape(message)) as raised:
+            ccproxy.load_config(tmp_path)
+        assert "ccproxy.yaml:" in str(raised.value)
+    (tmp_path / "ccproxy.yaml").write_text(yaml.safe_dump({"ccproxy": {
+        "usage_ledger": False, "cache": {"type": "redis"},
+        "rules": [{"name": "t", "rule": "ThinkingRule", "ab": {"think-x": 1}}],
+        "budgets": [{"name": "b", "usd": 5, "action": "downgrade", "to": "nowhere"}],
+        "users": {"amy": {"labels": ["gone"]}}}, "model_list": [{"model_name": "default", "litellm_params": {
+            "model": "anthropic/claude-x"}}]}))
+    config = ccproxy.load_config(tmp_path)
+    errors = "\n".join(ccproxy.validate_config(config, ccproxy.Pipeline(config)).errors)
+    for message in ("A/B arm `think-x` has no model_list entry", "budgets count from the usage ledger",
+                    "downgrades to `nowhere`", "user `amy` may use `gone`", "`cache: {type: redis}` uses LiteLLM's Redis"):
+        assert message in errors, errors
+
+
+def test_ab_arms_follow_their_weights_and_budgets_count_from_the_ledger(tmp_path):
+    split = (("a", 90), ("b", 10))
+    picks = collections.Counter(ccproxy.ab_arm(split, "think", f"s{i}") for i in range(10_000))
+    assert 8_700 < picks["a"] < 9_300 and picks["a"] + picks["b"] == 10_000
+    assert {ccproxy.ab_arm(split, "think", "s1") for _ in range(5)} == {ccproxy.ab_arm(split, "think", "s1")}
+    budget = ccproxy.BudgetSpec(name="b", per="user", usd=1.0)
+    ledger = ccproxy.Ledger(tmp_path / ccproxy.LEDGER_FILE)
+    ledger.start()
+    ledger.add({"ts": time.time(), "user": "u1", "label": "x", "answered_model": "m", "requested_model": "m",
+                "input_tokens": 10, "output_tokens": 1, "cost": 0.7, "status": "ok"})
+    assert ledger.flush(30)
+    book = ccproxy.BudgetBook([budget], [], ccproxy.SessionStore())
+    book.ledger_path = ledger.path                                  # a restart: counted from the ledger
+    assert book.spent(budget, "u1") == (0.7, 11) and book.over(budget, "u2") == 0.0
+    book.book({"user": "u1", "label": "x", "answered_model": "m", "cost": 0.4, "input_tokens": 5,
+               "output_tokens": 0})
+    assert book.over(budget, "u1") == pytest.approx(1.1)
+    assert ccproxy.period_start("month", time.mktime((2026, 11, 26, 12, 0, 0, 0, 0, -1))) == \
+        time.mktime((2026, 11, 1, 0, 0, 0, 0, 0, -1))
 
 
 @pytest.fixture(scope="module")
