@@ -277,7 +277,8 @@ function show(d) {
     `${usd(sum("saved_usd"))} saved by routing, ${num(sum("requests"))} requests`;
   const secs = v => v == null ? "-" : v.toFixed(2) + " s";
   fill("users", [["user"], ["requests", 1], ["failed", 1], ["tokens", 1], ["cost", 1], ["saved", 1]],
-       d.users.map(u => [u.user, num(u.requests), num(u.failed),
+       d.users.map(u => [u.user.length > 24 ? u.user.slice(0, 24) + "..." : u.user,
+                         num(u.requests), num(u.failed),
                          num(u.input_tokens + u.output_tokens), usd(u.cost_usd), usd(u.saved_usd)]),
        "no user booked yet");
   fill("arms", [["arm"], ["requests", 1], ["failed", 1], ["p50", 1], ["p95", 1], ["tokens", 1],
