@@ -473,7 +473,7 @@ LITELLM_HOOKS = {
     "async_post_call_streaming_iterator_hook": ("user_api_key_dict", "response",
                                                 "request_data"),
     "async_post_call_failure_deployment_hook": ("request_data", "exception", "call_type"),
-    "async_log_failure_event": ("kwargs", "response_obj", "start_time", "end_time"),
+    "async_post_call_failure_hook": ("request_data", "original_exception", "user_api_key_dict"),
     "async_log_success_event": ("kwargs", "response_obj", "start_time", "end_time"),
 }
 
@@ -741,14 +741,12 @@ def answer_usage(kwargs: Mapping[str, Any]) -> dict:
             and first >= start else None}
 
 
-def failure_text(kwargs: Mapping[str, Any]) -> str:
-    """A failed call's error in one short line, credentials redacted (LiteLLM's
-    standard_logging_object error_str, else the exception it logged)."""
+def failure_text(kwargs: Mapping[str, Any], exception: BaseException | None = None) -> str:
+    """A failed call's error in one short line, credentials redacted (the exception, else
+    LiteLLM's standard_logging_object error_str)."""
     payload = kwargs.get("standard_logging_object")
-    text = payload.get("error_str") if isinstance(payload, Mapping) else None
-    if not text and kwargs.get("exception") is not None:
-        exc = kwargs["exception"]
-        text = f"{type(exc).__name__}: {exc}"
+    text = f"{type(exception).__name__}: {exception}" if exception is not None else \
+        payload.get("error_str") if isinstance(payload, Mapping) else None
     return redact_secrets(" ".join(str(text or "unknown error").split()))[:200]
 
 
@@ -1023,8 +1021,10 @@ def _check_messages_endpoint() -> bool:
 
 CONTACTS: tuple[Contact, ...] = (
     Contact("callback hooks", "CustomLogger's async_pre_call_hook, response-headers, success, "
-            "streaming-iterator, failure-deployment and log hooks with these parameters; a hook "
-            "runs only when defined on the callback's own class",
+            "streaming-iterator, failure-deployment, failure and log hooks with these parameters "
+            "(the failure hook: once per client request LiteLLM answers with an error, where the "
+            "log failure event also comes for attempts it then retried); a hook runs only when "
+            "defined on the callback's own class",
             "routing, x-ccproxy-* headers, thinking signatures, the OAuth retry", _check_hooks),
     Contact("proxy app", "proxy_server.app: a Starlette app with middleware_stack and "
             "router.routes", "the browser/key guard and ccproxy's routes (health, count_tokens, "
@@ -5185,6 +5185,10 @@ class SSEWatcher:
         return b"event: error\ndata: " + json.dumps(error).encode() + b"\n\n"
 
 
+class StreamBroken(Exception):
+    """A stream that ccproxy ended with an error event (booked as a failure)."""
+
+
 async def close_quietly(stream: Any) -> None:
     """Stop reading an upstream stream we gave up on (its connection is let go)."""
     try:
@@ -5640,7 +5644,9 @@ METRIC_FAMILIES = {
     "saved_usd_total": ("counter", "What the requested models would have cost for the same tokens, "
                                    "minus what the answers cost, by label and model"),
     "unpriced_total": ("counter", "Answers from a model LiteLLM has no price for"),
-    "retries_total": ("counter", "Upstream calls LiteLLM retried, by route label"),
+    "retries_total": ("counter", "Retries LiteLLM made for requests it then answered, by label"),
+    "upstream_errors_total": ("counter", "Failed upstream attempts (retried ones too), by label "
+                                         "and status"),
     "fallbacks_total": ("counter", "Answers from another deployment than the routed one, by label"),
     "quota_resends_total": ("counter", "Requests sent once more to quota_fallback (plan limit)"),
     "count_tokens_total": ("counter", "count_tokens requests, by route label"),
@@ -5838,6 +5844,7 @@ class Handler:
                              / LEDGER_FILE, self.stats, self.session_gauges,
                              on_row=self.pipeline.budgets.book if self.pipeline.budgets else None)
         self.pipeline.budgets.ledger_path = self.ledger.path
+        self._failed_calls: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     # -- start ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -6029,6 +6036,7 @@ class Handler:
         ending = watcher.close()
         if ending:
             yield ending
+            self.record_finished(request_data, "failed", StreamBroken(watcher.problem or ""))
         if watcher.signatures and decision:
             self._record_signatures(request_data, decision, watcher.signatures)
 
@@ -6042,6 +6050,9 @@ class Handler:
         if slot is not None:
             slot.clear()
             slot.update(found or {})
+        self.stats.add("upstream_errors_total",
+                       label=routing_metadata(request_data).get("label", "unrouted"),
+                       status=(found or {}).get("status") or getattr(exception, "status_code", "-"))
         until = plan_limit_reset(found["headers"]) if found and found["status"] == 429 else None
         if until is not None:
             self.plan_limit_reached(request_data, until)
@@ -6077,24 +6088,44 @@ class Handler:
                         "`%s` until %s", session[:8], decision.get("upstream", "?"), quota,
                         clock(until))
 
-    def record_finished(self, kwargs: Mapping[str, Any], status: str) -> None:
-        """Count a finished request (`ok` or `failed`) against the route it took and book it
-        in the usage ledger; LiteLLM's own health checks aside."""
-        if is_health_check(kwargs):
+    def record_finished(self, kwargs: Mapping[str, Any], status: str,
+                        exception: BaseException | None = None) -> None:
+        """Count a finished request against the route it took and book it in the usage
+        ledger: `ok` from a success event's kwargs, `failed` from the request data of the
+        error answer; LiteLLM's own health checks aside."""
+        if is_health_check(kwargs) or not self._first_outcome(kwargs, status):
             return
-        row = self.usage_row(kwargs, status)
+        row = self.usage_row(kwargs, status, exception)
         self.stats.finished(row, attempted_retries(kwargs))
         if self.config.settings.usage_ledger:
             self.ledger.add(row)            # its thread prices the requested model
         else:
             price_requested(row, self.stats)
 
-    def usage_row(self, kwargs: Mapping[str, Any], status: str) -> dict:
+    def _first_outcome(self, kwargs: Mapping[str, Any], status: str) -> bool:
+        """False for a request already booked as failed: a stream ccproxy ended with an
+        error event, which LiteLLM may still log as a success, or fail again."""
+        call_id = kwargs.get("litellm_call_id")
+        if not isinstance(call_id, str):
+            return True
+        with self.stats.lock:
+            if call_id in self._failed_calls:
+                return False
+            if status == "failed":
+                self._failed_calls[call_id] = None
+                while len(self._failed_calls) > 10_000:
+                    self._failed_calls.popitem(last=False)
+        return True
+
+    def usage_row(self, kwargs: Mapping[str, Any], status: str,
+                  exception: BaseException | None = None) -> dict:
         """One finished request: who, which route, which deployment answered, tokens, its
-        cost and what the requested model would have cost (the ledger's row)."""
+        cost and what the requested model would have cost (the ledger's row). `kwargs`: a
+        success event's, or a failed request's data."""
         decision = routing_metadata(kwargs)
         params = kwargs.get("litellm_params")
-        request = params.get("proxy_server_request") if isinstance(params, Mapping) else None
+        request = params.get("proxy_server_request") if isinstance(params, Mapping) else \
+            kwargs.get("proxy_server_request")
         body = request.get("body") if isinstance(request, Mapping) else None
         metadata = body.get("metadata") if isinstance(body, Mapping) else None
         headers = client_headers(kwargs) or client_headers({"proxy_server_request": request})
@@ -6114,7 +6145,7 @@ class Handler:
             "routed_model": decision.get("upstream"), "arm": decision.get("arm"), **tokens,
             "cost": cost,
             "latency_s": usage.get("latency_s"), "ttfb_s": usage.get("ttfb_s"), "status": status,
-            "error": failure_text(kwargs) if status != "ok" else None}
+            "error": failure_text(kwargs, exception) if status != "ok" else None}
 
     # -- ccproxy's routes -----------------------------------------------------------------
     def routes(self) -> list[tuple[str, Callable[..., Any], str, bool]]:
@@ -6375,9 +6406,10 @@ def _make_handler_class() -> type:
                                                           *args: Any, **kwargs: Any) -> None:
             await self.core.on_upstream_failure(request_data, exception)
 
-        async def async_log_failure_event(self, kwargs: dict, response_obj: Any,
-                                          start_time: Any, end_time: Any) -> None:
-            self.core.record_finished(kwargs, "failed")
+        async def async_post_call_failure_hook(self, request_data: dict, original_exception: Any,
+                                               user_api_key_dict: Any,
+                                               traceback_str: Any = None) -> None:
+            self.core.record_finished(request_data, "failed", original_exception)
 
         async def async_log_success_event(self, kwargs: dict, response_obj: Any,
                                           start_time: Any, end_time: Any) -> None:

@@ -2085,6 +2085,7 @@ def failing(status: int, kind: str, message: str, model: str | None = None, head
 
 @slow
 def test_retries_apply_to_the_failures_retry_on_names(faults_proxy, clean_upstream):
+    before = metric_values(faults_proxy.url)
     clean_upstream.scripts.append(failing(503, "api_error", "unavailable"))
     body, headers = cc_request("main")
     assert faults_proxy.messages(body, headers)[0] == 503
@@ -2093,6 +2094,17 @@ def test_retries_apply_to_the_failures_retry_on_names(faults_proxy, clean_upstre
     clean_upstream.scripts.append(failing(529, "overloaded_error", "Overloaded"))
     assert faults_proxy.messages(body, headers)[0] == 529
     assert len(clean_upstream.received()) == 1             # not in retry_on: Claude Code retries
+    clean_upstream.clear()
+    once, seen = failing(503, "api_error", "unavailable"), []
+    clean_upstream.scripts.append(lambda record: None if seen else (seen.append(1), once(record))[1])
+    assert faults_proxy.messages(body, headers)[0] == 200  # answered by the retry
+    errors = ("ccproxy_upstream_errors_total", (("label", "default"), ("status", "503")))
+    wait_for_metric(faults_proxy.url, errors, lambda v: v == before.get(errors, 0) + 4)
+    retries = ("ccproxy_retries_total", (("label", "default"),))
+    wait_for_metric(faults_proxy.url, retries, lambda v: v == before.get(retries, 0) + 1)
+    answers = ("ccproxy_answers_total", (("label", "default"), ("model", "anthropic/claude-opus-5-5"),
+                                          ("status", "ok")))
+    assert metric_values(faults_proxy.url)[answers] == before.get(answers, 0) + 1   # one row, not two
 
 
 @slow
@@ -2107,6 +2119,8 @@ def test_fallbacks_written_in_ccproxy_yaml_answer_for_a_failed_label(faults_prox
         status, got, raw = faults_proxy.messages(body, headers)
         assert status == 200 and got["x-ccproxy-model"] == "anthropic/up-small", raw[:300]
         assert [r["body"]["model"] for r in clean_upstream.received("/v1/messages")][-2:] == [failed, "up-small"]
+    for label in ("think", "background"):               # answered by another deployment: counted
+        wait_for_metric(faults_proxy.url, ("ccproxy_fallbacks_total", (("label", label),)), lambda v: v >= 1)
     generated = yaml.safe_load((faults_proxy.directory / ccproxy.GENERATED_CONFIG).read_text())["router_settings"]
     assert generated["fallbacks"] == [{"think": ["small"]}]
     assert generated["context_window_fallbacks"] == [{"background": ["small"]}]
@@ -2154,6 +2168,26 @@ def stream_parts(model: str) -> tuple[bytes, bytes]:
     return b"".join(frames[:3]), b"".join(frames[3:])
 
 
+def booked_statuses(proxy, session: str, settle: float = 1.5) -> list[str]:
+    """The statuses the usage ledger holds for a session, once nothing more arrives for
+    `settle` seconds (a second row would arrive within that; every wait is bounded)."""
+    import sqlite3
+    path, found, since = proxy.directory / ccproxy.LEDGER_FILE, None, time.monotonic()
+    deadline = since + 30
+    while time.monotonic() < deadline:
+        statuses = []
+        if path.exists():
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+                statuses = [r[0] for r in db.execute("SELECT status FROM usage WHERE session = ? ORDER BY ts",
+                                                     (session,))]
+        if statuses != found:
+            found, since = statuses, time.monotonic()
+        elif found and time.monotonic() - since >= settle:
+            return found
+        time.sleep(0.1)
+    return found or []
+
+
 def sse_event_types(raw: bytes) -> list[str]:
     return [ln[7:].strip() for ln in raw.decode().splitlines() if ln.startswith("event:")]
 
@@ -2171,9 +2205,10 @@ def test_a_broken_upstream_stream_ends_with_one_error_event(faults_proxy, clean_
            "no_answer": Raw([], status=0),                                       # closed, not a byte
            "stalled": Raw([(0, head), (5, rest)])}[fault]           # upstream_timeout: 2 (idle)
     clean_upstream.scripts.append(lambda record: raw if record["body"].get("model") == "claude-opus-4-8" else None)
-    body, headers = cc_request("main")
+    body, headers = cc_request("main", session=f"sess-fault-{fault}")
     body.update(model="claude-opus-4-8", stream=True)
     status, _headers, out = faults_proxy.messages(body, headers)
+    assert booked_statuses(faults_proxy, f"sess-fault-{fault}") == ["failed"]     # one row, a failure
     if fault in ("cut_at_start", "no_answer"):    # nothing sent yet: an error answer Claude Code retries
         assert status == 500 and json.loads(out)["error"]["type"] == "api_error", out[:300]
         return
@@ -2318,6 +2353,18 @@ def ledger_proxy(upstream, tmp_path_factory):
         yield run
 
 
+def wait_for_metric(url: str, key: tuple, good, timeout: float = 30) -> float:
+    """Poll /ccproxy/metrics until the series `key` satisfies `good` (counts reach the shared
+    totals within a second)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = metric_values(url).get(key)
+        if value is not None and good(value):
+            return value
+        assert time.monotonic() < deadline, f"{key} is {value}"
+        time.sleep(0.3)
+
+
 def metric_values(url: str) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
     raw = http("GET", url + ccproxy.METRICS_PATH)[2].decode()
@@ -2441,7 +2488,20 @@ def test_status_line_shows_the_sessions_cost_and_saving():
     assert ccproxy.statusline_text(dict(session, cost_usd=None), up=True).endswith("2 switches")
 
 
-class Collector:
+class LoopbackServer:
+    """An HTTP server of the tests on a free loopback port, served by a daemon thread."""
+
+    def __init__(self, handler: type, path: str = "") -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Collector(LoopbackServer):
     """A stand-in OpenTelemetry collector on loopback: OTLP/HTTP POST /v1/traces (protobuf),
     keeping every span's name and attributes."""
 
@@ -2474,13 +2534,7 @@ class Collector:
                 self.send_header("content-length", "0")
                 self.end_headers()
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
     def decision_spans(self) -> list[dict]:
         return [s["attributes"] for s in self.spans if "litellm.metadata.ccproxy.label" in s["attributes"]]
@@ -3228,7 +3282,7 @@ def test_redis_settings_come_from_litellms_own_config(tmp_path, monkeypatch):
     assert [e for e in ccproxy.validate_config(alone, ccproxy.Pipeline(alone)).errors if "Redis" in e]
 
 
-class Hook:
+class Hook(LoopbackServer):
     """A webhook receiver on loopback: keeps each JSON body POSTed to it."""
 
     def __init__(self) -> None:
@@ -3244,13 +3298,7 @@ class Hook:
                 self.send_response(204)
                 self.end_headers()
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/budget"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler, "/budget")
 
 
 TEAM_RULES = [{"name": "background", "rule": "MatchModelRule", "params": {"model_name": "haiku"}},
