@@ -2478,6 +2478,22 @@ def test_a_ledger_written_before_the_cache_columns_is_read_and_upgraded(tmp_path
         assert [r[1] for r in db.execute("PRAGMA table_info(usage)")] == list(ccproxy.LEDGER_COLUMNS)
 
 
+def test_a_corrupt_ledger_drops_rows_with_one_warning_and_counts_them(tmp_path, caplog):
+    path = tmp_path / ccproxy.LEDGER_FILE
+    path.write_bytes(b"this is not a database at all" * 100)
+    stats = ccproxy.Stats()
+    ledger = ccproxy.Ledger(path, stats)
+    ledger.start()
+    for i in range(3):
+        ledger.add({"ts": time.time(), "session": f"s{i}", "label": "x", "requested_model": "m",
+                    "answered_model": "m", "input_tokens": 1, "output_tokens": 1, "cost": None, "status": "ok"})
+    assert ledger.flush(30)
+    assert ledger.dropped == 3 and ledger.written == 0
+    assert stats.copy()[("ledger_dropped_total", ())] == 3
+    assert len([r for r in caplog.records if "usage ledger" in r.getMessage()]) == 1
+    assert ledger.read_series() is None                       # metrics fall back to this process's own
+
+
 def test_status_line_shows_the_sessions_cost_and_saving():
     session = {"requested_model": "claude-opus-5-5", "last_upstream": "anthropic/claude-haiku-4-5",
                "last_label": "background", "switches": 2, "cost_usd": 0.42, "saved_usd": 1.1}
