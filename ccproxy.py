@@ -4499,27 +4499,29 @@ def v1_hook(fn: Callable[..., Any]) -> Callable[..., dict]:
     return call
 
 
-def accepts_v1_call(fn: Callable[..., dict]) -> Callable[..., dict]:
+def accepts_v1_call(v1_form: Callable[..., dict] | None = None) -> Callable[..., Any]:
     """A built-in hook that also takes 1.x's call form: `hook(data, user_api_key_dict,
-    classifier=..., router=..., **params)` (as 1.x code and tests call them). Called so,
-    rule_evaluator and model_router work as in 1.x, through the classifier and router given;
-    the others read the route from where 1.x put it (data["metadata"])."""
-    @functools.wraps(fn)
-    def call(data: dict, ctx: Any, **params: Any) -> dict:
-        if isinstance(ctx, RequestContext):
+    classifier=..., router=..., **params)` (as 1.x code and tests call them). Called so, it
+    runs `v1_form(data, classifier, router)` when given (rule_evaluator and model_router work
+    as in 1.x, through the classifier and router handed in); the others read the route from
+    where 1.x put it (data["metadata"])."""
+    def decorate(fn: Callable[..., dict]) -> Callable[..., dict]:
+        @functools.wraps(fn)
+        def call(data: dict, ctx: Any, **params: Any) -> dict:
+            if isinstance(ctx, RequestContext):
+                return fn(data, ctx, **params)
+            classifier, router = params.pop("classifier", None), params.pop("router", None)
+            if v1_form is not None:
+                return v1_form(data, classifier, router)
+            pipeline = getattr(router, "_pipeline", None) or \
+                getattr(classifier, "_pipeline", None) or get_config().pipeline
+            ctx = pipeline.context(data, user_api_key_dict=ctx)
+            ctx.decision = decision_from_v1_metadata(data)
             return fn(data, ctx, **params)
-        classifier, router = params.pop("classifier", None), params.pop("router", None)
-        if fn.__name__ == "rule_evaluator":
-            return v1_rule_evaluator(data, classifier)
-        if fn.__name__ == "model_router":
-            return v1_model_router(data, router)
-        pipeline = getattr(router, "_pipeline", None) or getattr(classifier, "_pipeline", None) \
-            or get_config().pipeline
-        ctx = pipeline.context(data, user_api_key_dict=ctx)
-        ctx.decision = decision_from_v1_metadata(data)
-        return fn(data, ctx, **params)
 
-    return call
+        return call
+
+    return decorate
 
 
 def v1_metadata(data: dict) -> dict | None:
@@ -4528,7 +4530,7 @@ def v1_metadata(data: dict) -> dict | None:
     return meta if isinstance(meta, dict) else None
 
 
-def v1_rule_evaluator(data: dict, classifier: Any) -> dict:
+def v1_rule_evaluator(data: dict, classifier: Any, router: Any = None) -> dict:
     """1.x's rule_evaluator: the classifier's label in data["metadata"]."""
     meta = v1_metadata(data)
     if not isinstance(classifier, RequestClassifier) or meta is None:
@@ -4539,7 +4541,7 @@ def v1_rule_evaluator(data: dict, classifier: Any) -> dict:
     return data
 
 
-def v1_model_router(data: dict, router: Any) -> dict:
+def v1_model_router(data: dict, classifier: Any, router: Any) -> dict:
     """1.x's model_router: the label's model_list entry from the router (the requested model
     kept for `default` with default_model_passthrough), recorded in data["metadata"]."""
     meta = v1_metadata(data)
@@ -4589,7 +4591,7 @@ def decision_from_v1_metadata(data: dict) -> RoutingDecision | None:
                            provider=provider_of(params))
 
 
-@accepts_v1_call
+@accepts_v1_call(v1_rule_evaluator)
 def rule_evaluator(data: dict, ctx: RequestContext, **params: Any) -> dict:
     """Label the request with the first rule that matches (none: `default`)."""
     evaluate_rules(((getattr(r, "name", "") or type(r).__name__, r)
@@ -4643,7 +4645,7 @@ def _describe(rule: Any) -> str:
     return describe() if callable(describe) else type(rule).__name__
 
 
-@accepts_v1_call
+@accepts_v1_call(v1_model_router)
 def model_router(data: dict, ctx: RequestContext, **params: Any) -> dict:
     """Send the request to the model_list entry named like its label; record the decision.
 
@@ -4829,7 +4831,7 @@ def route_has_fallbacks(ctx: RequestContext) -> bool:
     return bool(named & {group, "*"})
 
 
-@accepts_v1_call
+@accepts_v1_call()
 def forward_apikey(data: dict, ctx: RequestContext, **params: Any) -> dict:
     """Forward the client's own credentials (x-api-key or Authorization) to Anthropic.
 
@@ -4845,7 +4847,7 @@ def forward_apikey(data: dict, ctx: RequestContext, **params: Any) -> dict:
     return data
 
 
-@accepts_v1_call
+@accepts_v1_call()
 def forward_oauth(data: dict, ctx: RequestContext, **params: Any) -> dict:
     """Send a cached OAuth token (from `oat_sources`) to the provider it belongs to.
 
@@ -4888,7 +4890,7 @@ def forward_oauth(data: dict, ctx: RequestContext, **params: Any) -> dict:
     return data
 
 
-@accepts_v1_call
+@accepts_v1_call()
 def extract_session_id(data: dict, ctx: RequestContext, **params: Any) -> dict:
     """Put Claude Code's session id (and subagent id) in LiteLLM's metadata for callbacks."""
     if ctx.session_id:
@@ -4903,7 +4905,7 @@ def extract_session_id(data: dict, ctx: RequestContext, **params: Any) -> dict:
     return data
 
 
-@accepts_v1_call
+@accepts_v1_call()
 def capture_headers(data: dict, ctx: RequestContext, headers: list[str] | None = None,
                     **params: Any) -> dict:
     """Copy request headers, secrets redacted, into LiteLLM's trace metadata."""
