@@ -354,6 +354,14 @@ ccproxy:
     # - forward_oauth        # inject a token from oat_sources (README, "OAuth")
   # oat_sources:
   #   anthropic: "jq -r '.claudeAiOauth.accessToken' ~/.claude/.credentials.json"
+  # What it did and cost: `python ccproxy.py usage`, GET /ccproxy/metrics, `... dashboard`.
+  # Spans with each routing decision to an OpenTelemetry collector (README, "Tracing"):
+  # tracing: {otel: {endpoint: "http://127.0.0.1:4318"}}
+  # For a team (README, "Running for a team"; state is shared on router_settings' Redis):
+  # budgets:
+  #   - {name: daily, per: user, period: day, usd: 20, action: block, alert_at: 0.8}
+  # users: {"intern-*": {labels: [background, default]}}
+  # cache: {type: local, ttl: 600}     # LiteLLM's response cache for identical requests
   # Rules run top to bottom; the first match names the model_list entry to use.
   rules:
     - name: background       # Claude Code's haiku traffic (any haiku release)
