@@ -3448,6 +3448,26 @@ def test_identical_requests_are_answered_from_litellms_cache(team, clean_upstrea
     assert costs[0] > 0 and costs[1] == 0.0                          # the hit cost nothing
 
 
+def test_the_user_comes_from_the_header_the_litellm_key_or_claude_code(tmp_path):
+    metadata = {"user_id": json.dumps({"device_id": "dev-1", "account_uuid": "acct-9", "session_id": "s"})}
+    data = {"metadata": metadata}
+    assert ccproxy.request_user(data, {"x-team-user": "alice"}, None, "x-team-user") == "alice"
+    assert ccproxy.request_user(data, {}, {"user_id": "key-user"}, "x-team-user") == "key-user"
+    assert ccproxy.request_user(data, {}, types.SimpleNamespace(user_id="obj-user")) == "obj-user"
+    assert ccproxy.request_user(data, {}, None) == "acct-9"
+    assert ccproxy.request_user({"metadata": {"user_id": json.dumps({"device_id": "dev-1"})}}, {}, None) == "dev-1"
+    assert ccproxy.request_user({}, {}, None) is None
+
+
+def test_a_budget_alert_runs_its_command_with_the_figures(tmp_path):
+    out = tmp_path / "alert.txt"
+    budget = ccproxy.BudgetSpec(name="daily", per="user", usd=2.0,
+                                notify={"command": "echo $CCPROXY_BUDGET_BUDGET $CCPROXY_BUDGET_SUBJECT "
+                                                   f"$CCPROXY_BUDGET_USED > {out}"})
+    ccproxy.notify_budget(budget, "carol", 0.8)
+    assert out.read_text().split() == ["daily", "carol", "0.8"]
+
+
 def test_budget_and_user_config_errors_name_the_line(tmp_path):
     for section, message in (
             ({"budgets": [{"name": "b", "usd": 5, "tokens": 9}]}, "give one positive limit"),
