@@ -1807,20 +1807,28 @@ def parse_hooks(hooks: Any, problems: ConfigProblems) -> tuple[HookSpec, ...]:
 RULE_KEYS = ("name", "label", "rule", "params", "override", "sticky", "ab")
 
 
+def list_of_mappings(value: Any, problems: ConfigProblems, at: tuple,
+                     not_a_mapping: str) -> Iterable[tuple[tuple, dict]]:
+    """(keys, item) for each mapping of a list-valued setting; a value that is not a list,
+    and an entry that is not a mapping (`not_a_mapping` says what it must be), are errors."""
+    if value is None:
+        return
+    if not isinstance(value, list):
+        problems.error(at, f"`{at[-1]}` must be a list")
+        return
+    for i, item in enumerate(value):
+        if isinstance(item, dict):
+            yield at + (i,), item
+        else:
+            problems.error(at + (i,), not_a_mapping)
+
+
 def parse_rules(rules: Any, problems: ConfigProblems,
                 at: tuple = ("ccproxy", "rules")) -> tuple[RuleSpec, ...]:
     """`rules:` entries with `name` (1.x also `label`), `rule` and optional `params`."""
-    if rules is None:
-        return ()
-    if not isinstance(rules, list):
-        problems.error(at, "`rules` must be a list")
-        return ()
     out = []
-    for i, item in enumerate(rules):
-        keys = at + (i,)
-        if not isinstance(item, dict):
-            problems.error(keys, "a rule is a mapping with `name`, `rule` and optional `params`")
-            continue
+    for keys, item in list_of_mappings(rules, problems, at, "a rule is a mapping with `name`, "
+                                       "`rule` and optional `params`"):
         name = item.get("name", item.get("label"))
         path = item.get("rule")
         if not isinstance(name, str) or not name:
@@ -1866,18 +1874,9 @@ BUDGET_CHOICES = {"per": ("user", "label", "model", "all"), "period": ("day", "w
 
 def parse_budgets(value: Any, problems: ConfigProblems, at: tuple) -> tuple[BudgetSpec, ...]:
     """`budgets:` entries (see BudgetSpec); each problem an error at its line."""
-    if value is None:
-        return ()
-    if not isinstance(value, list):
-        problems.error(at, "`budgets` must be a list of {name, per, period, usd or tokens, "
-                       "action, ...}")
-        return ()
     out = []
-    for i, item in enumerate(value):
-        keys = at + (i,)
-        if not isinstance(item, dict):
-            problems.error(keys, "a budget is a mapping: {name, per, period, usd|tokens, action}")
-            continue
+    for i, (keys, item) in enumerate(list_of_mappings(
+            value, problems, at, "a budget is a mapping: {name, per, period, usd|tokens, action}")):
         wrong = [k for k, v in item.items() if k not in BUDGET_KEYS or isinstance(v, bool)
                  or not isinstance(v, BUDGET_KEYS[k])]
         wrong += [f"{k}: {item[k]!r} (one of {', '.join(c)})" for k, c in BUDGET_CHOICES.items()
@@ -3707,13 +3706,20 @@ class SessionStore:
             session.last_label, session.last_upstream = decision.label, decision.upstream
         ctx.switched = switched
         if switched:
-            # The new model has none of this conversation cached: all of it goes again.
-            resent = TOKENS.count_request(request)[0]
+            resent = self.resent_on_switch(session.session_id, decision, request)
             with self._lock:
                 session.switches += 1
                 session.uncached_tokens += resent
-            log.info("session %s: switch to %s (%s), ~%d tokens sent uncached",
-                     session.session_id[:8], decision.upstream, decision.label, resent)
+
+    @staticmethod
+    def resent_on_switch(session_id: str, decision: RoutingDecision,
+                         request: Mapping[str, Any]) -> int:
+        """The tokens a switch sends uncached (the new model has none of this conversation
+        cached: all of it goes again); logged."""
+        resent = TOKENS.count_request(request)[0]
+        log.info("session %s: switch to %s (%s), ~%d tokens sent uncached",
+                 session_id[:8], decision.upstream, decision.label, resent)
+        return resent
 
     def record_signature(self, session_id: str | None, agent_id: str | None, signature: str,
                          model: str) -> None:
@@ -4006,12 +4012,10 @@ class RedisSessionStore(SessionStore):
         ctx.switched = bool(switched)
         session.last_label, session.last_upstream = decision.label, decision.upstream
         if ctx.switched:
-            resent = TOKENS.count_request(request)[0]
+            resent = self.resent_on_switch(ctx.session_id, decision, request)
             self.call(lambda r: r.pipeline(transaction=False).hincrby(key, "uncached_tokens",
                                                                       resent)
                       .hincrby(f"{REDIS_PREFIX}totals", "uncached_tokens", resent).execute())
-            log.info("session %s: switch to %s (%s), ~%d tokens sent uncached",
-                     ctx.session_id[:8], decision.upstream, decision.label, resent)
 
     def record_signature(self, session_id: str | None, agent_id: str | None, signature: str,
                          model: str) -> None:
@@ -5596,13 +5600,15 @@ class Stats:
     def snapshot(self) -> dict:
         """JSON-safe figures (this process)."""
         series = self.copy()
-        routes = by_label(series, "requests_total", "label")
+        def counts(name: str) -> dict[str, int]:
+            return {k: int(v) for k, v in by_label(series, name, "label").items()}
+
+        routes = counts("requests_total")
         routed = sum(routes.values())
         return {"uptime_s": round(time.time() - self.started, 1),
-                "requests": routed, "routes": routes,
-                "failures": by_label(series, "failures_total", "label"),
+                "requests": routed, "routes": routes, "failures": counts("failures_total"),
                 "hook_errors": int(series.get(("hook_errors_total", ()), 0)),
-                "count_tokens": by_label(series, "count_tokens_total", "label"),
+                "count_tokens": counts("count_tokens_total"),
                 "hook_ms_avg": round(series.get(("hook_seconds_total", ()), 0) * 1000
                                      / max(1, routed), 3),
                 "tokenizer": "cl100k_base" if TOKENS.exact else "estimate",
@@ -5642,12 +5648,13 @@ def by_label(series: Mapping[tuple, float], name: str, *keys: str) -> dict:
 
 
 # /ccproxy/metrics: name -> (type, help). Counters and histograms are summed across workers
-# through the usage database when the ledger is on (see Ledger.flush_series); gauges are
+# through the usage database when the ledger is on (see Ledger.read_series); gauges are
 # summed over the live workers.
 METRIC_FAMILIES = {
     "requests_total": ("counter", "Requests routed, by route label"),
     "answers_total": ("counter", "Finished requests by route label, answering model and status"),
-    "failures_total": ("counter", "Requests that failed upstream, by route label"),
+    "failures_total": ("counter", "Requests answered with an error (or a stream ended by one), "
+                                  "by route label"),
     "tokens_total": ("counter", "Tokens of finished requests by label, answering model and kind "
                                 "(input includes cache reads and writes)"),
     "cost_usd_total": ("counter", "Cost of the answers by LiteLLM's prices, by label and model"),

@@ -1775,10 +1775,9 @@ def test_handler_routes_in_process_and_tells_the_client(tmp_path, upstream, capl
     extra = asyncio.run(handler.async_post_call_response_headers_hook(data, None, None))
     assert extra == {"x-ccproxy-rule": "background", "x-ccproxy-model": "anthropic/up-background"}
     assert asyncio.run(handler.async_pre_call_hook(None, None, {"input": "x"}, "aembedding")) == {"input": "x"}
-    failed = {"litellm_params": {"metadata": dict(data["litellm_metadata"])}}
-    asyncio.run(handler.async_log_failure_event(failed, None, 0, 0))
-    asyncio.run(handler.async_log_failure_event({"litellm_params": {"metadata": {
-        "user_api_key_alias": "litellm-internal-health-check"}}}, None, 0, 0))     # not counted
+    asyncio.run(handler.async_post_call_failure_hook(data, RuntimeError("upstream down"), None))
+    asyncio.run(handler.async_post_call_failure_hook({"litellm_params": {"metadata": {
+        "user_api_key_alias": "litellm-internal-health-check"}}}, RuntimeError("x"), None))   # not counted
     health = handler.core.health()
     assert health["routes"] == {"background": 1} and health["failures"] == {"background": 1}
     assert ccproxy.BACKGROUND.running
