@@ -5924,6 +5924,48 @@ def print_redis_bench(rows: dict) -> None:
         print(f"  {name:<16} {p50:6.3f} / {p95:6.3f}   {p50 - base:+.3f}")
 
 
+def bench_stream(frames: int = 2_000, rounds: int = 15) -> dict:
+    """The streaming hook on an Anthropic SSE answer of `frames` text deltas (the watcher
+    parses each frame's JSON to end a broken stream with an error event), against a plain
+    pass-through of the same chunks: ms per answer and µs per frame."""
+    import asyncio
+    message = anthropic_message("claude-opus-5-5", "x", 100)
+    events = message_events(message)
+    deltas = [("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                       "delta": {"type": "text_delta", "text": f"word {i} "}}) for i in range(frames)]
+    payload = sse(events[:3] + deltas + events[3:])
+    chunks = [payload[i:i + 4096] for i in range(0, len(payload), 4096)]      # as the network hands them
+    core = ccproxy.Handler(config=ccproxy.default_config())
+    request = {"proxy_server_request": {"url": "http://127.0.0.1:4000/v1/messages"},
+               "litellm_metadata": {"ccproxy": {"label": "default", "provider": "anthropic"}}}
+
+    async def source():
+        for chunk in chunks:
+            yield chunk
+
+    async def through_hook():
+        return sum([len(c) async for c in core.stream(source(), request)])
+
+    async def plain():
+        return sum([len(c) async for c in source()])
+
+    samples: dict[str, list[float]] = {"pass-through": [], "ccproxy's stream hook": []}
+    for _ in range(rounds):
+        for name, run in (("pass-through", plain), ("ccproxy's stream hook", through_hook)):
+            t = time.perf_counter()
+            size = asyncio.run(run())
+            samples[name].append((time.perf_counter() - t) * 1000)
+    assert size >= len(payload)
+    return {"frames": frames + len(events), "rows": {k: percentiles(v) for k, v in samples.items()}}
+
+
+def print_stream_bench(result: dict) -> None:
+    print(f"an SSE answer of {result['frames']:,} frames through the streaming hook, ms: p50 / p95")
+    base = result["rows"]["pass-through"][0]
+    for name, (p50, p95) in result["rows"].items():
+        print(f"  {name:<24} {p50:7.2f} / {p95:7.2f}   +{(p50 - base) * 1000 / result['frames']:.1f} µs a frame")
+
+
 def bench_cli(runs: int = 15) -> list[tuple[str, float, float]]:
     """Wall time of CLI commands that must stay fast, beside bare `python -c pass`."""
     import tempfile
@@ -6121,6 +6163,8 @@ if __name__ == "__main__":
             print_ledger_bench(bench_ledger())
         if which in ("all", "redis"):
             print_redis_bench(bench_redis())
+        if which in ("all", "stream"):
+            print_stream_bench(bench_stream())
         sys.exit(0)
     if sys.argv[1:2] == ["v1-suite"]:
         sys.exit(run_v1_suite(Path(sys.argv[2]), Path(sys.argv[3])))
