@@ -26,13 +26,24 @@ import time
 import types
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+from http.server import ThreadingHTTPServer as _ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
 
 import ccproxy
+
+
+class ThreadingHTTPServer(_ThreadingHTTPServer):
+    """The tests' HTTP servers: a listen backlog for the load test's 200 connections at once
+    (the default 5 makes the kernel drop SYNs, and a client's retransmits can then take over a
+    minute), threads that do not hold up the process's exit."""
+
+    request_queue_size = 1024
+    daemon_threads = True
+
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "ccproxy.py"
