@@ -6152,30 +6152,31 @@ def run_suite() -> int:
         return report.returncode
 
 
+def print_count_bench(row: dict) -> None:
+    print(f"count_tokens answered locally, {row['tokens']:,} tokens, ms p50 / p95: "
+          f"cold {row['cold'][0]:.2f} / {row['cold'][1]:.2f}, "
+          f"same request again {row['warm'][0]:.3f} / {row['warm'][1]:.3f}")
+
+
+# `python test_ccproxy.py bench [NAME]`: each benchmark, measured then printed.
+BENCHMARKS = {
+    "hooks": lambda: print_hook_bench(bench_hooks()),
+    "count": lambda: print_count_bench(bench_count_tokens()),
+    "cli": lambda: print_cli_bench(bench_cli() + bench_statusline()),
+    "shell": lambda: print_shell_bench(bench_shell()),
+    "memory": lambda: print_memory_bench(bench_memory()),
+    "proxy": lambda: print_proxy_bench(bench_proxy()),
+    "ledger": lambda: print_ledger_bench(bench_ledger()),
+    "redis": lambda: print_redis_bench(bench_redis()),
+    "stream": lambda: print_stream_bench(bench_stream()),
+}
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["bench"]:
         which = sys.argv[2] if len(sys.argv) > 2 else "all"
-        if which in ("all", "hooks"):
-            print_hook_bench(bench_hooks())
-        if which in ("all", "count"):
-            row = bench_count_tokens()
-            print(f"count_tokens answered locally, {row['tokens']:,} tokens, ms p50 / p95: "
-                  f"cold {row['cold'][0]:.2f} / {row['cold'][1]:.2f}, "
-                  f"same request again {row['warm'][0]:.3f} / {row['warm'][1]:.3f}")
-        if which in ("all", "cli"):
-            print_cli_bench(bench_cli() + bench_statusline())
-        if which in ("all", "shell"):
-            print_shell_bench(bench_shell())
-        if which in ("all", "memory"):
-            print_memory_bench(bench_memory())
-        if which in ("all", "proxy"):
-            print_proxy_bench(bench_proxy())
-        if which in ("all", "ledger"):
-            print_ledger_bench(bench_ledger())
-        if which in ("all", "redis"):
-            print_redis_bench(bench_redis())
-        if which in ("all", "stream"):
-            print_stream_bench(bench_stream())
+        for name, run in BENCHMARKS.items():
+            if which in ("all", name):
+                run()
         sys.exit(0)
     if sys.argv[1:2] == ["v1-suite"]:
         sys.exit(run_v1_suite(Path(sys.argv[2]), Path(sys.argv[3])))
