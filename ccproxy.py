@@ -3840,9 +3840,7 @@ def redis_settings(config: Config) -> dict[str, Any] | None:
     values read; None when there is none (session state stays in the process)."""
     def setting(section: Any, key: str) -> Any:
         value = section.get(key) if isinstance(section, Mapping) else None
-        if isinstance(value, str) and value.startswith("os.environ/"):
-            value = os.environ.get(value[len("os.environ/"):]) or None
-        return value
+        return _secret(value) if isinstance(value, str) else value
 
     router = config.litellm.get("router_settings")
     litellm_settings = config.litellm.get("litellm_settings")
@@ -4069,7 +4067,7 @@ class RedisSessionStore(SessionStore):
     def find(self, session_id: str) -> dict | None:
         found = self._state(session_id, None)
         if found is None:
-            agents = [s for s in self.export(session_id)["states"]]
+            agents = self.export(session_id)["states"]
             found = {k: v for k, v in agents[-1].items() if k != "conversations"} \
                 if agents else None
         if found is not None:
@@ -4212,19 +4210,11 @@ class BudgetBook:
             return counted[0], int(counted[1])
 
     def _from_ledger(self, budget: BudgetSpec, subject: str, start: float) -> list[float]:
-        import sqlite3
-
-        if self.ledger_path is None or not self.ledger_path.is_file():
-            return [0.0, 0]
-        try:
-            with contextlib.closing(sqlite3.connect(f"file:{self.ledger_path}?mode=ro", uri=True,
-                                                    timeout=2.0)) as db:
-                usd, tokens = db.execute(
-                    "SELECT coalesce(sum(cost), 0), coalesce(sum(input_tokens + output_tokens), 0) "
-                    f"FROM usage WHERE ts >= ? AND {BUDGET_COLUMNS[budget.per]} = ?",
-                    (start, subject)).fetchone()
-        except sqlite3.Error:
-            return [0.0, 0]
+        found = read_ledger(self.ledger_path, (
+            "SELECT coalesce(sum(cost), 0), coalesce(sum(input_tokens + output_tokens), 0) "
+            f"FROM usage WHERE ts >= ? AND {BUDGET_COLUMNS[budget.per]} = ?",
+            (start, subject))) if self.ledger_path is not None else None
+        usd, tokens = found[0][0] if found else (0.0, 0)
         return [float(usd), int(tokens)]
 
     def _key(self, budget: BudgetSpec, subject: str, start: float) -> str:
@@ -5537,19 +5527,24 @@ class Stats:
         self.series: collections.defaultdict[tuple, float] = collections.defaultdict(float)
         self.last_ok: dict[str, bool] = {}        # label -> did its last request succeed
 
+    @staticmethod
+    def key(name: str, **labels: Any) -> tuple:
+        """A series' key: its name and its labels, sorted."""
+        return name, tuple(sorted((k, str(v)) for k, v in labels.items()))
+
     def add(self, name: str, value: float = 1, **labels: Any) -> None:
         """Add to a counter."""
+        key = self.key(name, **labels)
         with self.lock:
-            self.series[name, tuple(sorted((k, str(v)) for k, v in labels.items()))] += value
+            self.series[key] += value
 
-    def observe(self, name: str, seconds: float, **labels: Any) -> None:
-        """Note one duration in a histogram (LATENCY_BUCKETS)."""
-        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
+    @classmethod
+    def observation(cls, name: str, seconds: float, **labels: Any) -> list[tuple[tuple, float]]:
+        """The changes that note one duration in a histogram (LATENCY_BUCKETS)."""
+        _name, key = cls.key(name, **labels)
         bound = LATENCY_BUCKETS[bisect.bisect_left(LATENCY_BUCKETS, seconds)]
-        with self.lock:
-            self.series[f"{name}_bucket", tuple(sorted(key + (("le", _le(bound)),)))] += 1
-            self.series[f"{name}_sum", key] += seconds
-            self.series[f"{name}_count", key] += 1
+        return [((f"{name}_bucket", tuple(sorted(key + (("le", _le(bound)),)))), 1),
+                ((f"{name}_sum", key), seconds), ((f"{name}_count", key), 1)]
 
     def copy(self) -> dict[tuple, float]:
         with self.lock:
@@ -5575,26 +5570,30 @@ class Stats:
         """Count a finished request from its usage row (see Handler.usage_row)."""
         label, model = str(row.get("label") or "unrouted"), str(row.get("answered_model"))
         ok = row["status"] == "ok"
+        key = self.key
+        changes: list[tuple[tuple, float]] = [
+            (key("answers_total", label=label, model=model, status=row["status"]), 1)]
         if not ok:
-            self.add("failures_total", label=label)
-        self.add("answers_total", label=label, model=model, status=row["status"])
-        for kind in ("input", "output", "cache_read", "cache_write"):
-            if row.get(f"{kind}_tokens"):
-                self.add("tokens_total", row[f"{kind}_tokens"], label=label, model=model,
-                         kind=kind)
+            changes.append((key("failures_total", label=label), 1))
+        changes += [(key("tokens_total", label=label, model=model, kind=kind),
+                     row[f"{kind}_tokens"]) for kind in ("input", "output", "cache_read",
+                                                         "cache_write")
+                    if row.get(f"{kind}_tokens")]
         if row.get("cost") is not None:
-            self.add("cost_usd_total", row["cost"], label=label, model=model)
+            changes.append((key("cost_usd_total", label=label, model=model), row["cost"]))
         elif ok:
-            self.add("unpriced_total", label=label, model=model)
+            changes.append((key("unpriced_total", label=label, model=model), 1))
         if retries:
-            self.add("retries_total", retries, label=label)
+            changes.append((key("retries_total", label=label), retries))
         routed = row.get("routed_model")
         if ok and routed and model_name(str(routed)) != model_name(model):
-            self.add("fallbacks_total", label=label)
-        for name, key in (("request_seconds", "latency_s"), ("ttfb_seconds", "ttfb_s")):
-            if ok and row.get(key) is not None:
-                self.observe(name, row[key], label=label)
-        with self.lock:
+            changes.append((key("fallbacks_total", label=label), 1))
+        for name, seconds in (("request_seconds", "latency_s"), ("ttfb_seconds", "ttfb_s")):
+            if ok and row.get(seconds) is not None:
+                changes += self.observation(name, row[seconds], label=label)
+        with self.lock:                 # one lock for all of it
+            for series_key, value in changes:
+                self.series[series_key] += value
             self.last_ok[label] = ok
 
     def snapshot(self) -> dict:
@@ -6200,7 +6199,7 @@ class Handler:
             session["cost_usd"], session["saved_usd"] = spent.get(session["session_id"],
                                                                   (None, None))
         booked = ledger and self.ledger.path.is_file()
-        week = {by: [r for r in usage_rows(self.ledger.path, 7 * 86400, by) if r[by]]
+        week = {by: [r for r in usage_rows(self.ledger.path, 7 * 86400, by) or () if r[by]]
                 if booked else [] for by in ("arm", "user")}
         return {"health": self.health(), "sessions": sessions,
                 "days": self.ledger.daily(30) if ledger else [],
@@ -6851,18 +6850,8 @@ class Ledger:
     def query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple] | None:
         """Rows of a read-only query on the ledger (every worker's); None when there is no
         ledger yet or it cannot be read."""
-        import sqlite3
-
-        if not self.path.is_file():
-            return None
-        try:
-            db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=1.0)
-            try:
-                return db.execute(sql, tuple(params)).fetchall()
-            finally:
-                db.close()
-        except sqlite3.Error:
-            return None
+        found = read_ledger(self.path, (sql, tuple(params)))
+        return found[0] if found is not None else None
 
     def session_costs(self, sessions: list[str]) -> dict[str, tuple[float, float]]:
         """session -> (cost, saving) of its priced answers, for those with any."""
@@ -6899,22 +6888,15 @@ class Ledger:
         """Every worker's counts (the database's totals plus this process's counts not
         flushed yet) and the live workers' gauges summed; None if the database cannot be
         read."""
-        import sqlite3
-
-        if self.stats is None or not self.path.is_file():
+        if self.stats is None:
             return None
         with self._series_lock:
-            try:
-                db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5.0)
-                try:
-                    rows = db.execute("SELECT name, labels, value FROM series").fetchall()
-                    gauge_rows = db.execute(
-                        "SELECT name, sum(value) FROM gauges WHERE updated >= ? AND process != ? "
-                        "GROUP BY name", (time.time() - GAUGE_STALE_S, self.process)).fetchall()
-                finally:
-                    db.close()
-            except sqlite3.Error:
+            found = read_ledger(self.path, ("SELECT name, labels, value FROM series", ()), (
+                "SELECT name, sum(value) FROM gauges WHERE updated >= ? AND process != ? GROUP BY "
+                "name", (time.time() - GAUGE_STALE_S, self.process)))
+            if found is None:
                 return None
+            rows, gauge_rows = found
             series = {key: value - self._flushed.get(key, 0)
                       for key, value in self.stats.copy().items()}
         for name, labels, value in rows:
@@ -6931,41 +6913,57 @@ USAGE_GROUPS = {"day": "date(ts, 'unixepoch', 'localtime')", "label": "label",
 SINCE_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
-def usage_rows(path: Path, since_s: float, by: str) -> list[dict]:
-    """The ledger summed per group since `since_s` seconds ago, with each group's latency
-    p50/p95 (read-only; the proxy may be writing). Unpriced requests count as such: their
-    cost is not taken as 0."""
+def read_ledger(path: Path, *queries: tuple[str, tuple]) -> list[list[tuple]] | None:
+    """Each query's rows, read-only on one connection (the proxy may be writing); None when
+    the ledger does not exist or cannot be read."""
     import sqlite3
 
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+    if not path.is_file():
+        return None
     try:
-        have = {row[1] for row in db.execute("PRAGMA table_info(usage)")}
-        # (a ledger from before the cache and arm columns: 0 and NULL there)
-        cache_read, cache_write = (c if c in have else "0"
-                                   for c in ("cache_read_tokens", "cache_write_tokens"))
-        key = USAGE_GROUPS[by] if by != "arm" or "arm" in have else "NULL"
-        since = (time.time() - since_s,)
-        rows = db.execute(
-            f"SELECT {key}, count(*), sum(status = 'failed'), sum(input_tokens), "
-            f"sum(output_tokens), sum({cache_read}), sum({cache_write}), sum(cost), "
-            "sum(cost IS NULL AND status = 'ok'), sum(requested_cost - cost) "
-            "FROM usage WHERE ts >= ? GROUP BY 1 ORDER BY 1", since).fetchall()
-        latencies: dict[Any, list[float]] = collections.defaultdict(list)
-        for group, latency in db.execute(f"SELECT {key}, latency_s FROM usage WHERE ts >= ? "
-                                         "AND latency_s IS NOT NULL ORDER BY 2", since):
-            latencies[group].append(latency)
-    finally:
-        db.close()
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True,
+                                                timeout=5.0)) as db:
+            return [db.execute(sql, params).fetchall() for sql, params in queries]
+    except sqlite3.Error:
+        return None
+
+
+def usage_rows(path: Path, since_s: float, by: str) -> list[dict] | None:
+    """The ledger summed per group since `since_s` seconds ago, with each group's latency
+    p50/p95; None if it cannot be read. Unpriced requests count as such: their cost is not
+    taken as 0."""
+    found = read_ledger(path, ("PRAGMA table_info(usage)", ()))
+    if not found:
+        return None
+    have = {row[1] for row in found[0]}
+    # (a ledger from before the cache and arm columns: 0 and NULL there)
+    cache_read, cache_write = (c if c in have else "0"
+                               for c in ("cache_read_tokens", "cache_write_tokens"))
+    key = USAGE_GROUPS[by] if by != "arm" or "arm" in have else "NULL"
+    since = (time.time() - since_s,)
+    found = read_ledger(path, (
+        f"SELECT {key}, count(*), sum(status = 'failed'), sum(input_tokens), "
+        f"sum(output_tokens), sum({cache_read}), sum({cache_write}), sum(cost), "
+        "sum(cost IS NULL AND status = 'ok'), sum(requested_cost - cost) "
+        "FROM usage WHERE ts >= ? GROUP BY 1 ORDER BY 1", since), (
+        f"SELECT {key}, latency_s FROM usage WHERE ts >= ? AND latency_s IS NOT NULL ORDER BY 2",
+        since))
+    if found is None:
+        return None
+    rows, timed = found
+    latencies: dict[Any, list[float]] = collections.defaultdict(list)
+    for group, latency in timed:
+        latencies[group].append(latency)
     names = (by, "requests", "failed", "input_tokens", "output_tokens", "cache_read_tokens",
              "cache_write_tokens", "cost_usd", "unpriced", "saved_usd")
     out = []
     for row in rows:
-        found = dict(zip(names, row, strict=True))
+        entry = dict(zip(names, row, strict=True))
         ordered = latencies.get(row[0], [])
-        found["latency_p50_s"] = ordered[len(ordered) // 2] if ordered else None
-        found["latency_p95_s"] = ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))] \
+        entry["latency_p50_s"] = ordered[len(ordered) // 2] if ordered else None
+        entry["latency_p95_s"] = ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))] \
             if ordered else None
-        out.append(found)
+        out.append(entry)
     return out
 
 
@@ -7415,8 +7413,7 @@ def tracing_environment(settings: Settings) -> dict[str, str]:
     if otel:
         env.update(OTEL_EXPORTER="otlp_http", OTEL_ENDPOINT=otel["endpoint"],
                    OTEL_SERVICE_NAME=otel.get("service_name", "ccproxy"))
-        headers = {k: os.environ.get(v[len("os.environ/"):], "") if str(v).startswith(
-            "os.environ/") else str(v) for k, v in (otel.get("headers") or {}).items()}
+        headers = {k: _secret(str(v)) or "" for k, v in (otel.get("headers") or {}).items()}
         if headers:
             env["OTEL_HEADERS"] = ",".join(f"{k}={v}" for k, v in headers.items())
         if not otel.get("message_content", False):
@@ -8538,6 +8535,9 @@ def cmd_usage(args: argparse.Namespace) -> int:
         _print(f"no usage recorded yet ({path} does not exist; the proxy writes it)")
         return 0
     rows = usage_rows(path, int(match.group(1)) * SINCE_UNITS[match.group(2)], args.by)
+    if rows is None:
+        raise CCProxyError(f"{path} cannot be read (not a usage ledger, or damaged)",
+                         "move it aside; the proxy starts a new one")
     if args.json:
         _print(json.dumps(rows, indent=2))
         return 0

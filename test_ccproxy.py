@@ -2502,6 +2502,8 @@ def test_a_corrupt_ledger_drops_rows_with_one_warning_and_counts_them(tmp_path, 
     assert stats.copy()[("ledger_dropped_total", ())] == 3
     assert len([r for r in caplog.records if "usage ledger" in r.getMessage()]) == 1
     assert ledger.read_series() is None                       # metrics fall back to this process's own
+    done = run_cli("usage", "--config-dir", str(tmp_path))
+    assert done.returncode == 1 and "cannot be read" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_status_line_shows_the_sessions_cost_and_saving():
