@@ -6733,6 +6733,8 @@ LEDGER_COLUMNS = ("ts", "session", "agent", "user", "label", "requested_model", 
                   "error", "arm")
 SERIES_FLUSH_S = 1.0        # how often each worker adds its counters to the shared totals
 GAUGE_STALE_S = 10.0        # a worker whose gauges are older than this is gone
+LEDGER_BUSY_S = 5.0         # SQLite's busy timeout: how long one statement waits for a lock
+LEDGER_LOCKED_S = 30.0      # how long a batch waits out another process's lock before it drops
 
 
 class Ledger:
@@ -6800,11 +6802,14 @@ class Ledger:
         db = None
         insert = (f"INSERT INTO usage ({', '.join(LEDGER_COLUMNS)}) "
                   f"VALUES ({', '.join('?' * len(LEDGER_COLUMNS))})")
+        locked: list[dict] = []         # a batch waiting out another process's lock
+        locked_since = 0.0
         while True:
+            batch, locked = locked, []
             try:
-                batch = [self.rows.get(timeout=SERIES_FLUSH_S)]
+                batch = batch or [self.rows.get(timeout=SERIES_FLUSH_S)]
             except queue.Empty:
-                batch = []
+                pass
             while batch and len(batch) < 500 and not self.rows.empty():
                 batch.append(self.rows.get_nowait())
             try:
@@ -6824,8 +6829,16 @@ class Ledger:
                 self.written += len(batch)
             except (sqlite3.Error, OSError) as exc:
                 db = None
+                # SQLite says "locked" at once, without its busy timeout, to a process turning
+                # on WAL while another creates the same file: such a batch is tried again
+                locked_since = locked_since or time.monotonic()
+                if "locked" in str(exc) and time.monotonic() - locked_since < LEDGER_LOCKED_S:
+                    locked = batch
+                    time.sleep(0.05)
+                    continue
                 if batch:
                     self._drop(len(batch), f"cannot write {self.path.name}: {exc}")
+            locked_since = 0.0
             for _row in batch:
                 self.rows.task_done()
 
@@ -6922,7 +6935,7 @@ def read_ledger(path: Path, *queries: tuple[str, tuple]) -> list[list[tuple]] | 
         return None
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True,
-                                                timeout=5.0)) as db:
+                                                timeout=LEDGER_BUSY_S)) as db:
             return [db.execute(sql, params).fetchall() for sql, params in queries]
     except sqlite3.Error:
         return None
@@ -6974,7 +6987,7 @@ def open_ledger(path: Path) -> Any:
 
     for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         os.close(os.open(name, os.O_WRONLY | os.O_CREAT, 0o600))
-    db = sqlite3.connect(path, timeout=5.0, check_same_thread=False)
+    db = sqlite3.connect(path, timeout=LEDGER_BUSY_S, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
     with db:
         db.execute(f"CREATE TABLE IF NOT EXISTS usage ({', '.join(LEDGER_COLUMNS)})")

@@ -2488,6 +2488,33 @@ def test_a_ledger_written_before_the_cache_columns_is_read_and_upgraded(tmp_path
         assert [r[1] for r in db.execute("PRAGMA table_info(usage)")] == list(ccproxy.LEDGER_COLUMNS)
 
 
+@pytest.mark.parametrize("gives_up", [False, True])
+def test_a_ledger_locked_by_another_process_is_waited_out_for_a_while(tmp_path, caplog, monkeypatch,
+                                                                       gives_up):
+    import sqlite3
+
+    monkeypatch.setattr(ccproxy, "LEDGER_BUSY_S", 0.1)         # SQLite's own wait, per statement
+    if gives_up:
+        monkeypatch.setattr(ccproxy, "LEDGER_LOCKED_S", 0.5)   # ccproxy's, per batch (else 30 s)
+    path = tmp_path / ccproxy.LEDGER_FILE
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")                           # e.g. another worker creating it
+    ledger = ccproxy.Ledger(path, ccproxy.Stats())
+    ledger.start()
+    for i in range(3):
+        ledger.add({"ts": time.time(), "session": f"s{i}", "label": "x", "status": "ok"})
+    deadline = time.monotonic() + (30 if gives_up else 1.0)    # the other process holds its lock
+    while time.monotonic() < deadline and not ledger.dropped:
+        time.sleep(0.05)
+    other.rollback()
+    other.close()
+    assert ledger.flush(30)
+    assert (ledger.written, ledger.dropped) == ((0, 3) if gives_up else (3, 0))
+    warnings = [r.getMessage() for r in caplog.records if "usage ledger" in r.getMessage()]
+    assert warnings == (["usage ledger: cannot write usage.db: database is locked; 3 row(s) dropped "
+                         "(counted in health); requests are not affected"] if gives_up else [])
+
+
 def test_a_corrupt_ledger_drops_rows_with_one_warning_and_counts_them(tmp_path, caplog):
     path = tmp_path / ccproxy.LEDGER_FILE
     path.write_bytes(b"this is not a database at all" * 100)
