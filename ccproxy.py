@@ -3968,6 +3968,7 @@ class RedisSessionStore(SessionStore):
         producers_key = self._key("p", ctx.session_id, ctx.agent_id)
         conv_key = conversation_key(request)
         ttl_ms = int(self.ttl * 1000)
+        agents_key = self._key("a", ctx.session_id)     # the session's threads, last seen last
 
         def read(r: Any) -> list:
             pipe = r.pipeline(transaction=False)
@@ -3976,6 +3977,8 @@ class RedisSessionStore(SessionStore):
             pipe.smembers(producers_key)
             pipe.zadd(f"{REDIS_PREFIX}seen", {key[len(REDIS_PREFIX) + 2:]: time.time()})
             pipe.pexpire(key, ttl_ms)
+            pipe.zadd(agents_key, {ctx.agent_id or "": time.time()})
+            pipe.pexpire(agents_key, ttl_ms)
             return pipe.execute()
 
         found = self.call(read)
@@ -4036,12 +4039,10 @@ class RedisSessionStore(SessionStore):
 
     def export(self, session_id: str) -> dict:
         states = []
-        for key in self.call(lambda r: r.zrange(f"{REDIS_PREFIX}seen", 0, -1)) or ():
-            sid, _sep, agent = key.partition("\x1f")
-            if sid == session_id:
-                state = self._state(sid, agent or None, conversations=True)
-                if state is not None:
-                    states.append(state)
+        for agent in self.call(lambda r: r.zrange(self._key("a", session_id), 0, -1)) or ():
+            state = self._state(session_id, agent or None, conversations=True)
+            if state is not None:
+                states.append(state)
         return {"session_id": session_id, "states": states}
 
     def _state(self, session_id: str, agent_id: str | None,

@@ -3337,6 +3337,29 @@ def test_redis_settings_come_from_litellms_own_config(tmp_path, monkeypatch):
     assert [e for e in ccproxy.validate_config(alone, ccproxy.Pipeline(alone)).errors if "Redis" in e]
 
 
+def test_a_sessions_threads_on_redis_are_read_without_reading_every_session():
+    server = RedisServer()
+    try:
+        store = ccproxy.RedisSessionStore({"host": "127.0.0.1", "port": server.port})
+        pipeline = ccproxy.Pipeline(ccproxy.default_config(), sessions=store)
+        for session, agent in (("mine", None), ("mine", "agent-b"), ("mine", "agent-a"), ("subs-only", "agent-c")):
+            body, headers = cc_request("main" if agent is None else "subagent", session=session)
+            if agent:
+                headers["x-claude-code-agent-id"] = agent
+            ccproxy.run_pipeline(pipeline, body, headers=headers)
+        server.client.zadd("ccproxy:seen", {f"other-{i}\x1f": time.time() for i in range(5000)})
+        sent_before = int(server.client.info("stats")["total_net_output_bytes"])
+        states = store.export("mine")["states"]
+        found = store.find("mine"), store.find("subs-only"), store.find("nobody")
+        sent = int(server.client.info("stats")["total_net_output_bytes"]) - sent_before
+        assert [s["agent_id"] for s in states] == [None, "agent-b", "agent-a"]     # last seen last
+        assert [f and f["agent_id"] for f in found] == [None, "agent-c", None]
+        assert sent < 20_000                     # 5,000 other sessions' index entries alone are ~100 KB
+        assert 0 < server.client.pttl("ccproxy:a:mine\x1f") <= 3_600_000          # expires with the session
+    finally:
+        server.stop()
+
+
 class Hook(LoopbackServer):
     """A webhook receiver on loopback: keeps each JSON body POSTed to it."""
 
