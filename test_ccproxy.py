@@ -4917,6 +4917,18 @@ def test_dashboard_with_a_proxy_key_takes_it_from_the_fragment_only(keyed_proxy,
     assert printed.stdout.strip() == keyed_proxy.url + ccproxy.DASHBOARD_PATH
 
 
+def test_dashboard_tables_over_the_ledger_are_summed_at_most_every_30_s(tmp_path, monkeypatch):
+    core = ccproxy.Handler(config=ccproxy.load_config(tmp_path))
+    fill_ledger(core.ledger.path, 40)
+    first = core.dashboard_figures()
+    assert sum(u["requests"] for u in first["users"]) == 40 == sum(d["requests"] for d in first["days"])
+    fill_ledger(core.ledger.path, 40)
+    assert core.dashboard_figures()["users"] == first["users"]           # read 0 s ago: as they were
+    monkeypatch.setattr(ccproxy, "DASHBOARD_TABLES_S", 0.0)
+    again = core.dashboard_figures()
+    assert sum(u["requests"] for u in again["users"]) == 80 == sum(d["requests"] for d in again["days"])
+
+
 def test_dashboard_command_without_a_running_proxy_says_how_to_start_it(tmp_path):
     done = run_cli("dashboard", "--config-dir", str(tmp_path))
     assert done.returncode != 0 and "not running" in done.stderr and "start" in done.stderr
@@ -5944,6 +5956,48 @@ def bench_ledger(calls: int = 5_000) -> dict:
     return out
 
 
+def fill_ledger(path: Path, rows: int, days: float = 6.0) -> None:
+    """`rows` booked requests over the last `days` days: 40 users, two A/B arms and none."""
+    import random
+    rng = random.Random(7)
+    now = time.time()
+    booked = [dict(ts=now - rng.random() * days * 86400, session=f"s{i % 3000}", user=f"user-{i % 40}",
+                   label="think", arm=rng.choice(("think-a", "think-b", None)), requested_model="claude-opus-4-5",
+                   answered_model="anthropic/claude-haiku-4-5", input_tokens=100, output_tokens=10, cost=0.001,
+                   requested_cost=0.003, latency_s=rng.random() * 5, status="ok") for i in range(rows)]
+    with contextlib.closing(ccproxy.open_ledger(path)) as db, db:
+        db.executemany(f"INSERT INTO usage ({', '.join(ccproxy.LEDGER_COLUMNS)}) "
+                       f"VALUES ({', '.join('?' * len(ccproxy.LEDGER_COLUMNS))})",
+                       [tuple(r.get(c) for c in ccproxy.LEDGER_COLUMNS) for r in booked])
+
+
+def bench_dashboard(rows: int = 100_000, calls: int = 10) -> dict:
+    """One /ccproxy/dashboard.json answer over a ledger of `rows` requests in a week: with
+    its per-day, per-user and per-arm tables summed anew (as on the first call and every
+    DASHBOARD_TABLES_S) against the calls in between, ms."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        core = ccproxy.Handler(config=ccproxy.load_config(tmp))
+        fill_ledger(core.ledger.path, rows)
+        samples: dict[str, list[float]] = {"tables read again": [], "in between": []}
+        for _ in range(calls):
+            for name in samples:
+                if name == "tables read again":
+                    core._ledger_tables = None
+                t = time.perf_counter()
+                figures = core.dashboard_figures()
+                samples[name].append((time.perf_counter() - t) * 1000)
+                assert len(figures["users"]) == 40 and len(figures["arms"]) == 2
+    return {name: percentiles(values) for name, values in samples.items()}
+
+
+def print_dashboard_bench(rows: dict) -> None:
+    base = rows["in between"][0]
+    print("dashboard: one dashboard.json over a ledger of 100,000 requests in a week, ms")
+    for name, (p50, p95) in rows.items():
+        print(f"  {name:<18} p50 {p50:8.2f}  p95 {p95:8.2f}  (x{p50 / base:.0f} of in between)")
+
+
 def print_ledger_bench(rows: dict) -> None:
     base = rows["ledger off (counts only)"][0]
     print("usage ledger: booking one finished request (success callback, on the event loop), ms")
@@ -6221,6 +6275,7 @@ BENCHMARKS = {
     "ledger": lambda: print_ledger_bench(bench_ledger()),
     "redis": lambda: print_redis_bench(bench_redis()),
     "stream": lambda: print_stream_bench(bench_stream()),
+    "dashboard": lambda: print_dashboard_bench(bench_dashboard()),
 }
 
 if __name__ == "__main__":
