@@ -679,6 +679,19 @@ def answer_model_id(response: Any, call_info: Any = None) -> Any:
     return hidden.get("model_id") if isinstance(hidden, Mapping) else None
 
 
+def call_model_id(data: Mapping[str, Any]) -> str | None:
+    """The model_info id of the deployment the request's call went to, from its logging
+    object's litellm_params metadata (what Logging.get_router_model_id reads; a JSON answer
+    from /v1/messages has lost its _hidden_params by the time its headers are made)."""
+    params = getattr(data.get("litellm_logging_obj"), "litellm_params", None)
+    for key in ("litellm_metadata", "metadata"):
+        meta = params.get(key) if isinstance(params, Mapping) else None
+        info = meta.get("model_info") if isinstance(meta, Mapping) else None
+        if isinstance(info, Mapping) and info.get("id"):
+            return str(info["id"])
+    return None
+
+
 PROVIDER_HEADER_PREFIX = "llm_provider-"
 
 
@@ -781,12 +794,20 @@ def _seconds(value: Any) -> float | None:
 
 
 def model_cost(model: str, input_tokens: int, output_tokens: int, cache_read_tokens: int = 0,
-               cache_write_tokens: int = 0) -> float | None:
+               cache_write_tokens: int = 0, *, model_id: str | None = None) -> float | None:
     """What `model` would charge for these tokens by LiteLLM's cost map (None: no price);
-    input_tokens includes the cache reads and writes, priced as such."""
+    input_tokens includes the cache reads and writes, priced as such. The router puts every
+    deployment in the map under its model_info id, with the prices its model_info sets: given
+    `model_id`, those prices when it has any."""
+    litellm = import_litellm()
+    priced_as: dict[str, Any] = {"model": model}
+    own = litellm.model_cost.get(model_id) if model_id else None    # (every deployment is there)
+    if isinstance(own, Mapping) and (own.get("input_cost_per_token")
+                                     or own.get("output_cost_per_token")):
+        priced_as = {"model": model_id, "custom_llm_provider": provider_of({"model": model})}
     try:
-        prompt, completion = import_litellm().cost_per_token(
-            model=model, prompt_tokens=input_tokens, completion_tokens=output_tokens,
+        prompt, completion = litellm.cost_per_token(
+            **priced_as, prompt_tokens=input_tokens, completion_tokens=output_tokens,
             cache_read_input_tokens=cache_read_tokens,
             cache_creation_input_tokens=cache_write_tokens)
     except Exception:  # LiteLLM raises a bare Exception for a model it has no price for
@@ -794,9 +815,10 @@ def model_cost(model: str, input_tokens: int, output_tokens: int, cache_read_tok
     return float(prompt) + float(completion)
 
 
-def answer_cost(model: str, response: Any) -> float | None:
+def answer_cost(model: str, response: Any, model_id: str | None = None) -> float | None:
     """The cost of a complete answer (an Anthropic message or a chat completion, with its
-    usage) by LiteLLM's price of `model`; None for a stream, no usage or no price."""
+    usage) by LiteLLM's price of `model` (deployment `model_id`'s own prices if it has
+    them); None for a stream, no usage or no price."""
     usage = response.get("usage") if isinstance(response, Mapping) else \
         getattr(response, "usage", None)
     if usage is None or not model:
@@ -809,7 +831,7 @@ def answer_cost(model: str, response: Any) -> float | None:
         prompt, output = read("prompt_tokens"), read("completion_tokens")
     else:                           # Anthropic: input_tokens leaves the cache tokens out
         prompt, output = read("input_tokens") + cache_read + cache_write, read("output_tokens")
-    return model_cost(model, prompt, output, cache_read, cache_write)
+    return model_cost(model, prompt, output, cache_read, cache_write, model_id=model_id)
 
 
 def supports_vision(model: str) -> bool | None:
@@ -1094,6 +1116,12 @@ CONTACTS: tuple[Contact, ...] = (
             lambda: _has_source(_import("litellm.proxy.utils"), "litellm_call_info")
             and _has_source(_import("litellm.router_utils.add_retry_fallback_headers"),
                             "_hidden_params")),
+    Contact("deployment prices", "a deployment's own model_info prices are in litellm.model_cost "
+            "under its model_info id, which the request's logging object keeps in its "
+            "litellm_params metadata (Logging.get_router_model_id)", "x-ccproxy-cost prices a "
+            "deployment with its own prices at the model map's",
+            lambda: callable(getattr(getattr(_import("litellm.litellm_core_utils.litellm_logging"),
+                                             "Logging", None), "get_router_model_id", None))),
     Contact("usage and cost", "kwargs['standard_logging_object'] (StandardLoggingPayload) with "
             "prompt_tokens, completion_tokens, response_cost, model_map_information, startTime, "
             "endTime; "
@@ -5625,8 +5653,8 @@ def price_requested(row: dict, stats: "Stats | None") -> None:
     if model_name(requested) == model_name(answered):
         row["requested_cost"] = cost
     elif requested:
-        row["requested_cost"] = model_cost(requested, **{k: row.get(k) or 0 for k in (
-            "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")})
+        row["requested_cost"] = model_cost(requested, *(row.get(k) or 0 for k in (
+            "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")))
     if stats is not None and cost is not None and row.get("requested_cost") is not None:
         stats.add("saved_usd_total", row["requested_cost"] - cost,
                   label=str(row.get("label") or "unrouted"), model=answered)
@@ -5980,14 +6008,15 @@ class Handler:
         decision = routing_metadata(data)
         if "label" not in decision:
             return passed
-        answered = decision.get("answered_by") \
-            or deployment_model(answer_model_id(response, call_info))
+        model_id = answer_model_id(response, call_info) or call_model_id(data)
+        answered = decision.get("answered_by") or deployment_model(model_id)
         if answered:
             decision["answered_by"] = answered
         model = answered or str(decision.get("upstream") or decision.get("model"))
         headers = dict(passed, **{"x-ccproxy-rule": str(decision["label"]),
                                   "x-ccproxy-model": model})
-        cost = answer_cost(model, response)
+        own_prices = model_id if deployment_model(model_id) == model else None  # (a fallback's)
+        cost = answer_cost(model, response, own_prices)
         if cost is not None:        # a JSON answer from a priced model (a stream's headers
             headers["x-ccproxy-cost"] = f"{cost:.6f}"    # go before its usage is known)
         return headers

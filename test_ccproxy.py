@@ -2345,14 +2345,22 @@ def answers_with_cached_usage(record):
     return None
 
 
+HOUSE_PRICES = {"input_cost_per_token": 1e-4, "output_cost_per_token": 1e-3}   # a contract's, not the list's
+
+
 def write_ledger_config(directory: Path, upstream: FakeUpstream, port: int) -> None:
-    """Two workers; opus requests routed to (priced) Haiku, the rest passed through."""
+    """Two workers; opus requests routed to (priced) Haiku, Sonnet 4.5 to a deployment with its
+    own prices, the rest passed through."""
     write_config(directory, upstream, port,
                  settings={"unshared_workers": True, "rules": [
-                     {"name": "background", "rule": "MatchModelRule", "params": {"model_name": "opus"}}]},
+                     {"name": "background", "rule": "MatchModelRule", "params": {"model_name": "opus"}},
+                     {"name": "house", "rule": "MatchModelRule", "params": {"model_name": "sonnet-4-5"}}]},
                  litellm={"host": "127.0.0.1", "port": port, "num_workers": 2},
                  model_list=[{"model_name": "background", "litellm_params": {
                      "model": "anthropic/claude-haiku-4-5", "api_base": upstream.url}},
+                     {"model_name": "house", "litellm_params": {"model": "anthropic/claude-sonnet-4-5",
+                                                                "api_base": upstream.url},
+                      "model_info": HOUSE_PRICES},
                      {"model_name": "claude-*", "litellm_params": {"model": "anthropic/claude-*",
                                                                    "api_base": upstream.url}}])
 
@@ -2380,6 +2388,29 @@ def metric_values(url: str) -> dict:
     raw = http("GET", url + ccproxy.METRICS_PATH)[2].decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for f in text_string_to_metric_families(raw) for s in f.samples}
+
+
+@slow
+def test_a_deployment_with_its_own_prices_is_costed_by_them_in_the_header_and_the_ledger(ledger_proxy, clean_upstream):
+    import sqlite3
+    body, headers = cc_request("main", session="sess-house")
+    body.update(model="claude-sonnet-4-5", stream=False)
+    status, got, raw = ledger_proxy.messages(body, headers)
+    assert status == 200 and got["x-ccproxy-rule"] == "house", raw[:300]
+    usage = json.loads(raw)["usage"]
+    own = usage["input_tokens"] * HOUSE_PRICES["input_cost_per_token"] + \
+        usage["output_tokens"] * HOUSE_PRICES["output_cost_per_token"]
+    assert float(got["x-ccproxy-cost"]) == pytest.approx(own, rel=1e-4)              # not the list price
+    assert float(got["x-litellm-response-cost"]) == pytest.approx(own, rel=1e-4)     # LiteLLM's own figure
+    ledger, deadline = ledger_proxy.directory / ccproxy.LEDGER_FILE, time.monotonic() + 30
+    while True:
+        with contextlib.closing(sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)) as db:
+            row = db.execute("SELECT cost FROM usage WHERE session = 'sess-house'").fetchone()
+        if row is not None:
+            break
+        assert time.monotonic() < deadline, "never booked"
+        time.sleep(0.2)
+    assert row[0] == pytest.approx(own, rel=1e-4)
 
 
 @slow
