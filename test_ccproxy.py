@@ -1073,9 +1073,11 @@ def test_ccproxy_1_2_0s_own_tests_pass_but_for_documented_changes(tmp_path):
         sdist.extractall(tmp_path, members=members, filter="data")    # the tests only, never 1.x's code
     tests = tmp_path / f"claude_ccproxy-{V1_VERSION}" / "tests"
     home = tmp_path / "home"
+    scratch = tmp_path / "tmp"              # 1.x's tests write configs (and so ledgers) in the temp dir
     home.mkdir()
+    scratch.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CCPROXY_")}
-    env.update(HOME=str(home), PYTHONPATH="")
+    env.update(HOME=str(home), PYTHONPATH="", TMPDIR=str(scratch))
     done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "v1-suite", str(tests),
                            str(tmp_path / "report.xml")], cwd=home, env=env, capture_output=True, text=True,
                           timeout=600)
