@@ -468,6 +468,8 @@ PROXY_MODULE = "litellm.proxy.proxy_cli"
 WEAK_KEY_PERMIT_ENV = "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY"
 # The proxy's own health checks run under this key alias (constants.py, the health account).
 HEALTH_CHECK_KEY = "litellm-internal-health-check"
+# The user LiteLLM gives a request made with its master key (constants.py): nobody's own.
+PROXY_ADMIN_USER = "default_user_id"
 # A metadata flag: answer with the upstream model name, not the requested one (constants.py).
 RAW_MODEL_NAME_FLAG = "_complexity_router_return_raw_model_name"
 # Capabilities that make LiteLLM pass `thinking` and `output_config` to a model unchanged.
@@ -580,11 +582,12 @@ def litellm_metadata(data: dict) -> dict:
 
 def routing_metadata(data: Mapping[str, Any]) -> dict:
     """ccproxy's entry in a request's LiteLLM metadata, or in a callback's kwargs
-    (`litellm_params.metadata`); {} when there is none."""
+    (`litellm_params.metadata`; for an answer from LiteLLM's cache, whose logging puts the
+    client's own metadata there, `litellm_params.litellm_metadata`); {} when there is none."""
     params = data.get("litellm_params")
     candidates = [data.get("litellm_metadata"), data.get("metadata")]
     if isinstance(params, Mapping):
-        candidates.insert(0, params.get("metadata"))
+        candidates[:0] = [params.get("metadata"), params.get("litellm_metadata")]
     for meta in candidates:
         ours = meta.get(METADATA_KEY) if isinstance(meta, Mapping) else None
         if isinstance(ours, dict):
@@ -712,6 +715,13 @@ def upstream_answer_headers(data: Mapping[str, Any], response: Any) -> dict[str,
     size = len(PROVIDER_HEADER_PREFIX)
     return {str(k)[size:].lower(): str(v) for k, v in extra.items()
             if str(k).lower().startswith(PROVIDER_HEADER_PREFIX)}
+
+
+def answered_from_cache(data: Mapping[str, Any]) -> bool:
+    """Whether LiteLLM answered this request from its response cache (no upstream call): its
+    caching handler marks the request's logging object with caching_details.cache_hit."""
+    details = getattr(data.get("litellm_logging_obj"), "caching_details", None)
+    return isinstance(details, Mapping) and details.get("cache_hit") is True
 
 
 def set_request_api_key(data: dict, key: str) -> None:
@@ -1100,6 +1110,10 @@ CONTACTS: tuple[Contact, ...] = (
             "provider of deployments without a provider/ prefix; validate's provider names",
             lambda: callable(getattr(import_litellm(), "get_llm_provider", None))
             and bool(getattr(import_litellm(), "provider_list", None))),
+    Contact("master key user", f"a request with the master key gets user_id {PROXY_ADMIN_USER} "
+            "(constants.LITELLM_PROXY_ADMIN_NAME)", "with proxy_key, every request is booked "
+            "to LiteLLM's admin instead of its sender (budgets per user count them as one)",
+            _check_constant("litellm.constants", "LITELLM_PROXY_ADMIN_NAME", PROXY_ADMIN_USER)),
     Contact("raw model name flag", f"metadata key {RAW_MODEL_NAME_FLAG} "
             "(constants.RETURN_RAW_MODEL_NAME_METADATA_KEY)",
             "show_requested_model: false has no effect",
@@ -1122,6 +1136,15 @@ CONTACTS: tuple[Contact, ...] = (
             "deployment with its own prices at the model map's",
             lambda: callable(getattr(getattr(_import("litellm.litellm_core_utils.litellm_logging"),
                                              "Logging", None), "get_router_model_id", None))),
+    Contact("cache hits", "an answer from LiteLLM's response cache marks the request's "
+            "logging object with caching_details.cache_hit (caching_handler); its success "
+            "event keeps LiteLLM's metadata in litellm_params.litellm_metadata",
+            "an answer from the cache carries x-ccproxy-cost of a real call; its ledger row "
+            "has no user or route",
+            lambda: _has_source(_import("litellm.caching.caching_handler"),
+                                "logging_obj.caching_details = CachingDetails(")
+            and _has_source(_import("litellm.litellm_core_utils.litellm_logging"),
+                            'base_litellm_params["litellm_metadata"]')),
     Contact("usage and cost", "kwargs['standard_logging_object'] (StandardLoggingPayload) with "
             "prompt_tokens, completion_tokens, response_cost, model_map_information, startTime, "
             "endTime; "
@@ -3401,11 +3424,12 @@ class RequestContext:
 def request_user(data: Mapping[str, Any], headers: Mapping[str, str], key: Any,
                  header: str = "") -> str | None:
     """Who sent a request: the configured header, else the user of the LiteLLM virtual key
-    it came with, else Claude Code's account (or device) from metadata.user_id."""
+    it came with (not the master key's, which the whole team shares), else Claude Code's
+    account (or device) from metadata.user_id."""
     if header and headers.get(header):
         return headers[header]
     key_user = key.get("user_id") if isinstance(key, Mapping) else getattr(key, "user_id", None)
-    if isinstance(key_user, str) and key_user:
+    if isinstance(key_user, str) and key_user and key_user != PROXY_ADMIN_USER:
         return key_user
     claude = claude_user(data.get("metadata"))
     return claude.get("claude_account_id") or claude.get("claude_user_hash")
@@ -6016,7 +6040,7 @@ class Handler:
         headers = dict(passed, **{"x-ccproxy-rule": str(decision["label"]),
                                   "x-ccproxy-model": model})
         own_prices = model_id if deployment_model(model_id) == model else None  # (a fallback's)
-        cost = answer_cost(model, response, own_prices)
+        cost = 0.0 if answered_from_cache(data) else answer_cost(model, response, own_prices)
         if cost is not None:        # a JSON answer from a priced model (a stream's headers
             headers["x-ccproxy-cost"] = f"{cost:.6f}"    # go before its usage is known)
         return headers

@@ -2373,6 +2373,24 @@ def ledger_proxy(upstream, tmp_path_factory):
         yield run
 
 
+def booked(directory: Path, session: str, count: int, columns: str = "cost, user, label, provider, answered_model",
+           timeout: float = 30) -> list[tuple]:
+    """The ledger's rows for a session, in order, once `count` of them are there (the proxy's
+    writer thread books them shortly after the answer)."""
+    import sqlite3
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = []
+        if (directory / ccproxy.LEDGER_FILE).exists():
+            with contextlib.closing(sqlite3.connect(f"file:{directory / ccproxy.LEDGER_FILE}?mode=ro",
+                                                    uri=True)) as db:
+                rows = db.execute(f"SELECT {columns} FROM usage WHERE session = ? ORDER BY ts", (session,)).fetchall()
+        if len(rows) >= count:
+            return rows
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.2)
+
+
 def wait_for_metric(url: str, key: tuple, good, timeout: float = 30) -> float:
     """Poll /ccproxy/metrics until the series `key` satisfies `good` (counts reach the shared
     totals within a second)."""
@@ -3440,9 +3458,10 @@ def team(upstream, redis_server, tmp_path_factory):
     hook.close()
 
 
-def team_request(proxy, user: str, session: str, text: str, model: str = "claude-opus-5-5", effort: str = "medium"):
+def team_request(proxy, user: str, session: str, text: str, model: str = "claude-opus-5-5", effort: str = "medium",
+                 stream: bool = True):
     body, headers = cc_request("main", session=session)
-    body.update(model=model, output_config={"effort": effort})
+    body.update(model=model, output_config={"effort": effort}, stream=stream)
     body["messages"] = [{"role": "user", "content": [{"type": "text", "text": text}]}]
     headers["x-team-user"] = user
     return proxy.messages(body, headers)
@@ -3526,21 +3545,17 @@ def test_budgets_block_with_an_anthropic_error_downgrade_and_alert_once(team, cl
 @slow
 def test_identical_requests_are_answered_from_litellms_cache(team, clean_upstream):
     proxy, _hook = team
+    costs = []
     for _ in range(2):
-        status, got, raw = team_request(proxy, "frank", "sess-cache", "the same question", model="claude-opus-4-5")
+        status, got, raw = team_request(proxy, "frank", "sess-cache", "the same question", model="claude-opus-4-5",
+                                        stream=False)
         assert status == 200
+        costs.append(float(got["x-ccproxy-cost"]))
     assert len(clean_upstream.received("/v1/messages")) == 1
-    import sqlite3
-    ledger = proxy.directory / ccproxy.LEDGER_FILE
-    deadline = time.monotonic() + 30
-    while True:
-        with contextlib.closing(sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)) as db:
-            costs = [r[0] for r in db.execute("SELECT cost FROM usage WHERE session = 'sess-cache' ORDER BY ts")]
-        if len(costs) == 2:
-            break
-        assert time.monotonic() < deadline, costs
-        time.sleep(0.2)
-    assert costs[0] > 0 and costs[1] == 0.0                          # the hit cost nothing
+    assert costs[0] > 0 and costs[1] == 0.0, costs                  # the header says so too
+    rows = booked(proxy.directory, "sess-cache", 2)
+    assert rows[0][0] > 0 and rows[1][0] == 0.0                      # the hit cost nothing
+    assert rows[0][1:] == rows[1][1:] and rows[1][1] == "frank", rows   # booked to its user and route
 
 
 def test_the_user_comes_from_the_header_the_litellm_key_or_claude_code(tmp_path):
@@ -3549,6 +3564,7 @@ def test_the_user_comes_from_the_header_the_litellm_key_or_claude_code(tmp_path)
     assert ccproxy.request_user(data, {"x-team-user": "alice"}, None, "x-team-user") == "alice"
     assert ccproxy.request_user(data, {}, {"user_id": "key-user"}, "x-team-user") == "key-user"
     assert ccproxy.request_user(data, {}, types.SimpleNamespace(user_id="obj-user")) == "obj-user"
+    assert ccproxy.request_user(data, {}, {"user_id": "default_user_id"}) == "acct-9"  # the master key's
     assert ccproxy.request_user(data, {}, None) == "acct-9"
     assert ccproxy.request_user({"metadata": {"user_id": json.dumps({"device_id": "dev-1"})}}, {}, None) == "dev-1"
     assert ccproxy.request_user({}, {}, None) is None
@@ -5016,6 +5032,11 @@ def test_proxy_key_missing_or_wrong_is_401_and_bare_or_bearer_works(keyed_proxy,
         assert status == 200, raw[:300]
     sent_up = json.dumps(clean_upstream.received())
     assert keyed_proxy.key not in sent_up and ccproxy.PROXY_KEY_HEADER not in sent_up
+    body, headers = cc_request("main", session="sess-keyed-user")
+    body["metadata"]["user_id"] = json.dumps({"device_id": "d" * 64, "account_uuid": "acct-keyed",
+                                              "session_id": "sess-keyed-user"})
+    assert keyed_proxy.messages(body, with_key(headers, keyed_proxy.key))[0] == 200
+    assert booked(keyed_proxy.directory, "sess-keyed-user", 1, "user") == [("acct-keyed",)]  # not the key's admin
 
 
 @slow
