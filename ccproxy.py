@@ -150,6 +150,7 @@ INSTALL_HINT = ("run it with `uv run ccproxy.py ...` (reads the dependencies fro
                 "install them: python -m pip install 'litellm[proxy]>=1.108.7,<1.109' pyyaml "
                 "tiktoken")
 PROXY_KEY_FILE = "proxy.key"            # the proxy key, in the config dir (mode 0600)
+START_LOG_HEADER = "==== ccproxy start"  # the log line that begins each detached start
 LEDGER_FILE = "usage.db"                # the usage ledger (SQLite), in the config dir (0600)
 PROXY_KEY_HEADER = "x-ccproxy-key"      # where clients send it
 PROXY_KEY_ENV = "CCPROXY_PROXY_KEY"     # how `start` hands it to the LiteLLM process
@@ -3512,6 +3513,25 @@ class ModelTable:
             if model in chain[:-1]:
                 return chain
 
+    def with_aliases_of(self, written: "ModelTable") -> "ModelTable":
+        """This table plus the aliases of the written model_list that it lacks (LiteLLM
+        creates no deployment for an alias whose model names no provider)."""
+        missing = [deps[0] for name, deps in written.exact.items()
+                   if name not in self.exact and len(written.aliases(name)) > 1]
+        return ModelTable(self.deployments + missing) if missing else self
+
+    def flattened(self) -> list[Mapping[str, Any]]:
+        """The model_list with each alias of an alias pointing at the entry its chain ends
+        in, so that LiteLLM, which knows no aliases, can create it like any other alias."""
+        out = []
+        for dep in self.deployments:
+            chain = self.aliases(dep["model_name"]) if isinstance(dep.get("model_name"), str) \
+                else []
+            if len(chain) > 2 and chain[-1] not in chain[:-1]:
+                dep = dict(dep, litellm_params=dict(_litellm_params(dep), model=chain[-1]))
+            out.append(dep)
+        return out
+
     def resolve_route(self, label: str) -> tuple[Mapping[str, Any], str] | None:
         """(deployment, upstream model) a route label reaches, its aliases followed."""
         return self.resolve(self.aliases(label)[-1])
@@ -5410,7 +5430,7 @@ class Pipeline:
             self._models = ModelTable(self.config.model_list)
             self._models_loaded = self._model_source is None
             return self._models
-        self._models = ModelTable(deployments)
+        self._models = ModelTable(deployments).with_aliases_of(ModelTable(self.config.model_list))
         self._models_loaded = True
         return self._models
 
@@ -7417,6 +7437,8 @@ def litellm_config_for_start(config: Config) -> Path:
     directory = config.directory or Path(DEFAULT_CONFIG_DIR).expanduser()
     make_private_dir(directory)
     data = litellm_sections(config.litellm)
+    if isinstance(data.get("model_list"), list):
+        data["model_list"] = ModelTable(data["model_list"]).flattened()
     litellm_settings = dict(settings) if isinstance(settings, dict) else {}
     if "ccproxy.handler" not in listed:
         litellm_settings["callbacks"] = listed + ["ccproxy.handler"]
@@ -8248,6 +8270,11 @@ def cmd_start(args: argparse.Namespace) -> int:
         if state is not None:
             raise ProcessError(f"ccproxy is already running (pid {state.pid}, {state.url})",
                                f"stop it first: {self_command(directory)} stop")
+        legacy = legacy_proxy_pid(directory)
+        if legacy is not None:
+            raise ProcessError(f"ccproxy 1.x's proxy is running from this config dir (pid "
+                               f"{legacy}, in {LEGACY_PID_FILE})",
+                               f"stop it first: {self_command(directory)} stop")
         if problem:
             pidfile.remove()
             _print(f"{problem}; removed it", err=True)
@@ -8262,7 +8289,7 @@ def cmd_start(args: argparse.Namespace) -> int:
             return _run_foreground(config, cmd, env, pidfile)
         log_path = directory / LOG_FILE
         with os.fdopen(open_private_append(log_path), "ab") as logf:
-            logf.write(f"\n==== ccproxy start {time.strftime('%Y-%m-%d %H:%M:%S')} ====\n"
+            logf.write(f"\n{START_LOG_HEADER} {time.strftime('%Y-%m-%d %H:%M:%S')} ====\n"
                        .encode())
             logf.flush()
             proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT,
@@ -8278,20 +8305,35 @@ def cmd_start(args: argparse.Namespace) -> int:
             if proc.poll() is None:
                 stop_process(proc.pid, 5, group=proc.pid)
             pidfile.remove()
-            lines = tail_lines(log_path, 20)
-            why = {"timeout": "did not answer in time",
-                   "exited": f"exited with code {proc.returncode}"}.get(outcome, outcome)
-            hint = (f"run `{self_command(directory)} doctor`; use a LiteLLM release ccproxy "
-                    f"was tested on ({LITELLM_CHECKED}), or start with --allow-degraded"
-                    if outcome.startswith("degraded") else
-                    "fix the problem above, then start again "
-                    f"({self_command(directory)} logs shows the whole log)")
-            raise ProcessError(f"the proxy {why} during start-up; last lines of {log_path}:\n"
-                               + "\n".join("  | " + ln for ln in lines), hint)
+            raise start_failure(outcome, proc.returncode, args.timeout, log_path, directory)
         _print(f"ccproxy is running: {config.url} (pid {proc.pid}); log: {log_path}")
         if notice:
             _print(notice, err=True)
         return 0
+
+
+def start_failure(outcome: str, code: int | None, timeout: float, log_path: Path,
+                  directory: Path) -> ProcessError:
+    """Why a detached start failed, with what this start wrote to the log (not an earlier
+    run's lines) and what to do."""
+    lines = tail_lines(log_path, 20)
+    header = max((i for i, ln in enumerate(lines) if ln.startswith(START_LOG_HEADER)), default=-1)
+    lines = [ln for ln in lines[header + 1:] if ln.strip()]
+    logs = f"{self_command(directory)} logs shows the whole log"
+    if outcome.startswith("degraded"):
+        why, hint = outcome, (f"run `{self_command(directory)} doctor`; use a LiteLLM release "
+                              f"ccproxy was tested on ({LITELLM_CHECKED}), or start with "
+                              "--allow-degraded")
+    elif outcome == "timeout":
+        why = f"did not answer within {timeout:g} s"
+        hint = (f"fix the problem above, or if there is none, it is only slow: start again with "
+                f"a longer --timeout ({logs})")
+    else:
+        why = f"exited with code {code}" if outcome == "exited" else outcome
+        hint = f"fix the problem above, then start again ({logs})"
+    shown = f"; last lines of {log_path}:\n" + "\n".join("  | " + ln for ln in lines) if lines \
+        else f"; it wrote nothing to {log_path}"
+    return ProcessError(f"the proxy {why} during start-up{shown}", hint)
 
 
 def _run_foreground(config: Config, cmd: list[str], env: dict[str, str],
@@ -8634,7 +8676,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
     for row in rows + ([total] if total else []):
         p50, p95 = (f"{row[k]:.2f}" if row.get(k) is not None else "-"
                     for k in ("latency_p50_s", "latency_p95_s"))
-        _print(f"{str(row[args.by])[:28]:<28} {row['requests']:>9,} {row['failed'] or 0:>7,} "
+        group = "(none)" if row[args.by] is None else str(row[args.by])   # e.g. no session
+        _print(f"{group[:28]:<28} {row['requests']:>9,} {row['failed'] or 0:>7,} "
                f"{row['input_tokens'] or 0:>11,} {row['cache_read_tokens'] or 0:>11,} "
                f"{row['output_tokens'] or 0:>9,} {row['cost_usd'] or 0:>10.4f} "
                f"{row['saved_usd'] or 0:>9.4f} {row['unpriced'] or 0:>9,} {p50:>7} {p95:>7}")
@@ -8963,6 +9006,9 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         _print(f"ccproxy: error: the package `{exc.name}` is missing\n  -> {INSTALL_HINT}",
                err=True)
+        return 1
+    except BrokenPipeError:         # the reader went away (`| head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (nor at exit's flush)
         return 1
     except Exception as exc:  # the CLI's boundary: one line, never a traceback
         _print(f"ccproxy: internal error: {type(exc).__name__}: {redact_secrets(str(exc))[:300]}"

@@ -845,9 +845,9 @@ model_list:
   - model_name: background
     litellm_params:
       model: claude-3-5-haiku-20241022
-  - model_name: long_context
+  - model_name: long_context              # an alias of an alias (1.2.0's README: web_search -> think)
     litellm_params:
-      model: claude-sonnet-4-5-20250929
+      model: think
   # deployments
   - model_name: claude-sonnet-4-5-20250929
     litellm_params:
@@ -877,7 +877,7 @@ V1_ROUTES = [  # (what the request is, what it changes, the deployment ccproxy 1
     ("main", {"model": "claude-sonnet-4-5-20250929"}, "claude-sonnet-4-5-20250929"),        # passthrough
     ("main", {"messages": [{"role": "user", "content": "ultrathink about it"}]}, "claude-opus-4-5-20251101"),
     ("haiku", {}, "claude-3-5-haiku-20241022"),
-    ("main", {"token_count": 90000}, "claude-sonnet-4-5-20250929"),     # long_context, an alias too
+    ("main", {"token_count": 90000}, "claude-opus-4-5-20251101"),       # long_context -> think -> opus
 ]
 
 
@@ -917,6 +917,13 @@ def test_a_1x_docs_config_routes_as_1x_did(tmp_path, upstream):
     table = ccproxy.ModelTable([{"model_name": "a", "litellm_params": {"model": "b"}},
                                 {"model_name": "b", "litellm_params": {"model": "a"}}])
     assert table.aliases("a") == ["a", "b", "a"]
+    assert table.flattened() == table.deployments                                      # a circle stays
+    written = ccproxy.ModelTable([{"model_name": "fast", "litellm_params": {"model": "quick"}},
+                                  {"model_name": "quick", "litellm_params": {"model": "cheap"}},
+                                  {"model_name": "cheap", "litellm_params": {"model": "openai/gpt-4o-mini"}}])
+    assert [d["litellm_params"]["model"] for d in written.flattened()] == ["cheap", "cheap", "openai/gpt-4o-mini"]
+    live = ccproxy.ModelTable(written.deployments[2:])           # LiteLLM made no deployment of the aliases
+    assert live.with_aliases_of(written).resolve_route("fast")[1] == "openai/gpt-4o-mini"
     (tmp_path / "ccproxy.yaml").write_text(V1_CCPROXY_YAML.format(port=4556) + "  handler: my.Handler\n")
     assert "`handler: my.Handler` has no effect" in "\n".join(ccproxy.load_config(tmp_path).warnings)
     circular = yaml.safe_load((tmp_path / "config.yaml").read_text())
@@ -1115,6 +1122,8 @@ def test_a_1x_docs_config_reaches_1x_deployments_with_the_clients_oauth_token(v1
     assert received["headers"]["authorization"] == "Bearer sk-ant-oat01-subscriber-token"
     assert (received["body"]["max_tokens"] == 777) == (kind == "haiku")                   # the 1.x hook
     assert received["body"]["metadata"] == body["metadata"]
+    log = (v1_docs_proxy.directory / "ccproxy.log").read_text()
+    assert "Error creating deployment" not in log and "has no entry named" not in log    # every alias loaded
 
 
 def test_status_and_stop_see_a_proxy_that_ccproxy_1x_started(tmp_path):
@@ -1125,6 +1134,10 @@ def test_status_and_stop_see_a_proxy_that_ccproxy_1x_started(tmp_path):
         status = run_cli("status", "--config-dir", str(tmp_path))
         assert status.returncode == 1 and f"ccproxy 1.x's proxy runs from this config dir (pid {old.pid}" in status.stdout
         assert json.loads(run_cli("status", "--json", "--config-dir", str(tmp_path)).stdout)["legacy_1x_pid"] == old.pid
+        start = run_cli("start", "--detach", "--config-dir", str(tmp_path))
+        assert start.returncode == 1 and f"1.x's proxy is running from this config dir (pid {old.pid}" \
+            in start.stderr and "stop it first" in start.stderr and old.poll() is None, start.stderr
+        assert not (tmp_path / "ccproxy.pid").exists()
         stop = run_cli("stop", "--config-dir", str(tmp_path))
         assert stop.returncode == 0 and f"ccproxy 1.x's proxy (pid {old.pid}, from litellm.lock)" in stop.stdout
         assert old.wait(timeout=30) is not None and not (tmp_path / "litellm.lock").exists()
@@ -1132,6 +1145,18 @@ def test_status_and_stop_see_a_proxy_that_ccproxy_1x_started(tmp_path):
         if old.poll() is None:
             old.kill()
             old.wait(timeout=10)
+
+
+def test_a_reader_that_closes_the_pipe_early_gets_no_error(tmp_path):
+    read_end, write_end = os.pipe()
+    os.close(read_end)                              # as `... | true` does before ccproxy writes
+    try:
+        for command in (["validate"], ["status"], ["usage"]):
+            done = subprocess.run([sys.executable, str(SCRIPT), *command, "--config-dir", str(tmp_path)],
+                                  stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+            assert done.stderr == "" and done.returncode == 1, (command, done.stderr)
+    finally:
+        os.close(write_end)
 
 
 def test_config_dir_precedence(tmp_path, monkeypatch):
@@ -2537,6 +2562,8 @@ def test_a_ledger_written_before_the_cache_columns_is_read_and_upgraded(tmp_path
     ccproxy.open_ledger(path).close()
     with contextlib.closing(sqlite3.connect(path)) as db:
         assert [r[1] for r in db.execute("PRAGMA table_info(usage)")] == list(ccproxy.LEDGER_COLUMNS)
+    table = run_cli("usage", "--by", "user", "--config-dir", str(tmp_path)).stdout.splitlines()
+    assert table[2].split()[:2] == ["(none)", "1"], table                 # a row with no user
 
 
 @pytest.mark.parametrize("gives_up", [False, True])
@@ -5382,6 +5409,11 @@ def test_start_failure_prints_the_log_tail(tmp_path):
     done = run_cli("start", "--detach", "--", "--no-such-litellm-flag", env=cli_env(directory))
     assert done.returncode == 1
     assert "exited with code" in done.stderr and "no-such-litellm-flag" in done.stderr
+    assert not (directory / "ccproxy.pid").exists()
+    (directory / "ccproxy.log").write_text("an earlier run's last line\n")
+    done = run_cli("start", "--detach", "--timeout", "0.5", env=cli_env(directory))   # LiteLLM loads slower
+    assert done.returncode == 1 and "did not answer within 0.5 s" in done.stderr, done.stderr
+    assert "longer --timeout" in done.stderr and "earlier run" not in done.stderr, done.stderr
     assert not (directory / "ccproxy.pid").exists()
 
 
