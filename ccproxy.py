@@ -1930,7 +1930,8 @@ def parse_budgets(value: Any, problems: ConfigProblems, at: tuple) -> tuple[Budg
     out = []
     for i, (keys, item) in enumerate(list_of_mappings(
             value, problems, at, "a budget is a mapping: {name, per, period, usd|tokens, action}")):
-        wrong = [k for k, v in item.items() if k not in BUDGET_KEYS or isinstance(v, bool)
+        wrong = [f"{k}{_did_you_mean(str(k), BUDGET_KEYS)}" if k not in BUDGET_KEYS else k
+                 for k, v in item.items() if k not in BUDGET_KEYS or isinstance(v, bool)
                  or not isinstance(v, BUDGET_KEYS[k])]
         wrong += [f"{k}: {item[k]!r} (one of {', '.join(c)})" for k, c in BUDGET_CHOICES.items()
                   if k in item and item[k] not in c]
@@ -3721,6 +3722,8 @@ SEPARATE_CLASSES = ("compaction", "auxiliary")
 class SessionStore:
     """Per-session routing state, bounded in sessions and entries and swept by TTL."""
 
+    shared = False                  # one process's own sessions
+
     def __init__(self, ttl: float = 3600.0, max_sessions: int = 2000) -> None:
         self.ttl, self.max_sessions = ttl, max_sessions
         self._lock = threading.Lock()
@@ -3965,6 +3968,8 @@ class RedisSessionStore(SessionStore):
     session_ttl instead of being swept. When Redis cannot be reached, requests go on routed
     by the rules alone (no stickiness, no ledger), a warning at most once a minute, and the
     state is used again once Redis answers."""
+
+    shared = True                   # every worker's sessions: its totals are the whole
 
     def __init__(self, connection: Mapping[str, Any], ttl: float = 3600.0,
                  max_sessions: int = 2000) -> None:
@@ -5670,9 +5675,9 @@ class Stats:
                 self.series[series_key] += value
             self.last_ok[label] = ok
 
-    def snapshot(self) -> dict:
-        """JSON-safe figures (this process)."""
-        series = self.copy()
+    def snapshot(self, series: Mapping[tuple, float] | None = None) -> dict:
+        """JSON-safe figures: of `series` (every worker's), else of this process."""
+        series = self.copy() if series is None else series
         def counts(name: str) -> dict[str, int]:
             return {k: int(v) for k, v in by_label(series, name, "label").items()}
 
@@ -6014,16 +6019,16 @@ class Handler:
         data, ctx = run_pipeline(self.pipeline, data, call_type=call_type,
                                  user_api_key_dict=user_api_key_dict,
                                  quota_resend=resend.get("sent") == "quota")
-        if ctx.blocked is not None:
+        decision = ctx.decision
+        elapsed = (time.perf_counter() - started) * 1000
+        self.stats.routed(decision.label if decision else "unrouted", ctx, elapsed / 1000)
+        if ctx.blocked is not None:     # counted as routed above, and as failed when answered
             self.stats.add("budget_blocks_total")
             log.warning("refused (429): %s", ctx.blocked[0])
             refuse(_UPSTREAM_ERROR.get(), 429, "rate_limit_error", ctx.blocked[0],
                    {"retry-after": str(max(1, int(ctx.blocked[1] - time.time())))})
-        decision = ctx.decision
         if decision is not None and decision.provider == "anthropic":
             self.keep_thinking(decision.upstream)
-        elapsed = (time.perf_counter() - started) * 1000
-        self.stats.routed(decision.label if decision else "unrouted", ctx, elapsed / 1000)
         if decision is not None:
             log.info("route %s: %s -> %s%s%s", decision.label, decision.requested_model,
                      decision.model if decision.model == decision.upstream
@@ -6255,7 +6260,9 @@ class Handler:
         return routes
 
     async def _health_route(self, request: Any, response: Any, key: Any) -> Any:
-        return json_response(self.health())
+        import asyncio
+
+        return json_response(await asyncio.to_thread(self.health))  # (reads the ledger)
 
     async def _dashboard_page(self, request: Any, response: Any, key: Any) -> Any:
         return text_response(DASHBOARD_HTML, "text/html; charset=utf-8", DASHBOARD_HEADERS)
@@ -6303,8 +6310,11 @@ class Handler:
 
     def shared_series(self) -> tuple[Mapping[tuple, float], Mapping[str, float]]:
         """The counts and gauges of every worker (through the usage database); this
-        process's alone when the ledger is off or cannot be read."""
+        process's alone when the ledger is off or cannot be read. Session gauges from a
+        shared store are every worker's already: not summed again."""
         shared = self.ledger.read_series() if self.config.settings.usage_ledger else None
+        if shared is not None and self.pipeline.sessions.shared:
+            shared = shared[0], self.session_gauges()
         return shared or (self.stats.copy(), self.session_gauges())
 
     async def _session_route(self, request: Any, response: Any, key: Any) -> Any:
@@ -6414,8 +6424,11 @@ class Handler:
         return resp.status_code, answer
 
     def health(self) -> dict:
-        """ccproxy's live figures for GET /ccproxy/health and `status` (no secrets)."""
-        report = self.stats.snapshot()
+        """ccproxy's live figures for GET /ccproxy/health and `status` (no secrets): the
+        counts of every worker (as in /ccproxy/metrics), the last outcome per label this
+        worker's."""
+        series = self.shared_series()[0]
+        report = self.stats.snapshot(series)
         shared = self.pipeline.sessions.backend()["ok"]
         report.update(status="ok" if not self.missing and shared else "degraded", version=__version__,
                       instance=os.environ.get(INSTANCE_ENV, ""), guarded=self.guarded,
@@ -6426,27 +6439,31 @@ class Handler:
                       state=self.pipeline.sessions.backend(),
                       oauth={p: ("ok" if s.token else (s.error or "not loaded"))
                              for p, s in self.pipeline.oauth.items()},
-                      rule_counts=self._rule_counts(), labels=self._label_health(),
+                      rule_counts=self._rule_counts(series), labels=self._label_health(),
                       ledger={"written": self.ledger.written, "dropped": self.ledger.dropped,
                               "queued": self.ledger.rows.qsize()})
         return report
 
-    def _rule_counts(self) -> dict:
+    @staticmethod
+    def _rule_counts(series: Mapping[tuple, float]) -> dict:
         """Per rule: how often it was evaluated, matched and failed."""
         out: dict[str, dict[str, int]] = {}
-        for (rule, verdict), n in by_label(self.stats.copy(), "rule_verdicts_total", "rule",
+        for (rule, verdict), n in by_label(series, "rule_verdicts_total", "rule",
                                            "verdict").items():
             out.setdefault(rule, {"evaluated": 0, "matched": 0, "failed": 0})[verdict] = int(n)
         return out
 
     def _label_health(self) -> dict:
-        """Per route label: the deployment it resolves to (None: no entry) and whether its
-        last request succeeded (None: none yet)."""
+        """Per route label (A/B arms too): the deployment it resolves to (None: no entry)
+        and whether its last request succeeded (None: none yet)."""
         table = self.pipeline.models()
         with self.stats.lock:
             last = dict(self.stats.last_ok)
+        labels = []
+        for rule in self.pipeline.rules:
+            labels += [getattr(rule, "name", "")] + [arm for arm, _w in getattr(rule, "ab", ())]
         out = {}
-        for label in [getattr(r, "name", "") for r in self.pipeline.rules] + ["default"]:
+        for label in dict.fromkeys(labels + ["default"]):
             resolved = table.resolve_route(label) if label in table else None
             out[label] = {"deployment": resolved[1] if resolved else None,
                           "last_ok": last.get(label)}

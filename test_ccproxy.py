@@ -2501,6 +2501,10 @@ def test_two_workers_book_cache_tokens_cost_and_saving_and_every_scrape_counts_b
         assert values[("ccproxy_saved_usd_total", key)] == pytest.approx(12 * (opus - haiku))
         assert values[("ccproxy_request_seconds_count", (("label", "background"),))] == 12
         assert values[("ccproxy_ttfb_seconds_count", (("label", "background"),))] >= 6
+        health = json.loads(http("GET", ledger_proxy.url + ccproxy.HEALTH_PATH)[2])    # the same counts
+        assert health["routes"]["background"] == values[("ccproxy_requests_total", (("label", "background"),))]
+        assert health["rule_counts"]["background"]["matched"] == \
+            values[("ccproxy_rule_verdicts_total", (("rule", "background"), ("verdict", "matched")))]
     table = run_cli("usage", "--by", "session", "--config-dir", str(ledger_proxy.directory))
     line = next(ln for ln in table.stdout.splitlines() if ln.startswith("sess-cache-0"))
     assert line.split()[1:5] == ["4", "0", "5,200", "4,000"], table.stdout     # requests, failed, input, cached
@@ -3364,6 +3368,18 @@ def test_two_workers_on_redis_keep_a_switching_session_whole(upstream, redis_ser
                                        ccproxy.Pipeline(ccproxy.load_config(proxy.directory))).errors == []
         strict, main, agent = strict_session(proxy.url, clean_upstream, "sess-two-workers")
         check_switching_session(main, agent, strict, clean_upstream)
+        import sqlite3
+        ledger, deadline = proxy.directory / ccproxy.LEDGER_FILE, time.monotonic() + 30
+        while True:                                     # both workers have written their gauges
+            with contextlib.closing(sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)) as db:
+                workers = db.execute("SELECT count(DISTINCT process) FROM gauges WHERE updated >= ?",
+                                     (time.time() - 5,)).fetchone()[0]
+            if workers == 2:
+                break
+            assert time.monotonic() < deadline, workers
+            time.sleep(0.2)
+        on_redis = redis_server.client.zcount(f"{ccproxy.REDIS_PREFIX}seen", time.time() - 3600, "+inf")
+        assert on_redis >= 1 and metric_values(proxy.url)[("ccproxy_sessions", ())] == on_redis   # not once a worker
 
 
 @slow
@@ -3522,6 +3538,8 @@ def test_ab_split_is_sticky_per_session_and_usage_reports_each_arm(team, clean_u
     figures = json.loads(http("GET", proxy.url + ccproxy.DASHBOARD_DATA_PATH)[2])
     assert {a["arm"] for a in figures["arms"]} >= {"think-a", "think-b"}
     assert "ab-user" in {u["user"] for u in figures["users"]}                # booked under the header's user
+    labels = figures["health"]["labels"]
+    assert all(labels[a]["deployment"] and labels[a]["last_ok"] in (True, None) for a in ("think-a", "think-b"))
 
 
 @slow
@@ -3567,6 +3585,15 @@ def test_budgets_block_with_an_anthropic_error_downgrade_and_alert_once(team, cl
     assert routes[0] == "default" and 3 <= len(routes) <= 10
     metrics = metric_values(proxy.url)
     assert metrics[("ccproxy_budget_blocks_total", ())] >= 1
+    deadline = time.monotonic() + 30
+    while True:                       # every routed request is answered, a refused one included
+        metrics = metric_values(proxy.url)
+        routed, answered = (sum(v for (name, _l), v in metrics.items() if name == family)
+                            for family in ("ccproxy_requests_total", "ccproxy_answers_total"))
+        if routed == answered:
+            break
+        assert time.monotonic() < deadline, (routed, answered)
+        time.sleep(0.2)
 
 
 @slow
@@ -3611,6 +3638,7 @@ def test_budget_and_user_config_errors_name_the_line(tmp_path):
             ({"budgets": [{"name": "b", "usd": 5, "tokens": 9}]}, "give one positive limit"),
             ({"budgets": [{"name": "b", "usd": 5, "per": "team"}]}, "per: 'team' (one of user, label, model, all)"),
             ({"budgets": [{"name": "b", "usd": 5, "action": "downgrade"}]}, "needs `to:`"),
+            ({"budgets": [{"name": "b", "usd": 5, "perid": "day"}]}, "perid (did you mean `period`?)"),
             ({"budgets": [{"name": "b", "usd": 5, "alert_at": 80}]}, "`alert_at` is a fraction"),
             ({"users": {"x": {"labels": "think"}}}, "`labels` lists the route labels"),
             ({"cache": {"type": "memcached"}}, "`cache` takes `type`"),
