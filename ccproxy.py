@@ -1770,24 +1770,30 @@ def parse_tracing(value: Any, problems: ConfigProblems) -> dict | None:
 def tracing_backends(settings: Settings) -> tuple[list[str], list[str]]:
     """The `tracing:` backends LiteLLM can run here (their packages are installed), and a
     warning for each that cannot (it stays off: LiteLLM would refuse to start)."""
-    import importlib.util
-
     ready, warnings = [], []
     for backend in settings.tracing:
-        missing = []
-        for module in TRACING_PACKAGES[backend]:
-            try:
-                found = importlib.util.find_spec(module) is not None
-            except ImportError:     # its parent package is not there either
-                found = False
-            if not found:
-                missing.append(module)
+        missing = missing_modules(TRACING_PACKAGES[backend])
         if missing:
             warnings.append(f"tracing.{backend} is off: {', '.join(missing)} not installed "
                             f"(pip install {' '.join(TRACING_PIP[backend])})")
         else:
             ready.append(backend)
     return ready, warnings
+
+
+def missing_modules(modules: Iterable[str]) -> list[str]:
+    """The modules that cannot be imported here (found without importing them)."""
+    import importlib.util
+
+    missing = []
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:     # its parent package is not there either
+            found = False
+        if not found:
+            missing.append(module)
+    return missing
 
 
 TRACING_PIP = {"otel": ("opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http"),
@@ -2239,12 +2245,25 @@ def fallback_problems(config: Config, table: "ModelTable",
 
 
 def callback_problems(config: Config, problems: ConfigProblems) -> list[str]:
-    """`litellm_settings.callbacks` entries that name ccproxy but not its one callback."""
+    """`litellm_settings.callbacks` entries that name ccproxy but not its one callback; a
+    LiteLLM tracing callback whose package is not installed (LiteLLM would not start)."""
     settings = config.litellm.get("litellm_settings")
-    callbacks = settings.get("callbacks") if isinstance(settings, dict) else None
+    settings = settings if isinstance(settings, dict) else {}
+    out = []
+    for key in ("callbacks", "success_callback", "failure_callback"):
+        listed = settings.get(key)
+        for i, name in enumerate([listed] if isinstance(listed, str) else
+                                 listed if isinstance(listed, list) else []):
+            missing = missing_modules(TRACING_PACKAGES[name]) \
+                if isinstance(name, str) and name in TRACING_PACKAGES else []
+            if missing:
+                out.append(f"{problems.where(('litellm_settings', key, i))}: LiteLLM's `{name}` "
+                           f"callback needs {', '.join(missing)}, which is not installed, so "
+                           f"the proxy would not start: pip install {' '.join(TRACING_PIP[name])}"
+                           f", or take it out (ccproxy 1.x's template lists it)")
+    callbacks = settings.get("callbacks")
     listed = [callbacks] if isinstance(callbacks, str) else \
         callbacks if isinstance(callbacks, list) else []
-    out = []
     for i, name in enumerate(listed):
         where = problems.where(("litellm_settings", "callbacks", i))
         if isinstance(name, str) and name.split(".")[0] == "ccproxy" and name != "ccproxy.handler":

@@ -1234,6 +1234,19 @@ def test_validate_checks_callbacks_that_name_ccproxy(tmp_path):
     assert "`ccproxy.handler` is listed twice" in done.stdout and "other.cb" not in done.stdout
 
 
+def test_validate_refuses_a_litellm_tracing_callback_whose_package_is_missing(tmp_path, monkeypatch):
+    (tmp_path / "config.yaml").write_text(          # ccproxy 1.x's template lists langfuse
+        "model_list: [{model_name: x, litellm_params: {model: anthropic/x}}]\n"
+        "litellm_settings:\n  callbacks: [ccproxy.handler, langfuse]\n  success_callback: [langfuse, otel]\n")
+    monkeypatch.setitem(ccproxy.TRACING_PACKAGES, "langfuse", ("ccproxy_no_such_module",))
+    config = ccproxy.load_config(tmp_path)
+    errors = ccproxy.validate_config(config, ccproxy.Pipeline(config)).errors
+    langfuse = [e for e in errors if "LiteLLM's `langfuse` callback needs ccproxy_no_such_module" in e]
+    assert [e.split(": ")[0] for e in langfuse] == [f"{tmp_path / 'config.yaml'}:3", f"{tmp_path / 'config.yaml'}:4"]
+    assert "pip install 'langfuse>=4.7,<5', or take it out" in langfuse[0]
+    assert not [e for e in errors if "`otel` callback" in e]             # installed here (the test command)
+
+
 class SlottedRule:
     """A 1.x-style rule object (evaluate, no Rule base) whose __slots__ leave no room."""
     __slots__ = ("x",)
