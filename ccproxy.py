@@ -764,7 +764,8 @@ def answer_usage(kwargs: Mapping[str, Any]) -> dict:
     details = usage.get("prompt_tokens_details")
     cache_read = usage.get("cache_read_input_tokens") or \
         (details.get("cached_tokens") if isinstance(details, Mapping) else 0)
-    return {"input_tokens": int(payload.get("prompt_tokens") or 0),   # cache reads/writes too
+    return {"cache_hit": payload.get("cache_hit") is True,           # LiteLLM's response cache
+            "input_tokens": int(payload.get("prompt_tokens") or 0),   # cache reads/writes too
             "output_tokens": int(payload.get("completion_tokens") or 0),
             "cache_read_tokens": _count(cache_read),
             "cache_write_tokens": _count(usage.get("cache_creation_input_tokens")),
@@ -823,7 +824,9 @@ def model_cost(model: str, input_tokens: int, output_tokens: int, cache_read_tok
             cache_creation_input_tokens=cache_write_tokens)
     except Exception:  # LiteLLM raises a bare Exception for a model it has no price for
         return None
-    return float(prompt) + float(completion)
+    cost = float(prompt) + float(completion)
+    # (and prices some names it does not know at 0: no price, as for the ledger, not free)
+    return None if cost == 0 and (input_tokens or output_tokens) else cost
 
 
 def answer_cost(model: str, response: Any, model_id: str | None = None) -> float | None:
@@ -4004,9 +4007,14 @@ class RedisSessionStore(SessionStore):
     def _redis(self) -> Any:
         if self._client is None:
             import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
 
+            # One try a call: redis-py's default retries with backoff held each request for
+            # seconds while Redis was down; the down window (REDIS_RETRY_S) does the waiting.
             options: dict[str, Any] = dict(socket_timeout=0.5, socket_connect_timeout=0.5,
-                                           decode_responses=True, health_check_interval=30)
+                                           decode_responses=True, health_check_interval=30,
+                                           retry=Retry(NoBackoff(), 0))
             if "url" not in self.connection:
                 options.update(host=self.connection["host"], port=self.connection["port"],
                                password=self.connection.get("password"))
@@ -4294,18 +4302,39 @@ class BudgetBook:
         return {"user": user, "label": label, "model": model, "all": "*"}[budget.per]
 
     def spent(self, budget: BudgetSpec, subject: str) -> tuple[float, int]:
-        """(USD, tokens) counted so far this period."""
+        """(USD, tokens) counted so far this period: on Redis when it is there (a count it
+        lacks, after a restart or at a period's start, begins from the ledger), else here."""
         start = period_start(budget.period)
         if self.redis is not None:
-            found = self.redis.call(lambda r: r.hmget(self._key(budget, subject, start),
-                                                      ["usd", "tokens"]))
-            return (float(found[0] or 0), int(found[1] or 0)) if found else (0.0, 0)
+            key = self._key(budget, subject, start)
+            found = self.redis.call(lambda r: r.hmget(key, ["usd", "tokens"]))
+            if found is not None:
+                with self._lock:            # what was counted here while Redis was away
+                    self._spent.pop((budget.name, subject, start), None)
+                if found[0] is None and found[1] is None:
+                    found = self._seed(budget, subject, start, key)
+                return float(found[0] or 0), int(found[1] or 0)
+        return self._here(budget, subject, start)
+
+    def _here(self, budget: BudgetSpec, subject: str, start: float) -> tuple[float, int]:
+        """The count in this process, begun from the ledger (without Redis, or while it
+        cannot be reached)."""
         with self._lock:
             counted = self._spent.get((budget.name, subject, start))
             if counted is None:
                 counted = self._spent[budget.name, subject, start] = \
                     self._from_ledger(budget, subject, start)
             return counted[0], int(counted[1])
+
+    def _seed(self, budget: BudgetSpec, subject: str, start: float, key: str) -> list:
+        """Start a count Redis lacks from the ledger (unless another worker just did)."""
+        usd, tokens = self._from_ledger(budget, subject, start)
+        found = self.redis.call(lambda r: r.pipeline(transaction=False)
+                                .hsetnx(key, "usd", usd).hsetnx(key, "tokens", int(tokens))
+                                .expire(key, self._ttl(budget, start))
+                                .hmget(key, ["usd", "tokens"]).execute()) \
+            if self.redis is not None else None
+        return found[-1] if found else [usd, tokens]
 
     def _from_ledger(self, budget: BudgetSpec, subject: str, start: float) -> list[float]:
         found = read_ledger(self.ledger_path, (
@@ -4318,6 +4347,11 @@ class BudgetBook:
     def _key(self, budget: BudgetSpec, subject: str, start: float) -> str:
         return f"{REDIS_PREFIX}budget:{budget.name}\x1f{subject}\x1f{int(start)}"
 
+    @staticmethod
+    def _ttl(budget: BudgetSpec, start: float) -> int:
+        """How long a count is kept on Redis: its period and a day."""
+        return int(period_end(budget.period, start) - time.time()) + 86400
+
     def over(self, budget: BudgetSpec, subject: str) -> float:
         """The fraction of the budget used this period."""
         usd, tokens = self.spent(budget, subject)
@@ -4326,7 +4360,7 @@ class BudgetBook:
     def book(self, row: Mapping[str, Any]) -> None:
         """Count a finished request (a ledger row) against the budgets it falls under; a
         budget crossing its alert_at warns once a period (and notifies)."""
-        usd, tokens = float(row.get("cost") or 0.0), \
+        usd, tokens = float(row.get("cost") or 0.0), 0 if row.get("cache_hit") else \
             int((row.get("input_tokens") or 0) + (row.get("output_tokens") or 0))
         user = row.get("user")
         for budget in self.applying(user):
@@ -4335,12 +4369,10 @@ class BudgetBook:
             if not subject:
                 continue
             start = period_start(budget.period)
-            if self.redis is not None:
-                self.redis.call(functools.partial(
+            if self.redis is None or self.redis.call(functools.partial(
                     self._add_on_redis, self._key(budget, subject, start), usd, tokens,
-                    int(period_end(budget.period, start) - time.time()) + 86400))
-            else:
-                self.spent(budget, subject)              # loaded from the ledger first
+                    self._ttl(budget, start))) is None:
+                self._here(budget, subject, start)       # loaded from the ledger first
                 with self._lock:
                     counted = self._spent[budget.name, subject, start]
                     counted[0] += usd
@@ -6259,7 +6291,7 @@ class Handler:
             "label": decision.get("label"), "requested_model": requested,
             "answered_model": answered, "provider": decision.get("provider"),
             "routed_model": decision.get("upstream"), "arm": decision.get("arm"), **tokens,
-            "cost": cost,
+            "cost": cost, "cache_hit": usage.get("cache_hit", False),
             "latency_s": usage.get("latency_s"), "ttfb_s": usage.get("ttfb_s"), "status": status,
             "error": failure_text(kwargs, exception) if status != "ok" else None}
 
@@ -7061,6 +7093,11 @@ def read_ledger(path: Path, *queries: tuple[str, tuple]) -> list[list[tuple]] | 
         return None
 
 
+USAGE_FIELDS = ("requests", "failed", "input_tokens", "output_tokens", "cache_read_tokens",
+                "cache_write_tokens", "cost_usd", "unpriced", "saved_usd", "latency_p50_s",
+                "latency_p95_s")     # a `usage` row's figures, after the group's name
+
+
 def usage_rows(path: Path, since_s: float, by: str) -> list[dict] | None:
     """The ledger summed per group since `since_s` seconds ago, with each group's latency
     p50/p95; None if it cannot be read. Unpriced requests count as such: their cost is not
@@ -7087,11 +7124,9 @@ def usage_rows(path: Path, since_s: float, by: str) -> list[dict] | None:
     latencies: dict[Any, list[float]] = collections.defaultdict(list)
     for group, latency in timed:
         latencies[group].append(latency)
-    names = (by, "requests", "failed", "input_tokens", "output_tokens", "cache_read_tokens",
-             "cache_write_tokens", "cost_usd", "unpriced", "saved_usd")
     out = []
     for row in rows:
-        entry = dict(zip(names, row, strict=True))
+        entry = dict(zip((by,) + USAGE_FIELDS[:-2], row, strict=True))
         ordered = latencies.get(row[0], [])
         entry["latency_p50_s"] = ordered[len(ordered) // 2] if ordered else None
         entry["latency_p95_s"] = ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))] \
@@ -8161,11 +8196,11 @@ def install_statusline(path: Path, command: str) -> str:
     if settings.get("statusLine") == ours:
         return f"{path} already shows ccproxy's status line"
     backup = path.with_name(path.name + STATUSLINE_BACKUP)
+    path.parent.mkdir(parents=True, exist_ok=True)      # (Claude Code has not run here yet)
     if not backup.exists():
         write_private(backup, json.dumps({"existed": original is not None,
                                           "bytes": (original or b"").decode("utf-8")}))
     settings["statusLine"] = ours
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=2) + "\n")
     return f"added ccproxy's status line to {path} (backup: {backup})"
 
@@ -8255,7 +8290,10 @@ def cmd_install(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepare_start(args: argparse.Namespace) -> tuple[Config, Path, list[str], dict[str, str]]:
+def checked_start_config(args: argparse.Namespace) -> tuple[Config, list[str], "Pipeline",
+                                                          "ValidationReport"]:
+    """The config a start would run, with LiteLLM's extra arguments; ConfigError if it has
+    problems (nothing is started or stopped then)."""
     extra = list(getattr(args, "litellm_args", None) or [])
     if extra and extra[0] == "--":
         extra = extra[1:]
@@ -8267,6 +8305,11 @@ def _prepare_start(args: argparse.Namespace) -> tuple[Config, Path, list[str], d
         raise ConfigError("the config has problems:\n  " + "\n  ".join(report.errors),
                           f"fix them ({self_command(config.directory)} validate lists every "
                           "problem)")
+    return config, extra, pipeline, report
+
+
+def _prepare_start(args: argparse.Namespace) -> tuple[Config, Path, list[str], dict[str, str]]:
+    config, extra, pipeline, report = checked_start_config(args)
     for warning in report.warnings:
         _print(f"warning: {warning}", err=True)
     if config.settings.oauth_required and pipeline.oauth:
@@ -8431,7 +8474,11 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
-    """Stop, then start with the given flags."""
+    """Stop, then start with the given flags (detached again if the stopped proxy was); a
+    config with problems stops nothing."""
+    checked_start_config(args)
+    state, _problem = PidFile(_config_dir(args)).read()
+    args.detach = args.detach or (state is not None and state.pgid is not None)
     cmd_stop(args)
     return cmd_start(args)
 
@@ -8502,6 +8549,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         _print(f"models: {', '.join(report['models']) or 'none'}")
     live = report.get("live")
     if isinstance(live, dict):
+        for why in degraded_reasons(live):
+            _print(f"degraded: {why}")
         routes = ", ".join(f"{k} {v}" for k, v in sorted(live.get("routes", {}).items()))
         _print(f"requests: {live.get('requests', 0)}" + (f" ({routes})" if routes else ""))
         sessions = live.get("sessions")
@@ -8700,20 +8749,21 @@ def cmd_usage(args: argparse.Namespace) -> int:
     if args.csv:
         import csv
 
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else [args.by])
+        writer = csv.DictWriter(sys.stdout, fieldnames=[args.by, *USAGE_FIELDS])
         writer.writeheader()
         writer.writerows(rows)
         return 0
     total = {args.by: "total"} | {k: sum(r[k] or 0 for r in rows) for k in rows[0]
                                   if k != args.by and not k.startswith("latency")} if rows else {}
+    width = max([28] + [len(str(row[args.by])) for row in rows])     # names are never cut
     _print(f"usage since {args.since} ago, by {args.by}")
-    _print(f"{args.by:<28} {'requests':>9} {'failed':>7} {'input':>11} {'cached':>11} "
+    _print(f"{args.by:<{width}} {'requests':>9} {'failed':>7} {'input':>11} {'cached':>11} "
            f"{'output':>9} {'cost $':>10} {'saved $':>9} {'unpriced':>9} {'p50 s':>7} {'p95 s':>7}")
     for row in rows + ([total] if total else []):
         p50, p95 = (f"{row[k]:.2f}" if row.get(k) is not None else "-"
                     for k in ("latency_p50_s", "latency_p95_s"))
         group = "(none)" if row[args.by] is None else str(row[args.by])   # e.g. no session
-        _print(f"{group[:28]:<28} {row['requests']:>9,} {row['failed'] or 0:>7,} "
+        _print(f"{group:<{width}} {row['requests']:>9,} {row['failed'] or 0:>7,} "
                f"{row['input_tokens'] or 0:>11,} {row['cache_read_tokens'] or 0:>11,} "
                f"{row['output_tokens'] or 0:>9,} {row['cost_usd'] or 0:>10.4f} "
                f"{row['saved_usd'] or 0:>9.4f} {row['unpriced'] or 0:>9,} {p50:>7} {p95:>7}")
@@ -8837,7 +8887,7 @@ def doctor_checks(args: argparse.Namespace) -> list[Check]:
                                 "found" if ok else
                                 f"missing ({contact.relies_on}); without it: {contact.breaks}"))
     checks += _doctor_config(args)
-    checks += _doctor_claude_code()
+    checks += _doctor_claude_code(_config_dir(args))
     return checks
 
 
@@ -8872,13 +8922,27 @@ def _doctor_config(args: argparse.Namespace) -> list[Check]:
         checks.append(Check("proxy", "ok", f"running at {state.url} (pid {state.pid}), "
                             f"{health.get('requests', 0)} requests"))
     else:
-        missing = ", ".join(health.get("missing") or ()) or f"health answered {status}"
+        why = "; ".join(degraded_reasons(health)) or f"health answered {status}"
         checks.append(Check("proxy", "fail", f"running at {state.url} (pid {state.pid}) but "
-                            f"degraded: {missing}"))
+                            f"degraded: {why}"))
     return checks
 
 
-def _doctor_claude_code() -> list[Check]:
+def degraded_reasons(health: Mapping[str, Any]) -> list[str]:
+    """Why a running proxy's health says degraded, one line each."""
+    out = []
+    if health.get("missing"):
+        out.append("this LiteLLM lacks what ccproxy uses for: " + ", ".join(health["missing"])
+                   + " (the log says what stops working)")
+    state = health.get("state")
+    if isinstance(state, Mapping) and state.get("ok") is False:
+        out.append(f"{state.get('backend')} at {state.get('at')} cannot be reached "
+                   f"({state.get('problem')}): requests are routed by the rules alone, without "
+                   "session state; budgets count from this proxy's ledger")
+    return out
+
+
+def _doctor_claude_code(directory: Path) -> list[Check]:
     import shutil
     import subprocess
 
@@ -8903,7 +8967,7 @@ def _doctor_claude_code() -> list[Check]:
             installed = False
         checks.append(Check("shell integration", "ok" if installed else "warn",
                             f"{rc_file(shell)}" if installed else
-                            f"not in {rc_file(shell)} (python ccproxy.py shell --install)"))
+                            f"not in {rc_file(shell)} ({self_command(directory)} shell --install)"))
     try:
         settings = json.loads(claude_settings_file().read_text())
         line = settings.get("statusLine") if isinstance(settings, dict) else None
@@ -8912,7 +8976,7 @@ def _doctor_claude_code() -> list[Check]:
         command = ""
     checks.append(Check("status line", "ok" if "ccproxy" in command else "warn",
                         "installed" if "ccproxy" in command else
-                        "not installed (python ccproxy.py install --statusline)"))
+                        f"not installed ({self_command(directory)} install --statusline)"))
     return checks
 
 

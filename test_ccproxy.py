@@ -616,7 +616,8 @@ def test_wait_until_live_reads_the_nonce_and_the_missing_contacts():
 
 @slow
 def test_doctor_lists_every_check_and_fails_on_a_broken_config(tmp_path):
-    done = run_cli("doctor", "--json", "--config-dir", str(tmp_path), env={"PATH": "/usr/bin:/bin"})
+    done = run_cli("doctor", "--json", "--config-dir", str(tmp_path),
+                   env={"PATH": "/usr/bin:/bin", "CLAUDE_CONFIG_DIR": str(tmp_path / "claude")})
     report = json.loads(done.stdout)
     names = [c["name"] for c in report["checks"]]
     for name in ("python", "litellm", "pyyaml", "tiktoken", "litellm line", "config", "port",
@@ -625,6 +626,8 @@ def test_doctor_lists_every_check_and_fails_on_a_broken_config(tmp_path):
     assert [n for n in names if n.startswith("litellm: ")] == [
         f"litellm: {c.name}" for c in ccproxy.CONTACTS]
     assert done.returncode == 0 and report["ok"], done.stdout
+    line = next(c for c in report["checks"] if c["name"] == "status line")["detail"]
+    assert f"--config-dir {tmp_path} install --statusline" in line, line        # hints keep the dir
     (tmp_path / "ccproxy.yaml").write_text("ccproxy:\n  rules: 3\n")
     broken = run_cli("doctor", "--config-dir", str(tmp_path))
     assert broken.returncode == 1 and "fail  config:" in broken.stdout and "`rules` must be a list" in broken.stdout
@@ -2545,6 +2548,13 @@ print(ledger.written, ledger.dropped, ledger._flushed == stats.copy())
 """
 
 
+def test_a_model_without_a_price_costs_none_not_zero():
+    assert ccproxy.model_cost("claude-opus-4-5", 100, 5) > 0
+    assert ccproxy.model_cost("claude-unknown-9", 100, 5) is None         # LiteLLM says (0.0, 0.0)
+    assert ccproxy.model_cost("anthropic/up-think", 100, 5) is None       # LiteLLM raises
+    assert ccproxy.answer_cost("claude-unknown-9", {"usage": {"input_tokens": 100, "output_tokens": 5}}) is None
+
+
 def test_two_processes_writing_one_ledger_lose_no_row_and_no_count(tmp_path):
     path = tmp_path / ccproxy.LEDGER_FILE
     script = LEDGER_WRITER.format(here=str(SCRIPT.parent), path=str(path), rows=3000)
@@ -2581,6 +2591,13 @@ def test_a_ledger_written_before_the_cache_columns_is_read_and_upgraded(tmp_path
         assert [r[1] for r in db.execute("PRAGMA table_info(usage)")] == list(ccproxy.LEDGER_COLUMNS)
     table = run_cli("usage", "--by", "user", "--config-dir", str(tmp_path)).stdout.splitlines()
     assert table[2].split()[:2] == ["(none)", "1"], table                 # a row with no user
+    session = "0123456789abcdef-0123456789abcdef-0123"                   # longer than the column
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("INSERT INTO usage (ts, session, label, status) VALUES (?, ?, 'x', 'ok')", (time.time(), session))
+    table = run_cli("usage", "--by", "session", "--config-dir", str(tmp_path)).stdout
+    assert re.search(rf"^{session} +1 ", table, re.M), table              # never cut
+    empty = run_cli("usage", "--since", "0m", "--csv", "--config-dir", str(tmp_path)).stdout
+    assert empty.strip() == ",".join(["label", *ccproxy.USAGE_FIELDS])     # the columns, with no rows
 
 
 @pytest.mark.parametrize("gives_up", [False, True])
@@ -3410,6 +3427,9 @@ def test_redis_going_away_mid_session_keeps_requests_answered_and_comes_back(ups
             assert set(main.statuses) == {200}
             health = json.loads(http("GET", proxy.url + ccproxy.HEALTH_PATH)[2])
             assert health["status"] == "degraded" and health["state"]["ok"] is False
+            said = f"degraded: redis at 127.0.0.1:{server.port} cannot be reached"
+            assert said in run_cli("status", "--config-dir", str(proxy.directory)).stdout
+            assert said in run_cli("doctor", "--config-dir", str(proxy.directory)).stdout
             log = proxy.log()
             assert log.count("cannot be reached") == 1 and "Traceback" not in log
             server = RedisServer(server.port)                               # back on the same port
@@ -3442,6 +3462,33 @@ def test_redis_settings_come_from_litellms_own_config(tmp_path, monkeypatch):
     assert not [e for e in ccproxy.validate_config(two, ccproxy.Pipeline(two)).errors if "num_workers" in e]
     alone = ccproxy.Config(settings=ccproxy.Settings(), litellm={}, num_workers=2)
     assert [e for e in ccproxy.validate_config(alone, ccproxy.Pipeline(alone)).errors if "Redis" in e]
+
+
+def test_an_unreachable_redis_is_tried_once_then_left_alone_for_a_while():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.2)
+    accepted = []
+
+    def refuse_all():                   # a "Redis" that hangs up on every connection
+        while listener.fileno() != -1:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            accepted.append(1)
+            conn.close()
+    thread = threading.Thread(target=refuse_all, daemon=True)
+    thread.start()
+    store = ccproxy.RedisSessionStore({"host": "127.0.0.1", "port": listener.getsockname()[1]})
+    try:
+        assert store.call(lambda r: r.ping()) is None and store.problem
+        assert store.call(lambda r: r.ping()) is None          # within REDIS_RETRY_S: not tried
+        assert len(accepted) == 1, accepted                     # redis-py's own retries are off
+    finally:
+        listener.close()
+        thread.join(timeout=5)
 
 
 def test_a_sessions_threads_on_redis_are_read_without_reading_every_session():
@@ -3694,6 +3741,33 @@ def test_ab_arms_follow_their_weights_and_budgets_count_from_the_ledger(tmp_path
         time.mktime((2026, 11, 1, 0, 0, 0, 0, 0, -1))
 
 
+def test_budgets_on_redis_start_from_the_ledger_and_count_here_while_redis_is_away(tmp_path):
+    budget = ccproxy.BudgetSpec(name="b", per="user", tokens=10_000)
+    ledger = ccproxy.Ledger(tmp_path / ccproxy.LEDGER_FILE)
+    ledger.start()
+    ledger.add({"ts": time.time(), "user": "u1", "label": "x", "answered_model": "m", "requested_model": "m",
+                "input_tokens": 900, "output_tokens": 100, "cost": 0.5, "status": "ok"})
+    assert ledger.flush(30)
+    server = RedisServer()
+    try:
+        store = ccproxy.RedisSessionStore({"host": "127.0.0.1", "port": server.port})
+        book = ccproxy.BudgetBook([budget], [], store)
+        book.ledger_path = ledger.path
+        assert book.spent(budget, "u1") == (0.5, 1000)          # a fresh (or restarted) Redis: from the ledger
+        assert server.client.hget(book._key(budget, "u1", ccproxy.period_start("day")), "tokens") == "1000"
+        row = {"user": "u1", "label": "x", "answered_model": "m", "cost": 0.25, "input_tokens": 400,
+               "output_tokens": 100}
+        book.book(row)
+        book.book(dict(row, cost=0.0, cache_hit=True))           # from LiteLLM's cache: no tokens spent
+        assert book.spent(budget, "u1") == (0.75, 1500)
+        server.stop()                                            # Redis goes away: counted here
+        book.book(row)
+        assert book.spent(budget, "u1") == (0.75, 1500)          # the ledger's figure, and this row
+    finally:
+        if server.process.poll() is None:
+            server.stop()
+
+
 @pytest.fixture(scope="module")
 def per_request_proxy(upstream, tmp_path_factory):
     """ccproxy 1.x-style routing: no stickiness and no signature handling."""
@@ -3825,6 +3899,9 @@ def test_install_statusline_keeps_other_settings_and_uninstall_restores_bytes(tm
     run_cli("install", "--statusline", "--uninstall", env=env)
     assert json.loads(settings.read_text()) == {**json.loads(original), "theme": "dark"}
     assert run_cli("install", "--uninstall", env=env).returncode == 2
+    fresh = dict(env, CLAUDE_CONFIG_DIR=str(tmp_path / "never-ran"))     # Claude Code has not run yet
+    done = run_cli("install", "--statusline", env=fresh)
+    assert done.returncode == 0 and "statusLine" in json.loads((tmp_path / "never-ran" / "settings.json").read_text())
 
 
 def session_pipeline(**settings) -> ccproxy.Pipeline:
@@ -5485,10 +5562,17 @@ def test_detached_lifecycle_race_status_logs_restart_stop(tmp_path, upstream):
         assert again.returncode == 1 and "already running" in again.stderr
         logs = run_cli("logs", "-n", "200", env=env)
         assert logs.returncode == 0 and "ccproxy 2" in logs.stdout and "loaded" in logs.stdout
-        restart = run_cli("restart", "--detach", env=env)
+        restart = run_cli("restart", env=env)                       # detached again, as the stopped one was
         assert restart.returncode == 0, restart.stderr
         new_pid = json.loads(run_cli("status", "--json", env=env).stdout)["pid"]
         assert new_pid != pid and not ccproxy.pid_alive(pid)
+        config_file = directory / "ccproxy.yaml"
+        good = config_file.read_text()
+        config_file.write_text(good + "\nccproxy: [unclosed\n")
+        broken = run_cli("restart", "--detach", env=env)             # a broken config stops nothing
+        config_file.write_text(good)
+        assert broken.returncode == 1 and "ccproxy.yaml" in broken.stderr, broken.stderr
+        assert json.loads(run_cli("status", "--json", env=env).stdout)["pid"] == new_pid
     finally:
         stop = run_cli("stop", env=env)
     assert stop.returncode == 0 and "stopped" in stop.stdout
