@@ -5916,7 +5916,9 @@ def plan_limit_reset(headers: Mapping[str, str]) -> float | None:
 class UpstreamErrors:
     """ASGI layer for Anthropic-format routes: an error answer carries what the upstream
     sent (its status, e.g. 529 overloaded or 429, its error JSON unwrapped, retry-after and
-    the rate-limit headers) instead of LiteLLM's 500 with the error inside its message."""
+    the rate-limit headers) instead of LiteLLM's 500 with the error inside its message; any
+    other error answer that is not Anthropic's error JSON (LiteLLM's own for a body it cannot
+    parse, a plain-text 500) is put in that form, with its status."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -5928,32 +5930,73 @@ class UpstreamErrors:
         slot: dict = {}
         token = _UPSTREAM_ERROR.set(slot)
         held: dict | None = None
+        started = False
+        chunks: list[bytes] = []
 
         async def send_as_upstream(message: dict) -> None:
-            nonlocal held
-            if message.get("type") == "http.response.start" and message.get("status", 200) >= 400 \
-                    and slot.get("body"):
+            nonlocal held, started
+            started = started or message.get("type") == "http.response.start"
+            if message.get("type") == "http.response.start" and message.get("status", 200) >= 400:
                 held = message
                 return
             if held is None or message.get("type") != "http.response.body":
                 await send(message)
                 return
+            chunks.append(message.get("body", b""))
             if message.get("more_body"):
-                return                         # LiteLLM's wrapped body: replaced below
-            body = json.dumps(slot["body"]).encode()
+                return
+            status, body = (slot["status"], slot["body"]) if slot.get("body") else \
+                (held["status"], anthropic_error_body(held["status"], b"".join(chunks)))
+            if body is None:                   # Anthropic's form already: as it came
+                await send(held)
+                await send({"type": "http.response.body", "body": b"".join(chunks)})
+                return
+            raw = json.dumps(body).encode()
             headers = [(k, v) for k, v in held.get("headers") or ()
                        if k.lower() not in (b"content-length", b"content-type")]
             headers += [(b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode())]
+                        (b"content-length", str(len(raw)).encode())]
             headers += [(k.encode("latin-1"), v.encode("latin-1"))
-                        for k, v in slot["headers"].items()]
-            await send(dict(held, status=slot["status"], headers=headers))
-            await send({"type": "http.response.body", "body": body})
+                        for k, v in slot.get("headers", {}).items()]
+            await send(dict(held, status=status, headers=headers))
+            await send({"type": "http.response.body", "body": raw})
 
         try:
             await self.app(scope, receive, send_as_upstream)
+        except Exception as exc:  # LiteLLM failed before answering (e.g. on a body that
+            if started:           # is JSON but not an object): Anthropic's 500, one line
+                raise
+            why = redact_secrets(f"{type(exc).__name__}: {exc}")[:300]
+            log.warning("LiteLLM failed on %s before answering: %s", scope.get("path"), why)
+            raw = json.dumps({"type": "error", "error": {
+                "type": "api_error", "message": f"the proxy failed before answering ({why})"}})
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(raw)).encode())]})
+            await send({"type": "http.response.body", "body": raw.encode()})
         finally:
             _UPSTREAM_ERROR.reset(token)
+
+
+def anthropic_error_body(status: int, raw: bytes) -> dict | None:
+    """An error answer's body in Anthropic's form ({"type": "error", "error": {type,
+    message}}); None when it is in that form already."""
+    try:
+        parsed = json.loads(raw)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and parsed.get("type") == "error":
+        return None
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    kind = error.get("type") if isinstance(error, dict) else None
+    if kind not in ANTHROPIC_ERROR_STATUS:
+        kind = next((k for k, v in ANTHROPIC_ERROR_STATUS.items() if v == status),
+                    "api_error" if status >= 500 else "invalid_request_error")
+    message = error.get("message") if isinstance(error, dict) else \
+        parsed.get("detail") if isinstance(parsed, dict) else None
+    text = message if isinstance(message, str) and message else \
+        raw.decode("utf-8", "replace").strip() or f"HTTP {status}"
+    return {"type": "error", "error": {"type": kind, "message": redact_secrets(text)[:2000]}}
 
 
 class Handler:

@@ -4927,6 +4927,21 @@ def anthropic_error(raw: bytes) -> tuple[str, str]:
 
 
 @slow
+def test_bodies_litellm_cannot_parse_get_anthropics_error_json(proxy, clean_upstream):
+    headers = {"content-type": "application/json", "anthropic-version": "2023-06-01", "x-api-key": CLIENT_KEY}
+    for raw in (b"[1, 2, 3]", b"null", b"this is not json", b'{"model": "claude-opus-4-5", "messages": ['):
+        status, got, answer = http("POST", proxy.url + "/v1/messages", raw, headers)
+        assert 400 <= status < 600 and got["content-type"] == "application/json", (raw, status, answer[:200])
+        body = json.loads(answer)
+        assert body["type"] == "error" and body["error"]["type"] in ccproxy.ANTHROPIC_ERROR_STATUS, body
+        assert body["error"]["message"] and "Traceback" not in body["error"]["message"]
+    assert clean_upstream.received("/v1/messages") == []
+    assert "LiteLLM failed on /v1/messages before answering: " in proxy.log()             # one line each
+    status, _got, answer = proxy.messages(*cc_request("main"))             # and it keeps serving
+    assert status == 200, answer[:300]
+
+
+@slow
 def test_browser_requests_are_refused_before_the_upstream(proxy, clean_upstream):
     body, headers = cc_request("main")
     payload = json.dumps(body).encode()
