@@ -3720,17 +3720,23 @@ def test_budget_and_user_config_errors_name_the_line(tmp_path):
         assert message in errors, errors
 
 
+def ledger_with_spend(directory: Path, user: str, cost: float, input_tokens: int, output_tokens: int):
+    """A ledger holding one answered request of `user` (written by its thread, then flushed)."""
+    ledger = ccproxy.Ledger(directory / ccproxy.LEDGER_FILE)
+    ledger.start()
+    ledger.add({"ts": time.time(), "user": user, "label": "x", "answered_model": "m", "requested_model": "m",
+                "input_tokens": input_tokens, "output_tokens": output_tokens, "cost": cost, "status": "ok"})
+    assert ledger.flush(30)
+    return ledger
+
+
 def test_ab_arms_follow_their_weights_and_budgets_count_from_the_ledger(tmp_path):
     split = (("a", 90), ("b", 10))
     picks = collections.Counter(ccproxy.ab_arm(split, "think", f"s{i}") for i in range(10_000))
     assert 8_700 < picks["a"] < 9_300 and picks["a"] + picks["b"] == 10_000
     assert {ccproxy.ab_arm(split, "think", "s1") for _ in range(5)} == {ccproxy.ab_arm(split, "think", "s1")}
     budget = ccproxy.BudgetSpec(name="b", per="user", usd=1.0)
-    ledger = ccproxy.Ledger(tmp_path / ccproxy.LEDGER_FILE)
-    ledger.start()
-    ledger.add({"ts": time.time(), "user": "u1", "label": "x", "answered_model": "m", "requested_model": "m",
-                "input_tokens": 10, "output_tokens": 1, "cost": 0.7, "status": "ok"})
-    assert ledger.flush(30)
+    ledger = ledger_with_spend(tmp_path, "u1", 0.7, 10, 1)
     book = ccproxy.BudgetBook([budget], [], ccproxy.SessionStore())
     book.ledger_path = ledger.path                                  # a restart: counted from the ledger
     assert book.spent(budget, "u1") == (0.7, 11) and book.over(budget, "u2") == 0.0
@@ -3743,11 +3749,7 @@ def test_ab_arms_follow_their_weights_and_budgets_count_from_the_ledger(tmp_path
 
 def test_budgets_on_redis_start_from_the_ledger_and_count_here_while_redis_is_away(tmp_path):
     budget = ccproxy.BudgetSpec(name="b", per="user", tokens=10_000)
-    ledger = ccproxy.Ledger(tmp_path / ccproxy.LEDGER_FILE)
-    ledger.start()
-    ledger.add({"ts": time.time(), "user": "u1", "label": "x", "answered_model": "m", "requested_model": "m",
-                "input_tokens": 900, "output_tokens": 100, "cost": 0.5, "status": "ok"})
-    assert ledger.flush(30)
+    ledger = ledger_with_spend(tmp_path, "u1", 0.5, 900, 100)
     server = RedisServer()
     try:
         store = ccproxy.RedisSessionStore({"host": "127.0.0.1", "port": server.port})
