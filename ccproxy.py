@@ -2255,26 +2255,25 @@ def callback_problems(config: Config, problems: ConfigProblems) -> list[str]:
     out = []
     for key in ("callbacks", "success_callback", "failure_callback"):
         listed = settings.get(key)
-        for i, name in enumerate([listed] if isinstance(listed, str) else
-                                 listed if isinstance(listed, list) else []):
+        listed = [listed] if isinstance(listed, str) else listed if isinstance(listed, list) else []
+        for i, name in enumerate(listed):
+            where = problems.where(("litellm_settings", key, i))
             missing = missing_modules(TRACING_PACKAGES[name]) \
                 if isinstance(name, str) and name in TRACING_PACKAGES else []
             if missing:
-                out.append(f"{problems.where(('litellm_settings', key, i))}: LiteLLM's `{name}` "
-                           f"callback needs {', '.join(missing)}, which is not installed, so "
-                           f"the proxy would not start: pip install {' '.join(TRACING_PIP[name])}"
-                           f", or take it out (ccproxy 1.x's template lists it)")
-    callbacks = settings.get("callbacks")
-    listed = [callbacks] if isinstance(callbacks, str) else \
-        callbacks if isinstance(callbacks, list) else []
-    for i, name in enumerate(listed):
-        where = problems.where(("litellm_settings", "callbacks", i))
-        if isinstance(name, str) and name.split(".")[0] == "ccproxy" and name != "ccproxy.handler":
-            out.append(f"{where}: callback `{name}`: ccproxy's callback is `ccproxy.handler`"
-                       f"{_did_you_mean(name, ['ccproxy.handler'])}")
-        elif name == "ccproxy.handler" and listed.index(name) != i:
-            out.append(f"{where}: `ccproxy.handler` is listed twice (each request would be "
-                       "routed twice)")
+                out.append(f"{where}: LiteLLM's `{name}` callback needs {', '.join(missing)}, "
+                           f"which is not installed, so the proxy would not start: pip install "
+                           f"{' '.join(TRACING_PIP[name])}, or take it out (ccproxy 1.x's "
+                           "template lists it)")
+            elif key != "callbacks":
+                continue
+            elif isinstance(name, str) and name.split(".")[0] == "ccproxy" \
+                    and name != "ccproxy.handler":
+                out.append(f"{where}: callback `{name}`: ccproxy's callback is `ccproxy.handler`"
+                           f"{_did_you_mean(name, ['ccproxy.handler'])}")
+            elif name == "ccproxy.handler" and listed.index(name) != i:
+                out.append(f"{where}: `ccproxy.handler` is listed twice (each request would be "
+                           "routed twice)")
     return out
 
 
@@ -4309,8 +4308,9 @@ class BudgetBook:
             key = self._key(budget, subject, start)
             found = self.redis.call(lambda r: r.hmget(key, ["usd", "tokens"]))
             if found is not None:
-                with self._lock:            # what was counted here while Redis was away
-                    self._spent.pop((budget.name, subject, start), None)
+                if self._spent:             # what was counted here while Redis was away
+                    with self._lock:
+                        self._spent.pop((budget.name, subject, start), None)
                 if found[0] is None and found[1] is None:
                     found = self._seed(budget, subject, start, key)
                 return float(found[0] or 0), int(found[1] or 0)
@@ -6402,14 +6402,14 @@ class Handler:
         """This process's session figures as /ccproxy/metrics gauges."""
         return {SESSION_GAUGES[k]: v for k, v in self.pipeline.sessions.totals().items()}
 
-    def shared_series(self) -> tuple[Mapping[tuple, float], Mapping[str, float]]:
-        """The counts and gauges of every worker (through the usage database); this
-        process's alone when the ledger is off or cannot be read. Session gauges from a
-        shared store are every worker's already: not summed again."""
-        shared = self.ledger.read_series() if self.config.settings.usage_ledger else None
-        if shared is not None and self.pipeline.sessions.shared:
-            shared = shared[0], self.session_gauges()
-        return shared or (self.stats.copy(), self.session_gauges())
+    def shared_series(self, gauges: bool = True) -> tuple[Mapping[tuple, float],
+                                                          Mapping[str, float]]:
+        """The counts and (unless not wanted) gauges of every worker, through the usage
+        database; this process's alone when the ledger is off or cannot be read. Session
+        gauges from a shared store are every worker's already: not summed again."""
+        mode = "none" if not gauges else "own" if self.pipeline.sessions.shared else "summed"
+        shared = self.ledger.read_series(mode) if self.config.settings.usage_ledger else None
+        return shared or (self.stats.copy(), self.session_gauges() if gauges else {})
 
     async def _session_route(self, request: Any, response: Any, key: Any) -> Any:
         session_id = request.path_params.get("session_id", "")
@@ -6521,7 +6521,7 @@ class Handler:
         """ccproxy's live figures for GET /ccproxy/health and `status` (no secrets): the
         counts of every worker (as in /ccproxy/metrics), the last outcome per label this
         worker's."""
-        series = self.shared_series()[0]
+        series = self.shared_series(gauges=False)[0]
         report = self.stats.snapshot(series)
         shared = self.pipeline.sessions.backend()["ok"]
         report.update(status="ok" if not self.missing and shared else "degraded", version=__version__,
@@ -7092,28 +7092,32 @@ class Ledger:
         return [dict(zip(("ts", "label", "answered_model", "error"), r, strict=True))
                 for r in rows or ()]
 
-    def read_series(self) -> tuple[dict[tuple, float], dict[str, float]] | None:
+    def read_series(self, gauges: str = "summed") -> tuple[dict[tuple, float],
+                                                          dict[str, float]] | None:
         """Every worker's counts (the database's totals plus this process's counts not
-        flushed yet) and the live workers' gauges summed; None if the database cannot be
-        read."""
+        flushed yet) and gauges: `summed` over the live workers, this process's `own` (a
+        shared session store's, every worker's already), or `none`; None if the database
+        cannot be read."""
         if self.stats is None:
             return None
+        queries: list[tuple[str, tuple]] = [("SELECT name, labels, value FROM series", ())]
+        if gauges == "summed":
+            queries.append(("SELECT name, sum(value) FROM gauges WHERE updated >= ? AND "
+                            "process != ? GROUP BY name",
+                            (time.time() - GAUGE_STALE_S, self.process)))
         with self._series_lock:
-            found = read_ledger(self.path, ("SELECT name, labels, value FROM series", ()), (
-                "SELECT name, sum(value) FROM gauges WHERE updated >= ? AND process != ? GROUP BY "
-                "name", (time.time() - GAUGE_STALE_S, self.process)))
+            found = read_ledger(self.path, *queries)
             if found is None:
                 return None
-            rows, gauge_rows = found
             series = {key: value - self._flushed.get(key, 0)
                       for key, value in self.stats.copy().items()}
-        for name, labels, value in rows:
+        for name, labels, value in found[0]:
             key = (name, tuple(tuple(pair) for pair in json.loads(labels)))
             series[key] = series.get(key, 0) + value
-        gauges = dict(self.gauges() if self.gauges is not None else {})
-        for name, value in gauge_rows:
-            gauges[name] = gauges.get(name, 0) + value
-        return series, gauges
+        current = dict(self.gauges() if self.gauges is not None and gauges != "none" else {})
+        for name, value in found[1] if gauges == "summed" else ():
+            current[name] = current.get(name, 0) + value
+        return series, current
 
 
 USAGE_GROUPS = {"day": "date(ts, 'unixepoch', 'localtime')", "label": "label",
@@ -7821,9 +7825,8 @@ def wait_until_live(proc: Any, url: str, timeout: float, instance: str,
                 answered, missing = None, None
             outcome = "live" if answered == instance else \
                 f"another ccproxy proxy answers on {url} (not the one just started)"
-            if outcome == "live" and missing:
-                outcome = ("degraded: this LiteLLM lacks what ccproxy uses for: "
-                           + ", ".join(map(str, missing)) + " (the log says what stops working)")
+            if outcome == "live" and missing:    # (Redis away does not stop a start)
+                outcome = "degraded: " + degraded_reasons({"missing": list(map(str, missing))})[0]
             break
         if status in (401, 403, 404):
             outcome = (f"another server answers on {url} ({status} from {HEALTH_PATH})"
@@ -8352,7 +8355,8 @@ def checked_start_config(args: argparse.Namespace) -> tuple[Config, list[str], "
 
 
 def _prepare_start(args: argparse.Namespace) -> tuple[Config, Path, list[str], dict[str, str]]:
-    config, extra, pipeline, report = checked_start_config(args)
+    checked = getattr(args, "checked_config", None)     # (restart checked it before stopping)
+    config, extra, pipeline, report = checked or checked_start_config(args)
     for warning in report.warnings:
         _print(f"warning: {warning}", err=True)
     if config.settings.oauth_required and pipeline.oauth:
@@ -8519,7 +8523,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 def cmd_restart(args: argparse.Namespace) -> int:
     """Stop, then start with the given flags (detached again if the stopped proxy was); a
     config with problems stops nothing."""
-    checked_start_config(args)
+    args.checked_config = checked_start_config(args)
     state, _problem = PidFile(_config_dir(args)).read()
     args.detach = args.detach or (state is not None and state.pgid is not None)
     cmd_stop(args)
